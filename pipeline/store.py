@@ -1,0 +1,414 @@
+"""DuckDB store: schema, forward migrations, idempotent batch writes, read-only queries.
+
+All SQL of the library lives here. Table and column names are the public SQL interface
+(users and the README's recipes query them): extend them, do not rename them.
+
+Writes go through Arrow batches with `ON CONFLICT DO NOTHING` on deterministic ids, so a
+re-run of finished work inserts nothing. DuckDB admits one writer process; only the flow
+process opens the store for writing.
+"""
+
+import json
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from pipeline.errors import StoreError
+
+# Each migration moves the schema from version i to i + 1. Append, never edit: a database
+# in the field at version i runs every statement after it, in one transaction.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE runs (
+            run_id VARCHAR PRIMARY KEY,
+            config_json VARCHAR NOT NULL,
+            config_sha256 VARCHAR NOT NULL,
+            seed BIGINT NOT NULL,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""",
+        """CREATE TABLE rounds (
+            run_id VARCHAR NOT NULL,
+            round INTEGER NOT NULL,
+            model_id VARCHAR NOT NULL,
+            status VARCHAR NOT NULL DEFAULT 'started',
+            pair_policy_json VARCHAR,
+            snapshot_dir VARCHAR,
+            started_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            finished_at TIMESTAMP,
+            PRIMARY KEY (run_id, round)
+        )""",
+        """CREATE TABLE models (
+            model_id VARCHAR PRIMARY KEY,
+            parent_model_id VARCHAR,
+            path VARCHAR NOT NULL,
+            sha256 VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL DEFAULT 'policy',
+            run_id VARCHAR,
+            round INTEGER,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""",
+        """CREATE TABLE templates (
+            template_id VARCHAR PRIMARY KEY,
+            name VARCHAR NOT NULL,
+            sha256 VARCHAR NOT NULL,
+            path VARCHAR NOT NULL,
+            text VARCHAR NOT NULL,
+            metadata_json VARCHAR NOT NULL,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""",
+        """CREATE TABLE prompts (
+            run_id VARCHAR NOT NULL,
+            prompt_id VARCHAR NOT NULL,
+            round INTEGER NOT NULL,
+            source VARCHAR NOT NULL,
+            split VARCHAR NOT NULL DEFAULT 'train',
+            text VARCHAR NOT NULL,
+            messages_json VARCHAR NOT NULL,
+            generation_id VARCHAR,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            PRIMARY KEY (run_id, prompt_id)
+        )""",
+        """CREATE TABLE generations (
+            generation_id VARCHAR PRIMARY KEY,
+            run_id VARCHAR NOT NULL,
+            round INTEGER NOT NULL,
+            method VARCHAR NOT NULL,
+            prompt_id VARCHAR NOT NULL,
+            model_id VARCHAR NOT NULL,
+            template_id VARCHAR,
+            role VARCHAR NOT NULL,
+            sample_idx INTEGER NOT NULL,
+            parent_generation_id VARCHAR,
+            text VARCHAR NOT NULL,
+            n_tokens INTEGER,
+            finish_reason VARCHAR,
+            sampling_json VARCHAR NOT NULL,
+            seed BIGINT NOT NULL,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""",
+        # score is NULL when the judge output did not parse: never a sentinel value.
+        """CREATE TABLE judgments (
+            judgment_id VARCHAR PRIMARY KEY,
+            run_id VARCHAR NOT NULL,
+            round INTEGER NOT NULL,
+            method VARCHAR NOT NULL,
+            generation_id VARCHAR NOT NULL,
+            sample_idx INTEGER NOT NULL,
+            model_id VARCHAR NOT NULL,
+            template_id VARCHAR NOT NULL,
+            raw_output VARCHAR NOT NULL,
+            score DOUBLE,
+            parse_status VARCHAR NOT NULL,
+            sampling_json VARCHAR NOT NULL,
+            seed BIGINT NOT NULL,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""",
+        # Pairwise AI labels (RLCD-Rescore, RL-CAI feedback, evaluation): prob_a is the
+        # normalised probability that answer A is better, in the order asked.
+        """CREATE TABLE comparisons (
+            comparison_id VARCHAR PRIMARY KEY,
+            run_id VARCHAR NOT NULL,
+            round INTEGER NOT NULL,
+            method VARCHAR NOT NULL,
+            prompt_id VARCHAR NOT NULL,
+            generation_a_id VARCHAR NOT NULL,
+            generation_b_id VARCHAR NOT NULL,
+            model_id VARCHAR NOT NULL,
+            template_id VARCHAR NOT NULL,
+            principle_id VARCHAR,
+            prob_a DOUBLE,
+            raw_output VARCHAR,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""",
+        """CREATE TABLE critiques (
+            critique_id VARCHAR PRIMARY KEY,
+            run_id VARCHAR NOT NULL,
+            round INTEGER NOT NULL,
+            prompt_id VARCHAR NOT NULL,
+            step INTEGER NOT NULL,
+            principle_id VARCHAR NOT NULL,
+            input_generation_id VARCHAR NOT NULL,
+            critique VARCHAR NOT NULL,
+            revision_generation_id VARCHAR,
+            model_id VARCHAR NOT NULL,
+            template_id VARCHAR NOT NULL,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""",
+        """CREATE TABLE pairs (
+            pair_id VARCHAR PRIMARY KEY,
+            run_id VARCHAR NOT NULL,
+            round INTEGER NOT NULL,
+            method VARCHAR NOT NULL,
+            prompt_id VARCHAR NOT NULL,
+            chosen_generation_id VARCHAR NOT NULL,
+            rejected_generation_id VARCHAR NOT NULL,
+            chosen_score DOUBLE,
+            rejected_score DOUBLE,
+            margin DOUBLE,
+            soft_label DOUBLE,
+            flagged BOOLEAN NOT NULL DEFAULT false,
+            flag_reason VARCHAR,
+            model_id VARCHAR NOT NULL,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""",
+        # Rejections are data: every dropped candidate, tie or failed parse, with its reason.
+        """CREATE TABLE discards (
+            run_id VARCHAR NOT NULL,
+            round INTEGER NOT NULL,
+            method VARCHAR NOT NULL,
+            stage VARCHAR NOT NULL,
+            item_id VARCHAR NOT NULL,
+            reason VARCHAR NOT NULL,
+            detail VARCHAR,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            PRIMARY KEY (run_id, round, method, stage, item_id, reason)
+        )""",
+        """CREATE TABLE training_runs (
+            training_run_id VARCHAR PRIMARY KEY,
+            run_id VARCHAR NOT NULL,
+            round INTEGER NOT NULL,
+            kind VARCHAR NOT NULL,
+            base_model_id VARCHAR NOT NULL,
+            reference_model_id VARCHAR,
+            output_model_id VARCHAR,
+            config_json VARCHAR NOT NULL,
+            metrics_json VARCHAR,
+            status VARCHAR NOT NULL,
+            started_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            finished_at TIMESTAMP
+        )""",
+        """CREATE TABLE evaluations (
+            evaluation_id VARCHAR PRIMARY KEY,
+            run_id VARCHAR NOT NULL,
+            round INTEGER NOT NULL,
+            metric VARCHAR NOT NULL,
+            method VARCHAR,
+            value DOUBLE,
+            details_json VARCHAR,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""",
+        """CREATE TABLE stage_metrics (
+            run_id VARCHAR NOT NULL,
+            round INTEGER NOT NULL,
+            stage VARCHAR NOT NULL,
+            batch INTEGER NOT NULL,
+            n_items INTEGER NOT NULL,
+            wall_s DOUBLE NOT NULL,
+            prompt_tokens BIGINT,
+            completion_tokens BIGINT,
+            tokens_per_s DOUBLE,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            PRIMARY KEY (run_id, round, stage, batch)
+        )""",
+        """CREATE VIEW pair_texts AS
+        SELECT p.pair_id, p.run_id, p.round, p.method, p.prompt_id,
+               pr.text AS prompt, c.text AS chosen, r.text AS rejected,
+               p.chosen_score, p.rejected_score, p.margin, p.soft_label,
+               p.flagged, p.flag_reason
+        FROM pairs p
+        JOIN prompts pr ON pr.run_id = p.run_id AND pr.prompt_id = p.prompt_id
+        JOIN generations c ON c.generation_id = p.chosen_generation_id
+        JOIN generations r ON r.generation_id = p.rejected_generation_id""",
+    ],
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+_LOCK_PID = re.compile(r"\(PID (\d+)\)")
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+def _open_error(path: Path, err: duckdb.Error) -> StoreError:
+    text = str(err)
+    if "Could not set lock" in text or "Conflicting lock" in text:
+        pid = _LOCK_PID.search(text)
+        holder = f" (PID {pid.group(1)})" if pid else ""
+        return StoreError(
+            f"{path}: database is in use by another process{holder}; DuckDB allows one "
+            "writer: wait for it to finish or point db_path at another file"
+        )
+    return StoreError(f"{path}: cannot open database: {text.splitlines()[0]}")
+
+
+class Store:
+    """One DuckDB file. Use as a context manager; `read_only=True` for inspection."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        read_only: bool = False,
+        migrations: Sequence[Sequence[str]] = MIGRATIONS,
+    ) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        self._migrations = migrations
+        if read_only and not self.path.exists():
+            raise StoreError(f"{self.path}: no database here yet; run `prefloop run` first")
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        config = {"autoinstall_known_extensions": "false", "autoload_known_extensions": "true"}
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only, config=config)
+        except duckdb.Error as e:
+            raise _open_error(self.path, e) from None
+        try:
+            self._check_and_migrate()
+        except BaseException:
+            self.con.close()
+            raise
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.con.close()
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def _run(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
+        # DuckDB 2 refuses new work while a result is unfinished; always drain it.
+        return self.con.execute(sql, params or []).fetchall()
+
+    def schema_version(self) -> int:
+        [(exists,)] = self._run(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+        )
+        if not exists:
+            return 0
+        [(version,)] = self._run("SELECT max(version) FROM schema_version")
+        return int(version or 0)
+
+    def _check_and_migrate(self) -> None:
+        current, target = self.schema_version(), len(self._migrations)
+        if current > target:
+            raise StoreError(
+                f"{self.path}: database schema v{current} is newer than this prefloop "
+                f"(knows up to v{target}); upgrade prefloop to read it"
+            )
+        if current == target:
+            return
+        if self.read_only:
+            raise StoreError(
+                f"{self.path}: database schema v{current} needs migrating to v{target}; "
+                "open it once for writing (any `prefloop run`) to migrate"
+            )
+        with self.transaction():
+            self._run(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                "version INTEGER PRIMARY KEY, applied_at TIMESTAMP DEFAULT current_timestamp)"
+            )
+            for version in range(current, target):
+                for statement in self._migrations[version]:
+                    self._run(statement)
+                self._run("INSERT INTO schema_version (version) VALUES (?)", [version + 1])
+
+    # -- writes ---------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All inserts inside land together or not at all (a batch is atomic)."""
+        self._run("BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            self._run("ROLLBACK")
+            raise
+        self._run("COMMIT")
+
+    def insert(self, table: str, rows: Sequence[dict[str, Any]] | pa.Table) -> int:
+        """Insert rows by column name, skipping ids that exist; returns rows inserted."""
+        if not _IDENT.match(table):
+            raise ValueError(f"not a table name: {table!r}")
+        batch = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
+        if batch.num_rows == 0:
+            return 0
+        self.con.register("__batch", batch)
+        try:
+            result = self._run(
+                f"INSERT INTO {table} BY NAME SELECT * FROM __batch ON CONFLICT DO NOTHING"
+            )
+        finally:
+            self.con.unregister("__batch")
+        return int(result[0][0]) if result else 0
+
+    def upsert_round(self, run_id: str, round_: int, model_id: str, **fields: Any) -> None:
+        self.insert("rounds", [{"run_id": run_id, "round": round_, "model_id": model_id}])
+        if fields:
+            names = sorted(fields)
+            for name in names:
+                if not _IDENT.match(name):
+                    raise ValueError(f"not a column name: {name!r}")
+            assignments = ", ".join(f"{n} = ?" for n in names)
+            self._run(
+                f"UPDATE rounds SET {assignments} WHERE run_id = ? AND round = ?",
+                [fields[n] for n in names] + [run_id, round_],
+            )
+
+    def register_run(self, run_id: str, config: dict[str, Any], config_sha256: str, seed: int):
+        """Record a run; a different config under an existing run name is refused."""
+        rows = self._run("SELECT config_sha256 FROM runs WHERE run_id = ?", [run_id])
+        if rows and rows[0][0] != config_sha256:
+            raise StoreError(
+                f"{self.path}: run {run_id!r} exists with a different config; resume it "
+                "with the same config or choose a new name (--set name=...)"
+            )
+        self.insert(
+            "runs",
+            [
+                {
+                    "run_id": run_id,
+                    "config_json": json.dumps(config, sort_keys=True, default=str),
+                    "config_sha256": config_sha256,
+                    "seed": seed,
+                }
+            ],
+        )
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        cur = self.con.execute(sql, params or [])
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def sql(self, statement: str) -> tuple[list[str], list[tuple]]:
+        """A user's query (`prefloop sql`): returns column names and rows."""
+        try:
+            cur = self.con.execute(statement)
+        except duckdb.InvalidInputException as e:
+            if "read-only mode" in str(e):
+                raise StoreError(
+                    f"{self.path}: prefloop sql is read-only; this statement writes "
+                    "(pass --write to allow it)"
+                ) from None
+            raise StoreError(f"{self.path}: {str(e).splitlines()[0]}") from None
+        except duckdb.Error as e:
+            raise StoreError(f"{self.path}: {str(e).splitlines()[0]}") from None
+        rows = cur.fetchall()
+        return [d[0] for d in cur.description or []], rows
+
+    def table_counts(self) -> list[tuple[str, str, int]]:
+        """(name, 'table' | 'view', rows) for every table and view in the main schema."""
+        objects = self._run(
+            "SELECT table_name, table_type FROM information_schema.tables "
+            "WHERE table_schema = 'main' ORDER BY table_type, table_name"
+        )
+        return [
+            (
+                name,
+                "view" if kind == "VIEW" else "table",
+                self._run(f'SELECT count(*) FROM "{name}"')[0][0],
+            )
+            for name, kind in objects
+        ]
+
+    def model(self, model_id: str) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM models WHERE model_id = ?", [model_id])
+        return rows[0] if rows else None
