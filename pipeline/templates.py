@@ -1,0 +1,217 @@
+"""Prompt templates: a sandboxed Jinja2 environment over prompts/ and user directories.
+
+A template declares its metadata in front matter, a Jinja comment at the top of the file:
+
+    {#---
+    description: the additive 5-point judge
+    variables: [instruction, response]
+    parser: {kind: score, pattern: 'Score:\\s*(\\d+(?:\\.\\d+)?)', min: 0, max: 5}
+    ---#}
+
+Templates are checked when loaded (syntax, every variable used is declared, parser valid)
+and content-hashed so each stored row can name the exact text that produced it.
+Generated text only ever enters as a variable's value: it is never rendered as a template.
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+import yaml
+from jinja2 import meta as jinja_meta
+from jinja2.sandbox import SandboxedEnvironment, SecurityError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.config import format_validation_error
+from pipeline.errors import TemplateError
+from pipeline.hashing import sha256_text
+from pipeline.paths import PROMPTS_DIR
+
+SUFFIX = ".j2"
+_FRONT_MATTER = re.compile(r"\A\{#-?\s*---\s*\n(.*?)\n\s*---\s*-?#\}", re.DOTALL)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScoreParser(_Strict):
+    """A number read from the judge's text: the last match of `pattern`'s first group."""
+
+    kind: Literal["score"]
+    pattern: str
+    min: float
+    max: float
+    # clamp: out-of-range scores are clamped to [min, max]; invalid: they count as unparsed.
+    out_of_range: Literal["clamp", "invalid"] = "clamp"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScoreParser":
+        _compile_one_group(self.pattern)
+        if self.min >= self.max:
+            raise ValueError(f"min ({self.min}) must be below max ({self.max})")
+        return self
+
+
+class ChoiceParser(_Strict):
+    """A choice between labels (e.g. A/B). `prefix` is the assistant text after which the
+    label token is read from next-token probabilities; `pattern` reads a label from
+    generated text (chain-of-thought variants)."""
+
+    kind: Literal["choice"]
+    labels: list[str] = Field(min_length=2)
+    prefix: str = ""
+    pattern: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ChoiceParser":
+        if self.pattern is not None:
+            _compile_one_group(self.pattern)
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be distinct")
+        return self
+
+
+class TemplateMeta(_Strict):
+    description: str = ""
+    variables: list[str] = []
+    parser: ScoreParser | ChoiceParser | None = Field(None, discriminator="kind")
+
+
+def _compile_one_group(pattern: str) -> re.Pattern:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"pattern {pattern!r} is not a valid regex: {e}") from None
+    if compiled.groups != 1:
+        raise ValueError(f"pattern {pattern!r} must have exactly one capture group")
+    return compiled
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    path: Path
+    text: str
+    sha256: str
+    meta: TemplateMeta
+    _compiled: jinja2.Template
+
+    @property
+    def template_id(self) -> str:
+        return f"{self.name}@{self.sha256[:12]}"
+
+    def render(self, **variables: Any) -> str:
+        missing = [v for v in self.meta.variables if v not in variables]
+        if missing:
+            raise TemplateError(
+                f"{self.path}: missing variable {missing[0]!r} "
+                f"(the template declares {', '.join(self.meta.variables)})"
+            )
+        try:
+            return self._compiled.render(**variables).strip()
+        except SecurityError as e:
+            raise TemplateError(f"{self.path}: blocked by the sandbox: {e}") from None
+        except jinja2.UndefinedError as e:
+            raise TemplateError(f"{self.path}: {e}") from None
+
+    def record(self) -> dict[str, Any]:
+        """The row the store keeps for this template."""
+        return {
+            "template_id": self.template_id,
+            "name": self.name,
+            "sha256": self.sha256,
+            "path": str(self.path),
+            "text": self.text,
+            "metadata_json": self.meta.model_dump_json(),
+        }
+
+
+class TemplateLibrary:
+    """Templates by name from prompts/ and extra directories; a path to a file also works."""
+
+    def __init__(self, extra_dirs: list[Path] | None = None) -> None:
+        self.dirs = [Path(d) for d in (extra_dirs or [])] + [PROMPTS_DIR]
+        for d in self.dirs:
+            if not d.is_dir():
+                raise TemplateError(f"{d}: template directory not found")
+        self.env = SandboxedEnvironment(
+            undefined=jinja2.StrictUndefined,
+            autoescape=False,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=False,
+        )
+        self._cache: dict[Path, Template] = {}
+
+    def names(self) -> list[str]:
+        seen: dict[str, Path] = {}
+        for d in reversed(self.dirs):  # user directories shadow the shipped ones
+            for p in sorted(d.rglob(f"*{SUFFIX}")):
+                seen[p.relative_to(d).as_posix()[: -len(SUFFIX)]] = p
+        return sorted(seen)
+
+    def resolve(self, name_or_path: str | Path) -> Path:
+        candidate = Path(name_or_path)
+        if candidate.suffix == SUFFIX and candidate.is_file():
+            return candidate.resolve()
+        for d in self.dirs:
+            p = d / f"{name_or_path}{SUFFIX}"
+            if p.is_file():
+                return p.resolve()
+        raise TemplateError(
+            f"template {str(name_or_path)!r} not found in {', '.join(map(str, self.dirs))} "
+            "(give a name from `prefloop templates list` or a path to a .j2 file)"
+        )
+
+    def get(self, name_or_path: str | Path) -> Template:
+        path = self.resolve(name_or_path)
+        if path not in self._cache:
+            self._cache[path] = self._load(path)
+        return self._cache[path]
+
+    def _load(self, path: Path) -> Template:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise TemplateError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        meta = _parse_meta(path, text)
+        try:
+            ast = self.env.parse(text)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"{path}:{e.lineno}: template syntax error: {e.message}") from None
+        undeclared = sorted(jinja_meta.find_undeclared_variables(ast) - set(meta.variables))
+        if undeclared:
+            raise TemplateError(
+                f"{path}: uses variable {undeclared[0]!r} that its front matter does not "
+                "declare (add it to `variables:`)"
+            )
+        name = path.stem
+        for d in self.dirs:
+            if path.is_relative_to(d.resolve()):
+                name = path.relative_to(d.resolve()).as_posix()[: -len(SUFFIX)]
+                break
+        return Template(
+            name=name,
+            path=path,
+            text=text,
+            sha256=sha256_text(text),
+            meta=meta,
+            _compiled=self.env.from_string(text),
+        )
+
+
+def _parse_meta(path: Path, text: str) -> TemplateMeta:
+    match = _FRONT_MATTER.match(text)
+    if not match:
+        return TemplateMeta()
+    try:
+        data = yaml.safe_load(match.group(1)) or {}
+    except yaml.YAMLError as e:
+        raise TemplateError(f"{path}: front matter is not valid YAML: {e}") from None
+    try:
+        return TemplateMeta.model_validate(data)
+    except ValidationError as e:
+        raise TemplateError(format_validation_error(f"{path} front matter", e)) from None
