@@ -1,0 +1,48 @@
+"""Generation engines behind one protocol: vLLM, transformers, OpenAI-compatible HTTP."""
+
+import importlib.util
+from pathlib import Path
+
+from pipeline.config import EngineConfig
+from pipeline.engines.base import (
+    PROMPT_TOO_LONG,
+    Completion,
+    Conversation,
+    Engine,
+    EngineBase,
+    Sampling,
+)
+
+__all__ = [
+    "PROMPT_TOO_LONG",
+    "Completion",
+    "Conversation",
+    "Engine",
+    "EngineBase",
+    "Sampling",
+    "engine_kind",
+    "start_engine",
+]
+
+
+def engine_kind(cfg: EngineConfig) -> str:
+    """`auto` means vLLM where it is installed, else transformers."""
+    if cfg.kind != "auto":
+        return cfg.kind
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def start_engine(model_path: Path, cfg: EngineConfig, seed: int) -> EngineBase:
+    """Start the configured engine; use it as a context manager to release it."""
+    kind = engine_kind(cfg)
+    if kind == "vllm":
+        from pipeline.engines.vllm_engine import VllmEngine
+
+        return VllmEngine.start(model_path, cfg, seed)
+    if kind == "hf":
+        from pipeline.engines.hf_engine import HfEngine
+
+        return HfEngine.start(model_path, cfg, seed)
+    from pipeline.engines.openai_engine import OpenAIEngine
+
+    return OpenAIEngine.start(model_path, cfg, seed)

@@ -1,0 +1,197 @@
+"""The engine interface: batched chat generation and label probabilities.
+
+Every engine renders conversations with the model's own tokenizer chat template, here, so
+all engines see the same token ids for the same request. Engines implement two
+token-level calls (`_generate_ids`, `_label_logprobs`); the shared parts (rendering,
+context-length checks, option-token checks, normalisation, token accounting) live once
+in `EngineBase`.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.errors import EngineError
+
+Conversation = list[dict[str, str]]
+
+# finish_reason for a request that was not run because its prompt does not fit the context.
+PROMPT_TOO_LONG = "prompt_too_long"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    n: int = 1
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    n_tokens: int
+    finish_reason: str
+
+
+@dataclass
+class TokenCounter:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests: int = 0
+
+
+class Engine(Protocol):
+    """What methods use. `generate` returns `n` completions per conversation, in order."""
+
+    model_path: Path
+    seed: int
+    counter: TokenCounter
+
+    def generate(
+        self,
+        conversations: Sequence[Conversation],
+        params: Sampling,
+        assistant_prefixes: Sequence[str] | None = None,
+    ) -> list[list[Completion]]: ...
+
+    def choice_probs(
+        self, conversations: Sequence[Conversation], options: Sequence[str], prefix: str = ""
+    ) -> list[list[float]]: ...
+
+    def render(self, conversation: Conversation, assistant_prefix: str = "") -> str: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class EngineBase:
+    """Shared behaviour; subclasses set `tokenizer` and implement the two token calls."""
+
+    model_path: Path
+    seed: int
+    max_model_len: int
+    tokenizer: Any = None
+    counter: TokenCounter = field(default_factory=TokenCounter)
+
+    # -- to implement ---------------------------------------------------------------------
+
+    def _generate_ids(self, prompts: list[list[int]], params: Sampling) -> list[list[Completion]]:
+        raise NotImplementedError
+
+    def _label_logprobs(self, prompts: list[list[int]], label_ids: list[int]) -> list[list[float]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # -- shared ---------------------------------------------------------------------------
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def render(self, conversation: Conversation, assistant_prefix: str = "") -> str:
+        """The model's chat template with the generation prompt, plus an optional start of
+        the assistant's reply (e.g. "The answer is: (")."""
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as e:  # a template error is the model's, name it
+            raise EngineError(f"{self.model_path}: chat template failed: {e}") from None
+        return text + assistant_prefix
+
+    def encode(self, text: str) -> list[int]:
+        # The chat template already writes every special token.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def generate(
+        self,
+        conversations: Sequence[Conversation],
+        params: Sampling,
+        assistant_prefixes: Sequence[str] | None = None,
+    ) -> list[list[Completion]]:
+        prefixes = assistant_prefixes or [""] * len(conversations)
+        prompts = [
+            self.encode(self.render(c, p)) for c, p in zip(conversations, prefixes, strict=True)
+        ]
+        # A prompt that leaves no room for one new token is skipped, not sent: the caller
+        # records it (finish_reason PROMPT_TOO_LONG) instead of the whole batch failing.
+        fits = [i for i, ids in enumerate(prompts) if len(ids) < self.max_model_len]
+        out: list[list[Completion]] = [
+            [Completion("", 0, PROMPT_TOO_LONG)] * params.n for _ in prompts
+        ]
+        if fits:
+            results = self._generate_ids([prompts[i] for i in fits], params)
+            for i, completions in zip(fits, results, strict=True):
+                out[i] = completions
+            self.counter.prompt_tokens += sum(len(prompts[i]) for i in fits)
+            self.counter.completion_tokens += sum(c.n_tokens for r in results for c in r)
+            self.counter.requests += len(fits)
+        return out
+
+    def choice_probs(
+        self, conversations: Sequence[Conversation], options: Sequence[str], prefix: str = ""
+    ) -> list[list[float]]:
+        """Normalised next-token probabilities of `options` after the assistant `prefix`."""
+        if len(options) < 2:
+            raise EngineError("choice_probs needs at least two options")
+        prompts, label_ids = [], None
+        for conversation in conversations:
+            text = self.render(conversation, prefix)
+            ids = self.encode(text)
+            ids_per_option = [self._option_id(text, ids, o) for o in options]
+            if label_ids is None:
+                label_ids = ids_per_option
+            elif ids_per_option != label_ids:
+                raise EngineError(
+                    f"options {list(options)} tokenize differently across prompts; end the "
+                    "prefix with a character that separates them (e.g. '(')"
+                )
+            prompts.append(ids)
+        if not prompts:
+            return []
+        too_long = [i for i, ids in enumerate(prompts) if len(ids) >= self.max_model_len]
+        if too_long:
+            raise EngineError(
+                f"choice prompt {too_long[0]} has {len(prompts[too_long[0]])} tokens, over "
+                f"max_model_len {self.max_model_len}"
+            )
+        logprobs = self._label_logprobs(prompts, label_ids)
+        self.counter.prompt_tokens += sum(len(p) for p in prompts)
+        self.counter.requests += len(prompts)
+        return [_normalise(row) for row in logprobs]
+
+    def _option_id(self, text: str, ids: list[int], option: str) -> int:
+        full = self.encode(text + option)
+        if len(full) != len(ids) + 1 or full[: len(ids)] != ids:
+            raise EngineError(
+                f"option {option!r} is not exactly one token after the prompt's end "
+                f"({text[-20:]!r}); use single-token labels such as A/B and a prefix that "
+                "ends where the label starts"
+            )
+        return full[-1]
+
+
+def _normalise(logprobs: Sequence[float]) -> list[float]:
+    top = max(logprobs)
+    if top == -math.inf:
+        return [1.0 / len(logprobs)] * len(logprobs)
+    weights = [math.exp(lp - top) for lp in logprobs]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut generated text at the first stop string (engines without native stop support)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

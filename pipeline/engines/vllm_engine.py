@@ -1,0 +1,82 @@
+"""vLLM engine: one `LLM` per model per round, one call per batch with `n=` samples."""
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import EngineConfig
+from pipeline.engines.base import Completion, EngineBase, Sampling
+
+
+@dataclass
+class VllmEngine(EngineBase):
+    llm: object = None
+
+    @classmethod
+    def start(cls, model_path: Path, cfg: EngineConfig, seed: int) -> "VllmEngine":
+        import torch
+        from vllm import LLM
+
+        on_gpu = torch.cuda.is_available()
+        dtype = cfg.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if on_gpu else "float32"
+        kwargs: dict = dict(
+            model=str(model_path),
+            dtype=dtype,
+            max_model_len=cfg.max_model_len,
+            enable_prefix_caching=True,
+            enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
+            # Engine-level seed: per-request seeds crash the CPU engine at large batches.
+            seed=seed,
+        )
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        else:
+            # On CPU, gpu_memory_utilization is a share of the NUMA node's memory, checked
+            # against what is free at start; an explicit KV-cache size avoids that check.
+            kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gib * (1 << 30))
+        llm = LLM(**kwargs)
+        return cls(
+            model_path=model_path,
+            seed=seed,
+            max_model_len=cfg.max_model_len,
+            tokenizer=llm.get_tokenizer(),
+            llm=llm,
+        )
+
+    def _generate_ids(self, prompts: list[list[int]], params: Sampling) -> list[list[Completion]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sampling = SamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_tokens,
+            stop=list(params.stop) or None,
+        )
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompts], sampling, use_tqdm=False
+        )
+        return [
+            [Completion(c.text, len(c.token_ids), c.finish_reason or "stop") for c in o.outputs]
+            for o in outputs
+        ]
+
+    def _label_logprobs(self, prompts: list[list[int]], label_ids: list[int]) -> list[list[float]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        # logprob_token_ids returns the raw log-probabilities of exactly these tokens.
+        sampling = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=label_ids)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompts], sampling, use_tqdm=False
+        )
+        return [[o.outputs[0].logprobs[0][t].logprob for t in label_ids] for o in outputs]
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+            gc.collect()
