@@ -1,0 +1,4 @@
+"""The application layer: Prefect flows and the `prefloop` CLI.
+
+The only place that imports prefect.
+"""

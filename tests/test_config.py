@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import RunConfig, load_config, parse_overrides
+from pipeline.errors import ConfigError
+from pipeline.paths import DATA_DIR
+
+CONFIGS = sorted((DATA_DIR / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    for f in cfg.prompts.files:
+        assert f.is_file(), f
+
+
+def test_layering_defaults_yaml_cli(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: r1\ntraining:\n  beta: 0.2\n  epochs: 2\n")
+    cfg = load_config(path, ["training.beta=0.5", "engine.kind=hf", "rlcd.tasks=[helpfulness]"])
+    assert cfg.name == "r1"  # yaml
+    assert cfg.training.beta == 0.5  # cli beats yaml
+    assert cfg.training.epochs == 2  # yaml kept beside a cli override in the same section
+    assert cfg.training.learning_rate == 1e-6  # default
+    assert cfg.engine.kind == "hf"
+    assert cfg.rlcd.tasks == ["helpfulness"]
+
+
+def _error(tmp_path, text, overrides=None) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    msg = _error(tmp_path, "name: demo\ntraining:\n  beta: [0.1\n")
+    assert "bad.yaml:" in msg and "invalid YAML" in msg
+    assert ":4:" in msg or ":3:" in msg
+
+
+def test_unknown_key_names_the_field(tmp_path):
+    msg = _error(tmp_path, "training:\n  betta: 0.1\n")
+    assert msg.startswith(f"{tmp_path / 'bad.yaml'}: training.betta: unknown key")
+
+
+def test_wrong_type_names_the_field(tmp_path):
+    msg = _error(tmp_path, "rounds: many\n")
+    assert "bad.yaml: rounds:" in msg and "integer" in msg
+
+
+def test_out_of_range_value(tmp_path):
+    msg = _error(tmp_path, "cai:\n  revisions: 9\n")
+    assert "cai.revisions" in msg
+
+
+def test_unknown_key_from_set(tmp_path):
+    msg = _error(tmp_path, "name: x\n", ["engine.knd=hf"])
+    assert "(with --set)" in msg and "engine.knd: unknown key" in msg
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match=r"nope\.yaml: file not found"):
+        load_config(Path("nope.yaml"))
+
+
+def test_top_level_not_a_mapping(tmp_path):
+    msg = _error(tmp_path, "- a\n- b\n")
+    assert "expected a mapping" in msg
+
+
+def test_no_method_enabled(tmp_path):
+    msg = _error(
+        tmp_path, "self_reward: {enabled: false}\nrlcd: {enabled: false}\ncai: {enabled: false}\n"
+    )
+    assert "enable at least one" in msg
+
+
+def test_parse_overrides_shapes():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=true"]) == {"a": {"b": 1, "c": "x"}, "d": True}
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        parse_overrides(["novalue"])

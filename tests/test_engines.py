@@ -1,0 +1,233 @@
+"""Each engine on the same requests, with a tiny random model and the real tokenizer."""
+
+import http.server
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from pipeline.config import EngineConfig
+from pipeline.engines import PROMPT_TOO_LONG, Sampling, start_engine
+from pipeline.errors import EngineError
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}],
+]
+CHOICE = [[{"role": "user", "content": "Which is better, (A) or (B)?"}]] * 3
+
+
+@pytest.fixture(scope="module")
+def hf_engine(tiny_model_dir):
+    with start_engine(tiny_model_dir, EngineConfig(kind="hf", max_model_len=512), seed=0) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_model_dir):
+    cfg = EngineConfig(kind="vllm", max_model_len=512, cpu_kv_cache_gib=0.5)
+    with start_engine(tiny_model_dir, cfg, seed=0) as e:
+        yield e
+
+
+def _check_completions(results, n, max_tokens):
+    assert len(results) == len(CONVERSATIONS)
+    for completions in results:
+        assert len(completions) == n
+        for c in completions:
+            assert isinstance(c.text, str)
+            assert 0 < c.n_tokens <= max_tokens
+            assert c.finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("engine_name", ["hf_engine", "vllm_engine"])
+def test_generate_n_samples(request, engine_name):
+    engine = request.getfixturevalue(engine_name)
+    before = engine.counter.completion_tokens
+    results = engine.generate(CONVERSATIONS, Sampling(n=3, temperature=1.0, max_tokens=12))
+    _check_completions(results, n=3, max_tokens=12)
+    assert engine.counter.completion_tokens - before == sum(c.n_tokens for r in results for c in r)
+    # A random model almost never repeats itself over 12 sampled tokens.
+    assert len({c.text for c in results[0]}) > 1
+
+
+@pytest.mark.parametrize("engine_name", ["hf_engine", "vllm_engine"])
+def test_choice_probs_sum_to_one(request, engine_name):
+    engine = request.getfixturevalue(engine_name)
+    probs = engine.choice_probs(CHOICE, ["A", "B"], prefix="The answer is: (")
+    assert len(probs) == 3
+    for row in probs:
+        assert len(row) == 2 and abs(sum(row) - 1) < 1e-6 and all(0 <= p <= 1 for p in row)
+
+
+def test_engines_agree_on_label_probabilities(hf_engine, vllm_engine):
+    """Same rendering, same token ids: both engines see the same distribution."""
+    prompts = [[{"role": "user", "content": f"Pick one, case {i}."}] for i in range(4)]
+    hf = hf_engine.choice_probs(prompts, ["A", "B"], prefix="(")
+    vl = vllm_engine.choice_probs(prompts, ["A", "B"], prefix="(")
+    for a, b in zip(hf, vl, strict=True):
+        assert a[0] == pytest.approx(b[0], abs=2e-3)
+
+
+@pytest.mark.parametrize("engine_name", ["hf_engine", "vllm_engine"])
+def test_multi_token_option_is_refused(request, engine_name):
+    engine = request.getfixturevalue(engine_name)
+    with pytest.raises(EngineError, match="not exactly one token"):
+        engine.choice_probs(CHOICE, ["Answer A", "Answer B"], prefix="(")
+
+
+def test_prefix_that_merges_with_label_is_refused(hf_engine):
+    # "The answer is:" + "A" tokenizes as ":A"-style merges for many tokenizers or not;
+    # a label glued to a word is never one clean token after the prompt.
+    with pytest.raises(EngineError, match="not exactly one token"):
+        hf_engine.choice_probs(CHOICE, ["nswer", "B"], prefix="The a")
+
+
+@pytest.mark.parametrize("engine_name", ["hf_engine", "vllm_engine"])
+def test_too_long_prompt_is_skipped_not_fatal(request, engine_name):
+    engine = request.getfixturevalue(engine_name)
+    long = [{"role": "user", "content": "word " * 600}]
+    results = engine.generate([CONVERSATIONS[0], long], Sampling(n=2, max_tokens=4))
+    assert results[1] == results[1][:1] * 2 and results[1][0].finish_reason == PROMPT_TOO_LONG
+    assert results[0][0].n_tokens > 0
+
+
+def test_rendering_uses_the_models_chat_template(hf_engine):
+    text = hf_engine.render(CONVERSATIONS[1], assistant_prefix="(")
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert text.endswith("<|im_start|>assistant\n(")
+
+
+# -- OpenAI-compatible engine -------------------------------------------------------------
+
+
+def test_openai_refused_port_is_a_clear_error(tiny_model_dir, free_port):
+    cfg = EngineConfig(kind="openai", base_url=f"http://127.0.0.1:{free_port}/v1", max_retries=0)
+    with (
+        start_engine(tiny_model_dir, cfg, seed=0) as engine,
+        pytest.raises(EngineError, match="cannot connect .*is the server running"),
+    ):
+        engine.generate(CONVERSATIONS, Sampling(max_tokens=4))
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    failures_left = 2
+    bodies: list = []
+
+    def do_POST(self):  # noqa: N802
+        import json
+
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).bodies.append(body)
+        if type(self).failures_left > 0:
+            type(self).failures_left -= 1
+            self.send_response(503)
+            self.end_headers()
+            return
+        choices = [{"index": i, "text": "ok", "finish_reason": "stop"} for i in range(body["n"])]
+        payload = json.dumps({"choices": choices}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_openai_retries_5xx_then_succeeds(tiny_model_dir, free_port):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = EngineConfig(
+            kind="openai",
+            base_url=f"http://127.0.0.1:{free_port}/v1",
+            max_retries=3,
+            max_concurrency=1,
+        )
+        with start_engine(tiny_model_dir, cfg, seed=0) as engine:
+            [[a, b]] = engine.generate(CONVERSATIONS[:1], Sampling(n=2, max_tokens=4))
+        assert a.text == b.text == "ok"
+        assert len(_Flaky.bodies) == 3  # two 503s, then success
+        assert isinstance(_Flaky.bodies[0]["prompt"], list)  # token ids, rendered locally
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model_dir):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(tiny_model_dir),
+        "--served-model-name",
+        "tiny",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "512",
+        "--enforce-eager",
+        "--seed",
+        "0",
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cmd += ["--kv-cache-memory-bytes", str(512 << 20)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"vllm serve exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(2)
+    else:
+        proc.kill()
+        pytest.fail("vllm serve did not come up in 400 s")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.mark.slow
+def test_openai_engine_against_vllm_serve(tiny_model_dir, vllm_server, hf_engine):
+    cfg = EngineConfig(
+        kind="openai", base_url=vllm_server, served_model_name="tiny", max_model_len=512
+    )
+    with start_engine(tiny_model_dir, cfg, seed=0) as engine:
+        results = engine.generate(CONVERSATIONS, Sampling(n=2, temperature=1.0, max_tokens=8))
+        _check_completions(results, n=2, max_tokens=8)
+        probs = engine.choice_probs(CHOICE[:2], ["A", "B"], prefix="(")
+    reference = hf_engine.choice_probs(CHOICE[:2], ["A", "B"], prefix="(")
+    for got, want in zip(probs, reference, strict=True):
+        assert got[0] == pytest.approx(want[0], abs=2e-3)
+
+
+@pytest.mark.slow
+def test_default_model_answers_through_vllm(default_model_dir):
+    cfg = EngineConfig(kind="vllm", max_model_len=1024, cpu_kv_cache_gib=1)
+    with start_engine(default_model_dir, cfg, seed=0) as engine:
+        [[answer]] = engine.generate(
+            CONVERSATIONS[:1], Sampling(n=1, temperature=0.0, max_tokens=24)
+        )
+    assert "Paris" in answer.text

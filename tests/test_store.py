@@ -1,0 +1,213 @@
+import subprocess
+import sys
+
+import duckdb
+import pytest
+
+from pipeline.errors import StoreError
+from pipeline.hashing import row_id
+from pipeline.store import MIGRATIONS, SCHEMA_VERSION, Store
+
+PUBLIC_COLUMNS = {
+    "models": {"model_id", "parent_model_id", "path", "sha256", "round"},
+    "generations": {"generation_id", "run_id", "round", "method", "prompt_id", "model_id", "text"},
+    "judgments": {"generation_id", "sample_idx", "raw_output", "score"},
+    "pairs": {
+        "pair_id",
+        "run_id",
+        "round",
+        "method",
+        "prompt_id",
+        "chosen_generation_id",
+        "rejected_generation_id",
+        "chosen_score",
+        "rejected_score",
+        "margin",
+        "soft_label",
+    },
+    "pair_texts": {"pair_id", "run_id", "round", "method", "prompt", "chosen", "rejected"},
+}
+
+
+def _generation(i: int, prompt_id: str = "p1") -> dict:
+    return {
+        "generation_id": row_id("run", 0, "self_reward", prompt_id, i),
+        "run_id": "run",
+        "round": 0,
+        "method": "self_reward",
+        "prompt_id": prompt_id,
+        "model_id": "m@1",
+        "template_id": None,
+        "role": "candidate",
+        "sample_idx": i,
+        "text": f"answer {i}",
+        "n_tokens": 2,
+        "finish_reason": "stop",
+        "sampling_json": "{}",
+        "seed": 0,
+    }
+
+
+def _seed_rows(store: Store) -> None:
+    store.insert(
+        "prompts",
+        [
+            {
+                "run_id": "run",
+                "prompt_id": "p1",
+                "round": 0,
+                "source": "seed",
+                "text": "q?",
+                "messages_json": "[]",
+            }
+        ],
+    )
+    store.insert("generations", [_generation(i) for i in range(3)])
+    g = [_generation(i)["generation_id"] for i in range(3)]
+    store.insert(
+        "pairs",
+        [
+            {
+                "pair_id": row_id("pair", g[0], g[2]),
+                "run_id": "run",
+                "round": 0,
+                "method": "self_reward",
+                "prompt_id": "p1",
+                "chosen_generation_id": g[0],
+                "rejected_generation_id": g[2],
+                "chosen_score": 4.0,
+                "rejected_score": 1.0,
+                "margin": 3.0,
+                "model_id": "m@1",
+            }
+        ],
+    )
+
+
+def test_public_names_exist(tmp_path):
+    with Store(tmp_path / "db.duckdb") as store:
+        for table, columns in PUBLIC_COLUMNS.items():
+            got = {
+                r["column_name"]
+                for r in store.query(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+                    [table],
+                )
+            }
+            assert columns <= got, (table, columns - got)
+        assert store.schema_version() == SCHEMA_VERSION
+
+
+def test_reinsert_same_batch_adds_nothing(tmp_path):
+    with Store(tmp_path / "db.duckdb") as store:
+        rows = [_generation(i) for i in range(5)]
+        assert store.insert("generations", rows) == 5
+        assert store.insert("generations", rows) == 0
+        assert store.insert("generations", rows + [_generation(5)]) == 1
+        assert store.query("SELECT count(*) AS n FROM generations")[0]["n"] == 6
+
+
+def test_pair_texts_view(tmp_path):
+    with Store(tmp_path / "db.duckdb") as store:
+        _seed_rows(store)
+        [row] = store.query("SELECT prompt, chosen, rejected, margin FROM pair_texts")
+        assert row == {"prompt": "q?", "chosen": "answer 0", "rejected": "answer 2", "margin": 3.0}
+
+
+def test_transaction_rolls_back_whole_batch(tmp_path):
+    with Store(tmp_path / "db.duckdb") as store:
+        store.insert("generations", [_generation(0)])
+        with pytest.raises(duckdb.Error), store.transaction():
+            store.insert("generations", [_generation(1)])
+            store.insert("generations", [{"generation_id": "x"}])  # NOT NULL violation
+        ids = [r["generation_id"] for r in store.query("SELECT generation_id FROM generations")]
+        assert ids == [_generation(0)["generation_id"]]
+
+
+def test_migration_from_older_version_keeps_data(tmp_path):
+    path = tmp_path / "db.duckdb"
+    with Store(path) as store:
+        _seed_rows(store)
+    newer = [*MIGRATIONS, ["ALTER TABLE pairs ADD COLUMN note VARCHAR DEFAULT 'migrated'"]]
+    with Store(path, migrations=newer) as store:
+        assert store.schema_version() == SCHEMA_VERSION + 1
+        [row] = store.query("SELECT margin, note FROM pairs")
+        assert row == {"margin": 3.0, "note": "migrated"}
+        assert store.query("SELECT count(*) AS n FROM generations")[0]["n"] == 3
+
+
+def test_database_from_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "db.duckdb"
+    newer = [*MIGRATIONS, ["CREATE TABLE future (x INTEGER)"]]
+    with Store(path, migrations=newer) as store:
+        _seed_rows(store)
+    with pytest.raises(StoreError, match=rf"schema v{SCHEMA_VERSION + 1} is newer"):
+        Store(path)
+    with Store(path, migrations=newer) as store:  # nothing was lost
+        assert store.query("SELECT count(*) AS n FROM pairs")[0]["n"] == 1
+
+
+def test_read_only_refuses_writes(tmp_path):
+    path = tmp_path / "db.duckdb"
+    with Store(path) as store:
+        _seed_rows(store)
+    with Store(path, read_only=True) as store:
+        columns, rows = store.sql("SELECT count(*) AS n FROM pairs")
+        assert columns == ["n"] and rows == [(1,)]
+        for statement in [
+            "DELETE FROM pairs",
+            "DROP TABLE pairs",
+            "INSERT INTO runs (run_id, config_json, config_sha256, seed) "
+            "VALUES ('x', '{}', 'h', 0)",
+        ]:
+            with pytest.raises(StoreError, match="read-only"):
+                store.sql(statement)
+    with Store(path, read_only=True) as store:
+        assert store.sql("SELECT count(*) FROM pairs")[1] == [(1,)]
+
+
+def test_read_only_without_database(tmp_path):
+    with pytest.raises(StoreError, match="no database here yet"):
+        Store(tmp_path / "missing.duckdb", read_only=True)
+    assert not (tmp_path / "missing.duckdb").exists()
+
+
+def test_second_writer_gets_a_clear_error(tmp_path):
+    path = tmp_path / "db.duckdb"
+    with Store(path) as store:
+        _seed_rows(store)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom pipeline.store import Store\n"
+            f"s = Store({str(path)!r})\nprint('ready', flush=True)\ntime.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreError) as e:
+            Store(path)
+        assert f"in use by another process (PID {holder.pid})" in str(e.value)
+        assert "\n" not in str(e.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    with Store(path, read_only=True) as store:
+        assert store.query("SELECT count(*) AS n FROM pairs")[0]["n"] == 1
+
+
+def test_run_with_different_config_is_refused(tmp_path):
+    with Store(tmp_path / "db.duckdb") as store:
+        store.register_run("r", {"a": 1}, "h1", 0)
+        store.register_run("r", {"a": 1}, "h1", 0)  # same config resumes
+        with pytest.raises(StoreError, match="exists with a different config"):
+            store.register_run("r", {"a": 2}, "h2", 0)
+
+
+def test_row_id_is_deterministic():
+    assert row_id("run", 1, "rlcd", "p", 0) == row_id("run", 1, "rlcd", "p", 0)
+    assert row_id("run", 1, "rlcd", "p", 0) != row_id("run", 1, "rlcd", "p", 1)
+    assert len(row_id("x")) == 32
