@@ -20,6 +20,9 @@ run: $(STAMP) $(MODEL)
 test: $(STAMP) $(MODEL)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+bench: $(STAMP) $(MODEL)
+	$(PY) bench/engines.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline flows tests bench
 	$(VENV)/bin/ruff format --check pipeline flows tests bench
