@@ -124,10 +124,11 @@ def db_info(db: DbOpt = None, config: ConfigOpt = None):
     """Tables and views with their row counts."""
     from pipeline.store import Store
 
-    with Store(_db_path(db, config), read_only=True) as store:
+    path = _db_path(db, config)
+    with Store(path, read_only=True) as store:
         version = store.schema_version()
         counts = store.table_counts()
-    typer.echo(f"{_db_path(db, config)} (schema v{version})")
+    typer.echo(f"{path} (schema v{version})")
     _print_rows(["name", "kind", "rows"], counts, "table")
 
 
