@@ -74,21 +74,40 @@ class SelfRewardConfig(StrictModel):
 
 class RlcdConfig(StrictModel):
     enabled: bool = True
-    tasks: list[str] = ["harmlessness", "helpfulness"]
+    # Descriptor files (prompts/rlcd/<task>.yaml, or paths to YAML files). A prompt uses
+    # the task its prompt file gives it, else `default_task`.
+    tasks: list[str] = Field(["harmlessness", "helpfulness"], min_length=1)
+    default_task: str = "helpfulness"
+    # system: the descriptor is a system instruction about the next reply (chat models
+    # follow system prompts); assistant_tag: it opens the assistant's turn, as in the paper.
     placement: Literal["system", "assistant_tag"] = "system"
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=300)
     rescore: bool = False
     rescore_template: str = "choice_ab"
 
+    @model_validator(mode="after")
+    def _default_listed(self) -> "RlcdConfig":
+        names = [Path(t).stem for t in self.tasks]
+        if self.default_task not in names:
+            raise ValueError(f"default_task {self.default_task!r} is not one of tasks {names}")
+        return self
+
 
 class CaiConfig(StrictModel):
     enabled: bool = True
+    # A name in prompts/ (constitution -> prompts/constitution.yaml) or a path to YAML.
     constitution: str = "constitution"
     revisions: int = Field(1, ge=1, le=4)
+    few_shot: int = Field(2, ge=0)
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=256)
+    critique_template: str = "cai_critique"
+    revision_template: str = "cai_revision"
     feedback: bool = True
     feedback_cot: bool = False
     feedback_template: str = "choice_ab"
+    feedback_cot_template: str = "choice_ab_cot"
+    # Chain-of-thought labels are overconfident; the paper clamps them to [0.4, 0.6].
+    cot_clamp: tuple[float, float] = (0.4, 0.6)
 
 
 class LoraConfig(StrictModel):

@@ -10,7 +10,7 @@ process opens the store for writing.
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -215,6 +215,46 @@ MIGRATIONS: list[list[str]] = [
         JOIN generations c ON c.generation_id = p.chosen_generation_id
         JOIN generations r ON r.generation_id = p.rejected_generation_id""",
     ],
+    # v2: method provenance (RLCD descriptors, CAI principles) on generations, the pair's
+    # variant within its method, prompt tasks, and CAI's SFT rows.
+    [
+        "DROP VIEW pair_texts",
+        "ALTER TABLE generations ADD COLUMN meta_json VARCHAR",
+        "ALTER TABLE pairs ADD COLUMN variant VARCHAR",
+        "ALTER TABLE prompts ADD COLUMN task VARCHAR",
+        "ALTER TABLE comparisons ADD COLUMN meta_json VARCHAR",
+        """CREATE TABLE sft_examples (
+            sft_id VARCHAR PRIMARY KEY,
+            run_id VARCHAR NOT NULL,
+            round INTEGER NOT NULL,
+            method VARCHAR NOT NULL,
+            prompt_id VARCHAR NOT NULL,
+            generation_id VARCHAR NOT NULL,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""",
+        """CREATE VIEW pair_texts AS
+        SELECT p.pair_id, p.run_id, p.round, p.method, p.variant, p.prompt_id,
+               pr.text AS prompt, c.text AS chosen, r.text AS rejected,
+               p.chosen_score, p.rejected_score, p.margin, p.soft_label,
+               p.flagged, p.flag_reason, p.model_id
+        FROM pairs p
+        JOIN prompts pr ON pr.run_id = p.run_id AND pr.prompt_id = p.prompt_id
+        JOIN generations c ON c.generation_id = p.chosen_generation_id
+        JOIN generations r ON r.generation_id = p.rejected_generation_id""",
+        # Self-Rewarding's per-candidate score: the mean and variance of the valid samples.
+        """CREATE VIEW candidate_scores AS
+        SELECT generation_id, run_id, round, method, template_id,
+               count(*) AS samples, count(score) AS valid,
+               avg(score) AS mean_score, var_pop(score) AS score_variance
+        FROM judgments
+        GROUP BY ALL""",
+        """CREATE VIEW sft_texts AS
+        SELECT s.sft_id, s.run_id, s.round, s.method, s.prompt_id, pr.messages_json,
+               pr.text AS prompt, g.text AS completion
+        FROM sft_examples s
+        JOIN prompts pr ON pr.run_id = s.run_id AND pr.prompt_id = s.prompt_id
+        JOIN generations g ON g.generation_id = s.generation_id""",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -337,6 +377,12 @@ class Store:
         finally:
             self.con.unregister("__batch")
         return int(result[0][0]) if result else 0
+
+    def write(self, tables: Mapping[str, Sequence[dict[str, Any]]]) -> dict[str, int]:
+        """Insert a method's output (table -> rows) in one transaction; rows inserted per
+        table. A batch lands whole or not at all, so a crash never leaves half a batch."""
+        with self.transaction():
+            return {name: self.insert(name, rows) for name, rows in tables.items() if rows}
 
     def upsert_round(self, run_id: str, round_: int, model_id: str, **fields: Any) -> None:
         self.insert("rounds", [{"run_id": run_id, "round": round_, "model_id": model_id}])

@@ -46,13 +46,26 @@ class ScoreParser(_Strict):
     max: float
     # clamp: out-of-range scores are clamped to [min, max]; invalid: they count as unparsed.
     out_of_range: Literal["clamp", "invalid"] = "clamp"
+    # Prefilled judges: the reply starts with `prefix` (e.g. "Score: ") and the score is the
+    # expected value over the next-token probabilities of the integers min..max (as in
+    # G-Eval). Small models that do not follow an output format still give a score.
+    prefix: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "ScoreParser":
         _compile_one_group(self.pattern)
         if self.min >= self.max:
             raise ValueError(f"min ({self.min}) must be below max ({self.max})")
+        if self.prefix is not None and not (
+            float(self.min).is_integer() and float(self.max).is_integer()
+        ):
+            raise ValueError("a prefilled (prefix) score needs integer min and max")
         return self
+
+    @property
+    def labels(self) -> list[str]:
+        """The score tokens a prefilled judge chooses between."""
+        return [str(i) for i in range(int(self.min), int(self.max) + 1)]
 
 
 class ChoiceParser(_Strict):
@@ -64,6 +77,9 @@ class ChoiceParser(_Strict):
     labels: list[str] = Field(min_length=2)
     prefix: str = ""
     pattern: str | None = None
+    # Chain-of-thought judges: the reasoning is generated after this assistant prefix, and
+    # the label is read after the reasoning and `prefix`.
+    reasoning_prefix: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "ChoiceParser":
@@ -210,7 +226,10 @@ def _parse_meta(path: Path, text: str) -> TemplateMeta:
     try:
         data = yaml.safe_load(match.group(1)) or {}
     except yaml.YAMLError as e:
-        raise TemplateError(f"{path}: front matter is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 2}" if mark else ""  # +1 for 1-based, +1 for the {#--- line
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise TemplateError(f"{path}{where}: front matter is not valid YAML: {problem}") from None
     try:
         return TemplateMeta.model_validate(data)
     except ValidationError as e:

@@ -77,3 +77,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir):
+    """The transformers engine on the tiny model, shared by the method tests."""
+    from pipeline.config import EngineConfig
+    from pipeline.engines import start_engine
+
+    with start_engine(tiny_model_dir, EngineConfig(kind="hf", max_model_len=2048), seed=0) as e:
+        yield e
+
+
+@pytest.fixture
+def ctx():
+    from pipeline.methods.common import RoundContext
+
+    return RoundContext(run_id="test", round=1, model_id="tiny@0", seed=0)
+
+
+@pytest.fixture
+def library():
+    from pipeline.templates import TemplateLibrary
+
+    return TemplateLibrary([Path(__file__).parent / "data"])

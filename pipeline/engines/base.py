@@ -52,6 +52,7 @@ class Engine(Protocol):
 
     model_path: Path
     seed: int
+    max_model_len: int
     counter: TokenCounter
 
     def generate(
@@ -62,10 +63,15 @@ class Engine(Protocol):
     ) -> list[list[Completion]]: ...
 
     def choice_probs(
-        self, conversations: Sequence[Conversation], options: Sequence[str], prefix: str = ""
+        self,
+        conversations: Sequence[Conversation],
+        options: Sequence[str],
+        prefix: str | Sequence[str] = "",
     ) -> list[list[float]]: ...
 
     def render(self, conversation: Conversation, assistant_prefix: str = "") -> str: ...
+
+    def encode(self, text: str) -> list[int]: ...
 
     def close(self) -> None: ...
 
@@ -140,14 +146,19 @@ class EngineBase:
         return out
 
     def choice_probs(
-        self, conversations: Sequence[Conversation], options: Sequence[str], prefix: str = ""
+        self,
+        conversations: Sequence[Conversation],
+        options: Sequence[str],
+        prefix: str | Sequence[str] = "",
     ) -> list[list[float]]:
-        """Normalised next-token probabilities of `options` after the assistant `prefix`."""
+        """Normalised next-token probabilities of `options` after the assistant `prefix`
+        (one for all conversations, or one each, e.g. a judge's own reasoning)."""
         if len(options) < 2:
             raise EngineError("choice_probs needs at least two options")
+        prefixes = [prefix] * len(conversations) if isinstance(prefix, str) else list(prefix)
         prompts, label_ids = [], None
-        for conversation in conversations:
-            text = self.render(conversation, prefix)
+        for conversation, start in zip(conversations, prefixes, strict=True):
+            text = self.render(conversation, start)
             ids = self.encode(text)
             ids_per_option = [self._option_id(text, ids, o) for o in options]
             if label_ids is None:

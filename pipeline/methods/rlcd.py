@@ -1,0 +1,230 @@
+"""RLCD (Yang et al. 2024): contrastive prompts p+ and p- that differ only in a descriptor
+produce the chosen (o+) and rejected (o-) answers, labelled by construction. The Rescore
+variant asks the model which of the two is better and stores that soft label.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.config import RlcdConfig
+from pipeline.engines.base import Conversation, Engine
+from pipeline.hashing import row_id
+from pipeline.methods.common import (
+    RoundContext,
+    Rows,
+    ask_choices,
+    choice_parser,
+    generation_row,
+    load_resource,
+    normalise_text,
+    pair_row,
+    sampling_from,
+    unusable,
+)
+from pipeline.seeds import Prompt
+from pipeline.templates import Template
+
+METHOD = "rlcd"
+VARIANT = "contrastive"
+FLAG_RESCORE = "rescore_prefers_rejected"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DescriptorPair(_Strict):
+    id: str
+    positive: str = Field(min_length=1)
+    negative: str = Field(min_length=1)
+
+
+class Task(_Strict):
+    """One descriptor file: prompts/rlcd/<task>.yaml."""
+
+    task: str
+    rescore_question: str
+    pairs: list[DescriptorPair] = Field(min_length=1)
+
+
+def load_tasks(names: Sequence[str]) -> dict[str, Task]:
+    """Descriptor files by task name (prompts/rlcd/<name>.yaml) or by path."""
+    tasks = {}
+    for name in names:
+        task, _ = load_resource(name, Task, "rlcd")
+        tasks[Path(name).stem] = task
+    return tasks
+
+
+def contrastive_prompts(
+    prompt: Prompt,
+    pair: DescriptorPair,
+    placement: str,
+    system: Template,
+    tag: Template,
+) -> tuple[tuple[Conversation, str], tuple[Conversation, str]]:
+    """(conversation, assistant prefix) for p+ and for p-.
+
+    They differ only in the descriptor. Earlier assistant turns carry the opposite
+    descriptor, as in the paper, so the contrast is about the reply being written.
+    """
+
+    def build(this: str, other: str) -> tuple[Conversation, str]:
+        messages = []
+        for role, content in prompt.messages:
+            if role == "assistant":
+                content = f"{tag.render(descriptor=other)} {content}"
+            messages.append({"role": role, "content": content})
+        if placement == "assistant_tag":
+            return messages, f"{tag.render(descriptor=this)} "
+        instruction = system.render(descriptor=this)
+        if messages[0]["role"] == "system":
+            merged = f"{messages[0]['content']}\n\n{instruction}"
+            messages[0] = {"role": "system", "content": merged}
+        else:
+            messages.insert(0, {"role": "system", "content": instruction})
+        return messages, ""
+
+    return build(pair.positive, pair.negative), build(pair.negative, pair.positive)
+
+
+def run_rlcd(
+    engine: Engine,
+    templates: dict[str, Template],
+    tasks: dict[str, Task],
+    prompts: Sequence[Prompt],
+    ctx: RoundContext,
+    cfg: RlcdConfig,
+) -> Rows:
+    """One batch: o+ and o- for every prompt in one engine call, then pairs (and the
+    Rescore labels when enabled). `templates` holds system, assistant_tag and rescore."""
+    rows = Rows()
+    rows.add("prompts", *(p.record(ctx.run_id, ctx.round) for p in prompts))
+    rows.add("templates", *(t.record() for t in templates.values()))
+    params = sampling_from(cfg.sampling)
+    requests, plans = [], []
+    for prompt in prompts:
+        task_name = prompt.task or cfg.default_task
+        if task_name not in tasks:
+            rows.discard(ctx, METHOD, "prompts", prompt.prompt_id, "task_not_enabled", task_name)
+            continue
+        task = tasks[task_name]
+        pair = ctx.rng(METHOD, prompt.prompt_id).choice(task.pairs)
+        positive, negative = contrastive_prompts(
+            prompt, pair, cfg.placement, templates["system"], templates["assistant_tag"]
+        )
+        requests += [positive, negative]
+        meta = {"task": task_name, "descriptor_id": pair.id, "placement": cfg.placement}
+        plans.append((prompt, task, pair, meta))
+    outputs = engine.generate([c for c, _ in requests], params, [p for _, p in requests])
+    template = templates["system" if cfg.placement == "system" else "assistant_tag"]
+    made = []
+    for i, (prompt, task, pair, meta) in enumerate(plans):
+        sides = []
+        for role, descriptor, [completion] in (
+            ("positive", pair.positive, outputs[2 * i]),
+            ("negative", pair.negative, outputs[2 * i + 1]),
+        ):
+            row = generation_row(
+                ctx,
+                METHOD,
+                prompt.prompt_id,
+                role,
+                0,
+                completion,
+                params,
+                template=template,
+                meta={**meta, "descriptor": descriptor},
+            )
+            rows.add("generations", row)
+            sides.append((row, completion))
+        (pos, pos_c), (neg, neg_c) = sides
+        reason = unusable(pos_c) or unusable(neg_c)
+        if reason is None and normalise_text(pos["text"]) == normalise_text(neg["text"]):
+            reason = "identical"
+        if reason:
+            rows.discard(ctx, METHOD, "pairs", prompt.prompt_id, reason)
+            continue
+        # The pair's prompt is the neutral one: descriptors never reach training data.
+        made.append(
+            (
+                prompt,
+                task,
+                pair_row(ctx, METHOD, VARIANT, prompt, pos["generation_id"], neg["generation_id"]),
+                pos,
+                neg,
+            )
+        )
+    if cfg.rescore and made:
+        rows.merge(rescore(engine, templates["rescore"], made, ctx))
+    rows.add("pairs", *(m[2] for m in made))
+    return rows
+
+
+def rescore(
+    engine: Engine,
+    template: Template,
+    made: Sequence[tuple[Prompt, Task, dict[str, Any], dict, dict]],
+    ctx: RoundContext,
+) -> Rows:
+    """RLCD-Rescore: o+ and o- in a seeded random (A)/(B) order; the soft label is the
+    probability that o+ is better. A pair whose rescoring prefers o- is flagged."""
+    rows = Rows()
+    questions, orders = [], []
+    for prompt, task, _, pos, neg in made:
+        swap = ctx.rng(METHOD, "rescore_order", prompt.prompt_id).random() < 0.5
+        a, b = (neg, pos) if swap else (pos, neg)
+        orders.append((swap, a, b))
+        questions.append(
+            {
+                "instruction": prompt.text,
+                "response_a": a["text"],
+                "response_b": b["text"],
+                "principle": task.rescore_question,
+            }
+        )
+    probs, _ = ask_choices(engine, template, questions)
+    for (prompt, task, pair, _, _), (swap, a, b), p in zip(made, orders, probs, strict=True):
+        prob_a = None if p is None else p[0]
+        rows.add(
+            "comparisons",
+            {
+                "comparison_id": row_id(
+                    ctx.run_id, ctx.round, METHOD, "rescore", prompt.prompt_id, template.sha256
+                ),
+                "run_id": ctx.run_id,
+                "round": ctx.round,
+                "method": METHOD,
+                "prompt_id": prompt.prompt_id,
+                "generation_a_id": a["generation_id"],
+                "generation_b_id": b["generation_id"],
+                "model_id": ctx.model_id,
+                "template_id": template.template_id,
+                "principle_id": task.task,
+                "prob_a": prob_a,
+                "meta_json": '{"order": "%s"}' % ("negative_first" if swap else "positive_first"),
+            },
+        )
+        if prob_a is None:
+            pair.update(flagged=True, flag_reason="rescore_prompt_too_long")
+            continue
+        label = 1.0 - prob_a if swap else prob_a
+        pair["soft_label"] = label
+        if label < 0.5:
+            pair.update(flagged=True, flag_reason=FLAG_RESCORE)
+    return rows
+
+
+def rlcd_templates(library, cfg: RlcdConfig) -> dict[str, Template]:
+    """The templates a run uses, loaded (and checked) before any generation."""
+    out = {
+        "system": library.get("rlcd_system"),
+        "assistant_tag": library.get("rlcd_assistant_tag"),
+    }
+    if cfg.rescore:
+        out["rescore"] = library.get(cfg.rescore_template)
+        choice_parser(out["rescore"])
+    return out
