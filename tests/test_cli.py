@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipeline.store import Store
+from pipeline.store import SCHEMA_VERSION, Store
 
 
 def prefloop(*args, cwd=None):
@@ -56,7 +56,7 @@ def test_sql_refuses_writes_without_flag(db):
 def test_db_info_lists_tables(db):
     out = prefloop("db", "info", "--db", db)
     assert out.returncode == 0, out.stderr
-    assert "schema v1" in out.stdout
+    assert f"schema v{SCHEMA_VERSION}" in out.stdout
     assert "pair_texts" in out.stdout and "runs" in out.stdout
 
 

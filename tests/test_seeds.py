@@ -21,7 +21,7 @@ def test_prompt_and_messages_rows(tmp_path):
     [
         (b'{"prompt": "a"}\n{"prompt": "b"\n', r"p\.jsonl:2: invalid JSON"),
         (b'{"prompt": "a"}\n{"prompt": "\xff"}\n', r"p\.jsonl:2: not UTF-8"),
-        (b'{"prompt": 3}\n', r"p\.jsonl:1: 'prompt' must be a string"),
+        (b'{"prompt": 3}\n', r"p\.jsonl:1: 'prompt' must be a non-empty string"),
         (
             b'{"messages": [{"role": "assistant", "content": "x"}]}\n',
             r"p\.jsonl:1: the last message",

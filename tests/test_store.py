@@ -211,3 +211,15 @@ def test_row_id_is_deterministic():
     assert row_id("run", 1, "rlcd", "p", 0) == row_id("run", 1, "rlcd", "p", 0)
     assert row_id("run", 1, "rlcd", "p", 0) != row_id("run", 1, "rlcd", "p", 1)
     assert len(row_id("x")) == 32
+
+
+def test_v1_database_migrates_to_current(tmp_path):
+    """A database written by the first release (schema v1) opens with every later
+    migration applied and its rows, and the pair_texts view, intact."""
+    path = tmp_path / "db.duckdb"
+    with Store(path, migrations=MIGRATIONS[:1]) as store:
+        _seed_rows(store)
+    with Store(path) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        [pair] = store.query("SELECT margin, variant, prompt FROM pair_texts")
+        assert pair == {"margin": 3.0, "variant": None, "prompt": "q?"}

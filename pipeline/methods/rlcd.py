@@ -105,10 +105,11 @@ def run_rlcd(
     rows.add("prompts", *(p.record(ctx.run_id, ctx.round) for p in prompts))
     rows.add("templates", *(t.record() for t in templates.values()))
     params = sampling_from(cfg.sampling)
+    enabled = {Path(t).stem for t in cfg.tasks} & set(tasks)
     requests, plans = [], []
     for prompt in prompts:
         task_name = prompt.task or cfg.default_task
-        if task_name not in tasks:
+        if task_name not in enabled:
             rows.discard(ctx, METHOD, "prompts", prompt.prompt_id, "task_not_enabled", task_name)
             continue
         task = tasks[task_name]
