@@ -158,6 +158,55 @@ def _cell(value, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+# -- training hand-off --------------------------------------------------------------------
+
+RunOpt = Annotated[str | None, typer.Option("--run", help="Run name (default: the config's).")]
+RoundOpt = Annotated[int, typer.Option("--round", help="Round number.")]
+
+
+@app.command("export")
+def export(
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")],
+    round_: RoundOpt,
+    run: RunOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl | parquet | hf")] = "parquet",
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+):
+    """Write a round's pairs in TRL's conversational format (train/test splits), filtered
+    by the config's training.methods / min_margin / exclude_flagged."""
+    from pipeline.store import Store
+    from pipeline.training.step import export_round
+
+    if fmt not in ("jsonl", "parquet", "hf"):
+        raise PrefloopError(f"--format {fmt!r}: expected jsonl, parquet or hf")
+    cfg = load_config(config, overrides)
+    with Store(cfg.db_path, read_only=True) as store:
+        counts = export_round(store, cfg, run or cfg.name, round_, out, fmt)
+    typer.echo(f"{out}: {counts['train']} train, {counts['test']} test pairs ({fmt})")
+
+
+@app.command("train")
+def train(
+    round_: RoundOpt,
+    run: RunOpt = None,
+    kind: Annotated[str | None, typer.Option("--kind", help="dpo | rm")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+):
+    """Train on a round's pairs (DPO or reward model) and register the checkpoint."""
+    from pipeline.store import Store
+    from pipeline.training.step import train_round
+
+    if kind not in (None, "dpo", "rm"):
+        raise PrefloopError(f"--kind {kind!r}: expected dpo or rm")
+    cfg = load_config(config, overrides)
+    with Store(cfg.db_path) as store:
+        result = train_round(store, cfg, run or cfg.name, round_, kind)
+    typer.echo(f"model {result['model_id']} at {result['path']}")
+    typer.echo(json.dumps(result["metrics"], indent=2, sort_keys=True))
+
+
 # -- smoke job ----------------------------------------------------------------------------
 
 

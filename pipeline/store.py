@@ -458,3 +458,47 @@ class Store:
     def model(self, model_id: str) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM models WHERE model_id = ?", [model_id])
         return rows[0] if rows else None
+
+    # -- training hand-off ----------------------------------------------------------------
+
+    def training_pairs(
+        self,
+        run_id: str,
+        round_: int,
+        methods: Sequence[str] | None = None,
+        min_margin: float | None = None,
+        exclude_flagged: bool = True,
+    ) -> list[dict[str, Any]]:
+        """A round's pairs with the prompt's messages and both texts, in pair_id order.
+        `min_margin` keeps pairs whose margin is at least that (pairs without a margin,
+        i.e. labelled by construction or by AI feedback, are kept)."""
+        where = ["p.run_id = ?", "p.round = ?"]
+        params: list[Any] = [run_id, round_]
+        if methods is not None:
+            where.append("list_contains(?, p.method)")
+            params.append(list(methods))
+        if min_margin is not None:
+            where.append("(p.margin IS NULL OR p.margin >= ?)")
+            params.append(min_margin)
+        if exclude_flagged:
+            where.append("NOT p.flagged")
+        return self.query(
+            "SELECT p.pair_id, p.method, p.variant, pr.messages_json, c.text AS chosen, "
+            "r.text AS rejected, p.margin, p.soft_label "
+            "FROM pairs p "
+            "JOIN prompts pr ON pr.run_id = p.run_id AND pr.prompt_id = p.prompt_id "
+            "JOIN generations c ON c.generation_id = p.chosen_generation_id "
+            "JOIN generations r ON r.generation_id = p.rejected_generation_id "
+            f"WHERE {' AND '.join(where)} ORDER BY p.pair_id",
+            params,
+        )
+
+    def round_info(self, run_id: str, round_: int) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM rounds WHERE run_id = ? AND round = ?", [run_id, round_])
+        return rows[0] if rows else None
+
+    def first_round_model(self, run_id: str) -> str | None:
+        rows = self.query(
+            "SELECT model_id FROM rounds WHERE run_id = ? ORDER BY round LIMIT 1", [run_id]
+        )
+        return rows[0]["model_id"] if rows else None

@@ -1,0 +1,89 @@
+"""What the DPO and reward-model jobs share (runs inside the training child process)."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.training.export import read_dataset
+
+
+def load_splits(data_dir: str):
+    data = read_dataset(Path(data_dir))
+    train, test = data["train"], data.get("test")
+    if len(train) == 0:
+        raise ValueError(f"{data_dir}: no training pairs (check the round's filters)")
+    return train, (test if test is not None and len(test) > 0 else None)
+
+
+def trainer_args(spec, out: Path) -> dict[str, Any]:
+    """TrainingArguments shared by DPOConfig and RewardConfig."""
+    t = spec["training"]
+    cuda = spec["device"] == "cuda"
+    return {
+        "output_dir": str(out / "trainer"),
+        "learning_rate": t["learning_rate"],
+        "num_train_epochs": t["epochs"],
+        "per_device_train_batch_size": t["batch_size"],
+        "per_device_eval_batch_size": t["batch_size"],
+        "gradient_accumulation_steps": t["gradient_accumulation_steps"],
+        "max_length": t["max_length"],
+        "seed": spec["seed"],
+        "use_cpu": not cuda,
+        "bf16": cuda,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+
+
+def lora_config(spec, task_type: str):
+    lora = spec["training"].get("lora")
+    if not lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        task_type=task_type,
+    )
+
+
+def save(trainer, tokenizer, base_model: str, out: Path, metrics: dict[str, Any]) -> None:
+    """The final model (LoRA merged into the weights) with the base's tokenizer, chat
+    template and generation config: a plain checkpoint every engine loads."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    for name in ("generation_config.json", "chat_template.jinja"):
+        src = Path(base_model) / name
+        if src.is_file() and not (out / name).is_file():
+            shutil.copy(src, out / name)
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def last_loss(trainer) -> float | None:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses[-1] if losses else None
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,60 @@
+"""DPO with TRL's DPOTrainer (child process). The policy starts from the round's model;
+the reference is that model (Self-Rewarding) or the run's initial model (iterative DPO)."""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+
+from pipeline.training.common import Timer, last_loss, load_splits, lora_config, save, trainer_args
+
+# Held-out metrics DPOTrainer reports, as stored in training_runs.metrics_json.
+EVAL_KEYS = {
+    "eval_loss": "heldout_loss",
+    "eval_rewards/accuracies": "heldout_reward_accuracy",
+    "eval_rewards/margins": "heldout_reward_margin",
+}
+
+
+def _load(path: str, cuda: bool):
+    dtype = torch.bfloat16 if cuda else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def train_dpo(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    t = spec["training"]
+    cuda = spec["device"] == "cuda"
+    train, test = load_splits(spec["data_dir"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["base_model"])
+    model = _load(spec["base_model"], cuda)
+    ref = spec.get("reference_model")
+    ref_model = _load(ref, cuda) if ref and ref != spec["base_model"] else None
+    args = DPOConfig(**trainer_args(spec, out), beta=t["beta"], loss_type=[t["loss_type"]])
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=test,
+        processing_class=tokenizer,
+        peft_config=lora_config(spec, "CAUSAL_LM"),
+    )
+    metrics: dict[str, Any] = {"train_pairs": len(train), "heldout_pairs": len(test or [])}
+    if test is not None:
+        before = trainer.evaluate()
+        metrics.update({f"{v}_before": before.get(k) for k, v in EVAL_KEYS.items()})
+    with Timer() as timer:
+        result = trainer.train()
+    metrics.update(
+        train_loss=result.training_loss,
+        final_step_loss=last_loss(trainer),
+        steps=trainer.state.global_step,
+        train_seconds=round(timer.seconds, 2),
+    )
+    if test is not None:
+        after = trainer.evaluate()
+        metrics.update({v: after.get(k) for k, v in EVAL_KEYS.items()})
+    save(trainer, tokenizer, spec["base_model"], out, metrics)
+    return metrics
