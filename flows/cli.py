@@ -207,6 +207,123 @@ def train(
     typer.echo(json.dumps(result["metrics"], indent=2, sort_keys=True))
 
 
+# -- the main job ------------------------------------------------------------------------
+
+
+def _run_config(config: Path | None, overrides: list[str] | None, judge_template: Path | None):
+    cfg = load_config(config, overrides)
+    if judge_template is not None:
+        cfg.self_reward.judge_template = str(judge_template)
+    return cfg
+
+
+JudgeOpt = Annotated[
+    Path | None, typer.Option("--judge-template", help="A judge .j2 file to use instead.")
+]
+
+
+@app.command("run")
+def run(
+    config: ConfigOpt = Path("data/configs/demo.yaml"),
+    overrides: SetOpt = None,
+    rounds: Annotated[
+        int | None, typer.Option("--rounds", help="Rounds (default: config).")
+    ] = None,
+    judge_template: JudgeOpt = None,
+):
+    """Run the iterative loop: generate pairs with every enabled method, train, repeat.
+    Re-running the same command resumes where it stopped."""
+    from flows.loop import loop_flow
+    from pipeline.models import resolve_model
+    from pipeline.rounds import load_inputs
+
+    cfg = _run_config(config, overrides, judge_template)
+    load_inputs(cfg)  # every input file checked before Prefect or an engine starts
+    resolve_model(cfg.model)
+    result = loop_flow(cfg.model_dump(mode="json"), rounds=rounds)
+    typer.echo(
+        f"run      {result['run_id']}: {result['rounds']} rounds, "
+        f"final model {result['final_model']}"
+    )
+    typer.echo(f"database {Path(result['db_path']).resolve()}")
+    typer.echo(f"rounds   {Path(cfg.runs_dir).resolve() / cfg.name}")
+    typer.echo(
+        f"inspect  prefloop status --config {config}; prefloop pairs --config {config} --round 1"
+    )
+
+
+@app.command("serve")
+def serve(
+    cron: Annotated[str, typer.Option("--cron", help='Schedule, e.g. "0 3 * * *".')],
+    config: ConfigOpt = Path("data/configs/demo.yaml"),
+    overrides: SetOpt = None,
+    rounds: Annotated[int | None, typer.Option("--rounds")] = None,
+    name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "prefloop",
+):
+    """Serve the loop as a Prefect deployment on a cron schedule (blocks; Ctrl-C stops).
+    Each scheduled run continues the run with more rounds from its latest model."""
+    from flows.loop import loop_flow
+    from pipeline.rounds import load_inputs
+
+    cfg = load_config(config, overrides)
+    load_inputs(cfg)
+    typer.echo(f"serving run {cfg.name!r} on {cron!r}: each run adds {rounds or cfg.rounds} rounds")
+    loop_flow.serve(
+        name=name,
+        cron=cron,
+        parameters={
+            "config": str(config.resolve()),
+            "overrides": overrides or [],
+            "rounds": rounds,
+            "extend": True,
+        },
+    )
+
+
+@app.command("status")
+def status(run: RunOpt = None, db: DbOpt = None, config: ConfigOpt = None):
+    """Rounds of each run: status, stages done (batches), pairs per method, trained model."""
+    from pipeline.store import Store
+
+    with Store(_db_path(db, config), read_only=True) as store:
+        rows = store.run_status(run)
+    if not rows:
+        typer.echo("no rounds yet" + (f" for run {run!r}" if run else ""))
+        return
+    columns = list(rows[0])
+    _print_rows(columns, [tuple(r.values()) for r in rows], "table")
+
+
+@app.command("pairs")
+def pairs(
+    run: RunOpt = None,
+    round_: Annotated[int | None, typer.Option("--round")] = None,
+    method: Annotated[str | None, typer.Option("--method")] = None,
+    limit: Annotated[int, typer.Option("--limit")] = 5,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+):
+    """Read pairs: prompt, chosen, rejected, scores and labels."""
+    from pipeline.store import Store
+
+    run_id = run or load_config(config).name
+    with Store(_db_path(db, config), read_only=True) as store:
+        rows = store.pair_texts(run_id, round_, method, limit)
+    if not rows:
+        typer.echo("no pairs match")
+    for r in rows:
+        label = f"margin {r['margin']:.2f}" if r["margin"] is not None else ""
+        if r["soft_label"] is not None:
+            label += f" soft label {r['soft_label']:.2f}"
+        flag = f"  FLAGGED ({r['flag_reason']})" if r["flagged"] else ""
+        typer.echo(
+            f"== round {r['round']} {r['method']}/{r['variant']} {r['pair_id'][:8]} {label}{flag}"
+        )
+        typer.echo(f"prompt:   {_cell(r['prompt'], 300)}")
+        typer.echo(f"chosen:   {_cell(r['chosen'], 300)}")
+        typer.echo(f"rejected: {_cell(r['rejected'], 300)}")
+
+
 # -- smoke job ----------------------------------------------------------------------------
 
 

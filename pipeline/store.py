@@ -502,3 +502,71 @@ class Store:
             "SELECT model_id FROM rounds WHERE run_id = ? ORDER BY round LIMIT 1", [run_id]
         )
         return rows[0]["model_id"] if rows else None
+
+    # -- resume keys and progress (the flows' questions) ------------------------------------
+
+    def done_batches(self, run_id: str, round_: int) -> set[tuple[str, int]]:
+        """(stage, batch) already stored: a batch's rows and its metrics land together."""
+        rows = self._run(
+            "SELECT stage, batch FROM stage_metrics WHERE run_id = ? AND round = ?",
+            [run_id, round_],
+        )
+        return {(stage, batch) for stage, batch in rows}
+
+    def generated_prompts(self, run_id: str, round_: int, earlier: bool = False) -> list[dict]:
+        """Self-instructed prompts of a round (or of every earlier round)."""
+        op = "<" if earlier else "="
+        return self.query(
+            "SELECT * FROM prompts WHERE run_id = ? AND source = 'self_instruct' "
+            f"AND round {op} ? ORDER BY prompt_id",
+            [run_id, round_],
+        )
+
+    def pair_counts(self, run_id: str, round_: int) -> dict[str, int]:
+        rows = self._run(
+            "SELECT method, count(*) FROM pairs WHERE run_id = ? AND round = ? "
+            "GROUP BY method ORDER BY method",
+            [run_id, round_],
+        )
+        return dict(rows)
+
+    def finished_training(self, run_id: str, round_: int, kind: str) -> str | None:
+        """The model a finished training step of this round produced, if any."""
+        rows = self._run(
+            "SELECT output_model_id FROM training_runs WHERE run_id = ? AND round = ? "
+            "AND kind = ? AND status = 'finished' ORDER BY finished_at DESC LIMIT 1",
+            [run_id, round_, kind],
+        )
+        return rows[0][0] if rows else None
+
+    def run_status(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Per run and round: status, model, stages done (batches), pairs per method."""
+        return self.query(
+            "SELECT r.run_id, r.round, r.status, r.model_id, "
+            "(SELECT string_agg(stage || ':' || n, ' ' ORDER BY stage) FROM (SELECT stage, "
+            " count(*) AS n FROM stage_metrics s WHERE s.run_id = r.run_id AND s.round = r.round "
+            " GROUP BY stage)) AS stages, "
+            "(SELECT string_agg(method || ':' || n, ' ' ORDER BY method) FROM (SELECT method, "
+            " count(*) AS n FROM pairs p WHERE p.run_id = r.run_id AND p.round = r.round "
+            " GROUP BY method)) AS pairs, "
+            "(SELECT output_model_id FROM training_runs t WHERE t.run_id = r.run_id "
+            " AND t.round = r.round AND t.status = 'finished' LIMIT 1) AS trained_model "
+            "FROM rounds r WHERE ? IS NULL OR r.run_id = ? ORDER BY r.run_id, r.round",
+            [run_id, run_id],
+        )
+
+    def pair_texts(
+        self, run_id: str, round_: int | None, method: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        return self.query(
+            "SELECT * FROM pair_texts WHERE run_id = ? AND (? IS NULL OR round = ?) "
+            "AND (? IS NULL OR method = ?) ORDER BY round, method, pair_id LIMIT ?",
+            [run_id, round_, round_, method, method, limit],
+        )
+
+    def last_finished_round(self, run_id: str) -> int:
+        [(last,)] = self._run(
+            "SELECT coalesce(max(round), 0) FROM rounds WHERE run_id = ? AND status = 'finished'",
+            [run_id],
+        )
+        return int(last)

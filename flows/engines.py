@@ -1,0 +1,40 @@
+"""Engines live in the process that uses them, started once and shared by every stage.
+
+Tasks get an `EngineSpec` (a path and settings), never an engine object, so a task that
+runs on another worker (Ray) starts its own; in the flow process they share one.
+"""
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import EngineConfig
+from pipeline.engines import EngineBase, start_engine
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    model_id: str
+    model_path: str
+    engine_json: str  # EngineConfig as JSON
+    seed: int
+
+
+_ENGINES: dict[EngineSpec, EngineBase] = {}
+_LOCK = threading.Lock()
+
+
+def get_engine(spec: EngineSpec) -> EngineBase:
+    with _LOCK:
+        if spec not in _ENGINES:
+            cfg = EngineConfig.model_validate_json(spec.engine_json)
+            _ENGINES[spec] = start_engine(Path(spec.model_path), cfg, spec.seed)
+        return _ENGINES[spec]
+
+
+def close_engines() -> None:
+    """Free every engine's memory (before training, and at the end of a run)."""
+    with _LOCK:
+        while _ENGINES:
+            _, engine = _ENGINES.popitem()
+            engine.close()

@@ -1,0 +1,177 @@
+"""The Prefect flows, for real: two rounds with the tiny model, resume after SIGKILL, and a
+served deployment on a real Prefect server."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path: Path, model: Path, **over) -> dict:
+    cfg = {
+        "name": "flowtest",
+        "db_path": str(tmp_path / "db.duckdb"),
+        "runs_dir": str(tmp_path / "runs"),
+        "model": str(model),
+        "rounds": 2,
+        "engine": {"kind": "hf", "batch_size": 4},
+        "prompts": {
+            "files": ["data/prompts/helpful.jsonl", "data/prompts/red_team.jsonl"],
+            "per_round": 6,
+            "heldout": 4,
+        },
+        "self_reward": {
+            "judge_template": "judge_additive_5pt_prefilled",
+            "sampling": {"max_tokens": 8},
+            "self_instruct": {
+                "enabled": True,
+                "new_prompts": 3,
+                "min_words": 1,
+                "sampling": {"max_tokens": 16},
+            },
+        },
+        "rlcd": {"sampling": {"max_tokens": 8}, "rescore": True},
+        "cai": {"sampling": {"max_tokens": 8}},
+        "training": {"learning_rate": 1e-4, "batch_size": 4, "max_length": 128},
+    }
+    for key, value in over.items():
+        cfg[key] = value if not isinstance(value, dict) else {**cfg.get(key, {}), **value}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_two_rounds(harness, tmp_path, tiny_model_dir):
+    from flows.loop import loop_flow
+
+    cfg = tiny_config(tmp_path, tiny_model_dir)
+    result = loop_flow(cfg)
+    assert result["rounds"] == 2
+    with Store(cfg["db_path"], read_only=True) as store:
+        status = {r["round"]: r for r in store.run_status("flowtest")}
+        assert [status[t]["status"] for t in (1, 2)] == ["finished", "finished"]
+        for t in (1, 2):
+            counts = store.pair_counts("flowtest", t)
+            assert set(counts) == {"self_reward", "rlcd", "cai"}, counts
+        # Each round trained a model; round 2 generated with round 1's.
+        trained = {
+            r["round"]: r["output_model_id"] for r in store.query("SELECT * FROM training_runs")
+        }
+        assert set(trained) == {1, 2}
+        assert status[2]["model_id"] == trained[1]
+        gen_models = store.query("SELECT DISTINCT round, model_id FROM generations ORDER BY round")
+        assert gen_models == [
+            {"round": 1, "model_id": status[1]["model_id"]},
+            {"round": 2, "model_id": trained[1]},
+        ]
+        assert result["final_model"] == trained[2]
+        assert store.model(trained[2])["parent_model_id"] == trained[1]
+        # Per-stage metrics, and the round's policy and snapshot.
+        stages = store.query("SELECT DISTINCT stage FROM stage_metrics WHERE round = 1")
+        assert {s["stage"] for s in stages} == {"self_instruct", "self_reward", "rlcd", "cai"}
+        [r1] = store.query("SELECT * FROM rounds WHERE round = 1")
+        assert set(json.loads(r1["pair_policy_json"])) == {"self_reward", "rlcd", "cai"}
+        heldout = store.query("SELECT count(*) AS n FROM prompts WHERE split = 'heldout'")
+        assert heldout[0]["n"] == 4
+        [[n_gen_prompts]] = store.sql(
+            "SELECT count(*) FROM generations g JOIN prompts p USING (prompt_id) "
+            "WHERE p.split = 'heldout'"
+        )[1]
+        assert n_gen_prompts == 0  # held-out prompts never reach generation
+    snap = Path(r1["snapshot_dir"])
+    assert (snap / "config.json").is_file() and (snap / "pairs" / "train.parquet").is_file()
+
+    # Running again does nothing new.
+    with Store(cfg["db_path"], read_only=True) as store:
+        before = store.table_counts()
+    loop_flow(cfg)
+    with Store(cfg["db_path"], read_only=True) as store:
+        assert store.table_counts() == before
+
+
+def _run_cli(config: Path, env: dict, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def _env(tmp_path: Path) -> dict:
+    return {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""}
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tmp_path, tiny_model_dir):
+    over = {
+        "rounds": 1,
+        "training": {"kind": "none"},
+        "self_reward": {
+            "judge_template": "judge_additive_5pt_prefilled",
+            "sampling": {"max_tokens": 8},
+        },
+    }
+    runs = {}
+    for name in ("whole", "killed"):
+        cfg = tiny_config(tmp_path / name, tiny_model_dir, **over)
+        cfg["engine"]["batch_size"] = 2
+        path = tmp_path / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg))
+        runs[name] = (path, cfg)
+
+    path, cfg = runs["whole"]
+    out = _run_cli(path, _env(tmp_path)).communicate(timeout=600)[0]
+    assert "final model" in out, out[-3000:]
+
+    path, cfg = runs["killed"]
+    proc = _run_cli(path, _env(tmp_path))
+    seen = []
+    for line in proc.stdout:  # kill in the middle of the rlcd stage
+        seen.append(line)
+        if "rlcd" in line and "batch 2/" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    with Store(cfg["db_path"], read_only=True) as store:
+        done_before = store.done_batches("flowtest", 1)
+        kept = store.query(
+            "SELECT stage, batch, created_at FROM stage_metrics ORDER BY stage, batch"
+        )
+    assert ("self_reward", 0) in done_before and ("cai", 0) not in done_before
+
+    out = _run_cli(path, _env(tmp_path)).communicate(timeout=600)[0]
+    assert "final model" in out, out[-3000:]
+    redone = [line for line in out.splitlines() if " batch " in line and "prompts" in line]
+    with Store(cfg["db_path"], read_only=True) as store:
+        done_after = store.done_batches("flowtest", 1)
+        # Finished batches were not redone: only the missing ones ran, and their rows stay.
+        assert len(redone) == len(done_after) - len(done_before)
+        after = store.query("SELECT stage, batch, created_at FROM stage_metrics")
+        assert all(k in after for k in kept)  # stored before the kill, untouched since
+        killed_pairs = store.pair_counts("flowtest", 1)
+        [[dupes]] = store.sql("SELECT count(*) - count(DISTINCT pair_id) FROM pairs")[1]
+        assert dupes == 0
+    with Store(runs["whole"][1]["db_path"], read_only=True) as store:
+        assert store.pair_counts("flowtest", 1) == killed_pairs
+        assert store.done_batches("flowtest", 1) == done_after
