@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,102 @@ def test_resume_after_sigkill(tmp_path, tiny_model_dir):
     with Store(runs["whole"][1]["db_path"], read_only=True) as store:
         assert store.pair_counts("flowtest", 1) == killed_pairs
         assert store.done_batches("flowtest", 1) == done_after
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited: {proc.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} not up after {timeout}s")
+
+
+@pytest.mark.slow
+def test_served_deployment_runs(tmp_path, tiny_model_dir, free_port):
+    """A real Prefect server on loopback; `prefloop serve` registers the deployment; a
+    triggered run completes and leaves its rounds in the store."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, rounds=1, training={"kind": "none"})
+    cfg["self_reward"]["self_instruct"]["enabled"] = False
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    api = f"http://127.0.0.1:{free_port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    served = None
+    try:
+        _wait_http(f"{api}/health", 180, server)
+        served = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "serve",
+                "--config",
+                str(path),
+                "--cron",
+                "0 0 1 1 *",
+                "--name",
+                "test",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            deadline = time.monotonic() + 120
+            while True:  # the deployment appears once `serve` has registered it
+                try:
+                    run = run_deployment("prefloop-loop/test", timeout=0)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline or served.poll() is not None:
+                        raise
+                    time.sleep(2)
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                deadline = time.monotonic() + 600
+                while not client.read_flow_run(run.id).state.is_final():
+                    assert time.monotonic() < deadline, "flow run did not finish"
+                    time.sleep(2)
+                state = client.read_flow_run(run.id).state
+        assert state.is_completed(), state
+        with Store(cfg["db_path"], read_only=True) as store:
+            assert store.last_finished_round("flowtest") == 1
+            assert set(store.pair_counts("flowtest", 1)) == {"self_reward", "rlcd", "cai"}
+    finally:
+        for proc in (served, server):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
