@@ -15,7 +15,7 @@ EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 .PHONY: run test lint bench clean-venv
 
 run: $(STAMP) $(MODEL)
-	$(PREFLOOP) smoke --config $(CONFIG)
+	$(PREFLOOP) run --config $(CONFIG)
 
 test: $(STAMP) $(MODEL)
 	$(PY) -m pytest $(PYTEST_ARGS)

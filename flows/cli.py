@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -324,19 +325,17 @@ def pairs(
         typer.echo(f"rejected: {_cell(r['rejected'], 300)}")
 
 
-# -- smoke job ----------------------------------------------------------------------------
-
-
-@app.command("smoke")
-def smoke(config: ConfigOpt = Path("data/configs/demo.yaml"), overrides: SetOpt = None):
-    """Load the config, open the store, render the judge template and answer one prompt."""
-    from flows.smoke import run_smoke
-
-    cfg = load_config(config, overrides)
-    run_smoke(cfg, echo=typer.echo)
-
-
 def main() -> None:
+    # Library progress bars would interleave with the flow's own progress lines.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     try:
         app()
     except PrefloopError as e:

@@ -63,7 +63,7 @@ def test_db_info_lists_tables(db):
 def test_bad_config_is_one_line_before_any_work(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("engine:\n  kind: tpu\n")
-    out = prefloop("smoke", "--config", bad)
+    out = prefloop("run", "--config", bad)
     assert out.returncode == 2
     assert out.stderr.startswith(f"error: {bad}: engine.kind:")
     assert out.stderr.strip().count("\n") == 0
@@ -91,21 +91,48 @@ def test_models_list(default_model_dir):
     assert out.returncode == 0 and "smollm2-135m-instruct" in out.stdout
 
 
-def test_smoke_job_with_a_tiny_model(tmp_path, tiny_model_dir):
-    """The smoke job end to end: config, store, template, engine (transformers here)."""
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--judge-template", "nowhere/judge.j2"], "template 'nowhere/judge.j2' not found"),
+        (["--set", "cai.constitution=missing.yaml"], "missing.yaml: file not found"),
+        (
+            [
+                "--set",
+                "rlcd.tasks=[helpfulness, nosuchtask]",
+                "--set",
+                "rlcd.default_task=helpfulness",
+            ],
+            "nosuchtask.yaml: file not found",
+        ),
+        (
+            ["--set", "self_reward.judge_template=choice_ab"],
+            "needs a front-matter `parser` of kind score",
+        ),
+        (["--set", "prompts.heldout=500"], "prompts.heldout: 500 held-out prompts leave none"),
+        (["--set", "model=/no/such/model"], "no such directory or model name"),
+    ],
+)
+def test_run_refuses_bad_input_before_any_work(tmp_path, args, message):
+    db_file = tmp_path / "kept.duckdb"
+    with Store(db_file) as store:
+        store.insert(
+            "runs", [{"run_id": "old", "config_json": "{}", "config_sha256": "x", "seed": 0}]
+        )
     out = prefloop(
-        "smoke",
+        "run",
         "--config",
         "data/configs/demo.yaml",
         "--set",
-        f"model={tiny_model_dir}",
+        f"db_path={db_file}",
         "--set",
-        "engine.kind=hf",
-        "--set",
-        f"db_path={tmp_path / 's.duckdb'}",
+        f"runs_dir={tmp_path / 'runs'}",
+        *args,
     )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "answer" in out.stdout and "score" in out.stdout
-    with Store(tmp_path / "s.duckdb", read_only=True) as store:
-        assert store.query("SELECT count(*) AS n FROM templates")[0]["n"] == 1
-        assert store.query("SELECT count(*) AS n FROM models")[0]["n"] == 1
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line, line
+    assert "Traceback" not in out.stderr and "prefect" not in out.stdout.lower()
+    with Store(db_file, read_only=True) as store:  # stored data untouched
+        assert store.query("SELECT run_id FROM runs") == [{"run_id": "old"}]
+    assert not (tmp_path / "runs").exists()

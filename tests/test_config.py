@@ -5,16 +5,27 @@ import pytest
 from pipeline.config import RunConfig, load_config, parse_overrides
 from pipeline.errors import ConfigError
 from pipeline.paths import DATA_DIR
+from pipeline.rounds import load_inputs
 
 CONFIGS = sorted((DATA_DIR / "configs").glob("*.yaml"))
+assert CONFIGS
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
-    for f in cfg.prompts.files:
-        assert f.is_file(), f
+    # Every file the config names (prompts, templates, descriptors, constitution) loads.
+    inputs = load_inputs(cfg)
+    assert inputs.train_prompts and len(inputs.heldout_prompts) == cfg.prompts.heldout
+
+
+def test_accelerate_configs_parse():
+    import yaml
+
+    for path in sorted((DATA_DIR / "configs" / "accelerate").glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg["num_processes"] >= 1 and "distributed_type" in cfg, path
 
 
 def test_layering_defaults_yaml_cli(tmp_path):

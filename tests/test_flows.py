@@ -275,3 +275,29 @@ def test_served_deployment_runs(tmp_path, tiny_model_dir, free_port):
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+@pytest.mark.slow
+def test_end_to_end_smollm2_on_vllm(tmp_path, default_model_dir):
+    """`prefloop run` as a user runs it: SmolLM2 through the vLLM engine, every method,
+    DPO, one round (small sizes to keep the suite short)."""
+    pytest.importorskip("vllm")
+    path = tmp_path / "e2e.yaml"
+    cfg = yaml.safe_load((ROOT / "data/configs/demo.yaml").read_text())
+    cfg.update(db_path=str(tmp_path / "e2e.duckdb"), runs_dir=str(tmp_path / "runs"), rounds=1)
+    cfg["engine"]["kind"] = "vllm"
+    cfg["prompts"].update(per_round=3)
+    cfg["self_reward"]["self_instruct"]["new_prompts"] = 2
+    for method in ("self_reward", "rlcd", "cai"):
+        cfg[method]["sampling"]["max_tokens"] = 48
+    cfg["training"].update(epochs=1, max_length=256)
+    path.write_text(yaml.safe_dump(cfg))
+    out = _run_cli(path, _env(tmp_path)).communicate(timeout=900)[0]
+    assert "final model demo-r1-dpo@" in out, out[-4000:]
+    assert "tok/s" in out
+    with Store(cfg["db_path"], read_only=True) as store:
+        assert set(store.pair_counts("demo", 1)) == {"self_reward", "rlcd", "cai"}
+        [judged] = store.query("SELECT count(*) AS n, count(score) AS scored FROM judgments")
+        assert judged["n"] > 0 and judged["scored"] == judged["n"]  # prefilled judge
+        [tr] = store.query("SELECT metrics_json FROM training_runs")
+        assert json.loads(tr["metrics_json"])["steps"] > 0

@@ -19,7 +19,9 @@ def _write(d, name, text):
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_template_loads_and_renders(name):
     t = TemplateLibrary().get(name)
-    text = t.render(**{v: f"<{v}>" for v in t.meta.variables})
+    # `examples` is a list (self-instruct's shots); every other variable is text.
+    values = {v: [f"<{v}>"] if v == "examples" else f"<{v}>" for v in t.meta.variables}
+    text = t.render(**values)
     for v in t.meta.variables:
         assert f"<{v}>" in text
     assert "{#" not in text  # front matter never reaches the model
