@@ -19,7 +19,7 @@ from prefect.cache_policies import NONE
 
 from flows.engines import EngineSpec, close_engines, get_engine
 from pipeline.config import RunConfig, load_config
-from pipeline.errors import EngineError
+from pipeline.errors import EngineError, PrefloopError
 from pipeline.hashing import sha256_text
 from pipeline.methods import self_reward
 from pipeline.methods.common import RoundContext, Rows
@@ -206,18 +206,23 @@ def round_flow(config_json: str, run_id: str, round_: int, model_id: str) -> str
                         logger, ctx, "self_instruct", 0, 1, written, rows["stage_metrics"][0]
                     )
                 new_prompts = [prompt_from_row(r) for r in store.generated_prompts(run_id, round_)]
+            # Every missing batch of every method is submitted to the task runner; rows are
+            # written by this process, in order, as each batch's result arrives.
+            submitted = []
             for method in todo:
                 prompts = seeds + new_prompts if method == "self_reward" else seeds
                 size = cfg.engine.batch_size
                 batches = [prompts[i : i + size] for i in range(0, len(prompts), size)]
                 for b, batch in enumerate(batches):
-                    if (method, b) in done:
-                        continue
-                    rows = method_batch(method, b, batch, ctx, config_json, spec, judge_spec)
-                    written = store.write(rows)
-                    _log_batch(
-                        logger, ctx, method, b, len(batches), written, rows["stage_metrics"][0]
-                    )
+                    if (method, b) not in done:
+                        future = method_batch.submit(
+                            method, b, batch, ctx, config_json, spec, judge_spec
+                        )
+                        submitted.append((method, b, len(batches), future))
+            for method, b, total, future in submitted:
+                rows = future.result()
+                written = store.write(rows)
+                _log_batch(logger, ctx, method, b, total, written, rows["stage_metrics"][0])
         finally:
             close_engines()  # training needs the memory; a crash must not leak it either
 
@@ -295,6 +300,21 @@ def prepare_run(cfg: RunConfig) -> dict[str, Any]:
     return {"model_id": first["model_id"] if first else model.model_id, "config_json": config_json}
 
 
+def task_runner(cfg: RunConfig):
+    """Threads by default (one worker for local engines), Ray on request."""
+    if cfg.runner.kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise PrefloopError(
+                "runner.kind ray needs prefect-ray: .venv/bin/pip install prefect-ray"
+            ) from None
+        return RayTaskRunner(address=cfg.runner.ray_address)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=cfg.runner.workers)
+
+
 def _resolve_config(config: str | dict[str, Any], overrides: list[str] | None) -> RunConfig:
     if isinstance(config, dict):
         return RunConfig.model_validate(config)
@@ -327,7 +347,9 @@ def loop_flow(
             existing = store.round_info(cfg.name, t)
         if existing is not None:
             model_id = existing["model_id"]
-        model_id = round_flow(run["config_json"], cfg.name, t, model_id)
+        model_id = round_flow.with_options(task_runner=task_runner(cfg))(
+            run["config_json"], cfg.name, t, model_id
+        )
     logger.info(
         "run %s: rounds %d-%d in %.0fs; database %s",
         cfg.name,

@@ -137,6 +137,17 @@ class TrainingConfig(StrictModel):
     accelerate_config: Path | None = None
 
 
+class RunnerConfig(StrictModel):
+    """Where the flow's batch tasks run. Local engines (vllm, hf) are one per process and
+    not thread-safe, so their batches run one at a time; with `engine.kind: openai` the
+    batches can run concurrently against remote servers (`workers`), or on a Ray cluster
+    (`kind: ray`, needs `pip install prefect-ray`)."""
+
+    kind: Literal["threads", "ray"] = "threads"
+    workers: int = Field(1, ge=1)
+    ray_address: str | None = None
+
+
 class PromptsConfig(StrictModel):
     files: list[Path] = [Path("data/prompts/helpful.jsonl")]
     # Prompts used per round (None = all); heldout prompts are kept out of generation.
@@ -157,9 +168,15 @@ class RunConfig(StrictModel):
     rlcd: RlcdConfig = RlcdConfig()
     cai: CaiConfig = CaiConfig()
     training: TrainingConfig = TrainingConfig()
+    runner: RunnerConfig = RunnerConfig()
 
     @model_validator(mode="after")
     def _some_method(self) -> "RunConfig":
+        if (self.runner.workers > 1 or self.runner.kind == "ray") and self.engine.kind != "openai":
+            raise ValueError(
+                "runner.workers > 1 and runner.kind ray need engine.kind openai (local engines "
+                "are one per process)"
+            )
         if not (self.self_reward.enabled or self.rlcd.enabled or self.cai.enabled):
             raise ValueError("enable at least one of self_reward, rlcd, cai")
         return self

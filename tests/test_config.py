@@ -97,3 +97,10 @@ def test_parse_overrides_shapes():
     assert parse_overrides(["a.b=1", "a.c=x", "d=true"]) == {"a": {"b": 1, "c": "x"}, "d": True}
     with pytest.raises(ConfigError, match="expected key.path=value"):
         parse_overrides(["novalue"])
+
+
+def test_concurrent_runner_needs_remote_engine():
+    with pytest.raises(ConfigError, match="runner.workers > 1 and runner.kind ray need engine"):
+        load_config(None, ["runner.workers=4"])
+    cfg = load_config(None, ["runner.workers=4", "engine.kind=openai"])
+    assert cfg.runner.workers == 4

@@ -213,3 +213,13 @@ def test_unparsed_free_form_judgments_are_stored_not_paired(tiny_engine, ctx):
     assert all(j["score"] is None and j["parse_status"] == "no_match" for j in rows["judgments"])
     assert rows["pairs"] == []
     assert {d["reason"] for d in rows["discards"]} == {"fewer_than_2_scored"}
+
+
+def test_a_separate_judge_model_is_recorded(tiny_engine, ctx):
+    """`self_reward.judge_model`: judgments name the judge's model, candidates the policy."""
+    judge = TemplateLibrary().get("judge_additive_5pt_prefilled")
+    cfg = SelfRewardConfig(n_candidates=2, sampling={"max_tokens": 6})
+    prompts = load_prompts("data/prompts/helpful.jsonl")[:2]
+    rows = run_self_reward(tiny_engine, tiny_engine, judge, prompts, ctx, cfg, "judge@123")
+    assert {j["model_id"] for j in rows["judgments"]} == {"judge@123"}
+    assert {g["model_id"] for g in rows["generations"]} == {ctx.model_id}

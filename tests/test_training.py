@@ -210,3 +210,22 @@ def test_export_counts(tmp_path, tiny_model_dir):
     with Store(cfg.db_path) as store:
         _write_round(store, tiny_model_dir, n=5)
         assert export_round(store, cfg, RUN, 1, tmp_path / "x", "jsonl") == {"train": 4, "test": 0}
+
+
+def test_launcher_uses_accelerate_on_cuda(tmp_path):
+    from pipeline.training.launch import ACCELERATE_DEFAULT, command
+
+    spec = tmp_path / "s.json"
+    cpu = command(spec, "cpu", None)
+    assert cpu[1:] == ["-m", "pipeline.training.worker", str(spec)]
+    cuda = command(spec, "cuda", None)
+    assert cuda[1:5] == [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ACCELERATE_DEFAULT),
+    ]
+    assert cuda[-3:] == ["-m", "pipeline.training.worker", str(spec)]
+    mine = tmp_path / "zero2.yaml"
+    assert command(spec, "cuda", mine)[4] == str(mine)
+    assert ACCELERATE_DEFAULT.is_file()
