@@ -19,7 +19,7 @@ from prefect.cache_policies import NONE
 
 from flows.engines import EngineSpec, close_engines, get_engine
 from pipeline.config import RunConfig, load_config
-from pipeline.errors import EngineError, PrefloopError
+from pipeline.errors import PrefloopError, TransientEngineError
 from pipeline.hashing import sha256_text
 from pipeline.methods import self_reward
 from pipeline.methods.common import RoundContext, Rows
@@ -39,9 +39,10 @@ from pipeline.training.step import round_dir, train_round
 
 
 def _transient(task, task_run, state) -> bool:
-    """Retry engine and connection faults; a bug or bad input fails at once."""
+    """Retry faults that may pass (a server's 5xx, timeouts); a bug or bad input fails
+    at once instead of being retried into the same error."""
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, (EngineError, ConnectionError, TimeoutError))
+    return isinstance(exc, (TransientEngineError, ConnectionError, TimeoutError))
 
 
 def _metrics_row(

@@ -26,3 +26,8 @@ class ModelError(PrefloopError):
 
 class EngineError(PrefloopError):
     pass
+
+
+class TransientEngineError(EngineError):
+    """A fault that may pass on its own (a server's 5xx or 429, a timeout): the flows
+    retry the batch; every other error fails at once."""

@@ -301,3 +301,19 @@ def test_end_to_end_smollm2_on_vllm(tmp_path, default_model_dir):
         assert judged["n"] > 0 and judged["scored"] == judged["n"]  # prefilled judge
         [tr] = store.query("SELECT metrics_json FROM training_runs")
         assert json.loads(tr["metrics_json"])["steps"] > 0
+
+
+def test_only_transient_faults_are_retried():
+    from prefect.states import Failed
+
+    from flows.loop import _transient
+    from pipeline.errors import EngineError, TemplateError, TransientEngineError
+
+    def retried(exc):
+        return _transient(None, None, Failed(data=exc))
+
+    assert retried(TransientEngineError("HTTP 503"))
+    assert retried(TimeoutError("read timed out"))
+    assert not retried(EngineError("option 'Answer A' is not exactly one token"))
+    assert not retried(TemplateError("missing variable"))
+    assert not retried(KeyError("bug"))

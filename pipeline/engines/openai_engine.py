@@ -15,7 +15,7 @@ import httpx
 
 from pipeline.config import EngineConfig
 from pipeline.engines.base import Completion, EngineBase, Sampling
-from pipeline.errors import EngineError
+from pipeline.errors import EngineError, TransientEngineError
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -70,14 +70,19 @@ class OpenAIEngine(EngineBase):
                 ) from None
             except httpx.TimeoutException:
                 if last:
-                    raise EngineError(
+                    raise TransientEngineError(
                         f"{self.base_url}: timed out after {self.max_retries + 1} tries"
                     ) from None
             else:
                 if response.status_code < 400:
                     return response.json()
                 if response.status_code not in _RETRY_STATUS or last:
-                    raise EngineError(
+                    kind = (
+                        TransientEngineError
+                        if response.status_code in _RETRY_STATUS
+                        else EngineError
+                    )
+                    raise kind(
                         f"{self.base_url}: HTTP {response.status_code}: {response.text[:200]}"
                     )
             time.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
