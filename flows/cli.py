@@ -239,8 +239,12 @@ def run(
     from pipeline.rounds import load_inputs
 
     cfg = _run_config(config, overrides, judge_template)
-    load_inputs(cfg)  # every input file checked before Prefect or an engine starts
+    inputs = load_inputs(cfg)  # every input file checked before Prefect or an engine starts
     resolve_model(cfg.model)
+    typer.echo(
+        f"prompts  {len(inputs.train_prompts)} for generation, {len(inputs.heldout_prompts)} "
+        f"held out, {inputs.duplicate_prompts} duplicates ignored"
+    )
     result = loop_flow(cfg.model_dump(mode="json"), rounds=rounds)
     typer.echo(
         f"run      {result['run_id']}: {result['rounds']} rounds, "

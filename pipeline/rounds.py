@@ -24,6 +24,7 @@ class RoundInputs:
 
     train_prompts: list[Prompt]
     heldout_prompts: list[Prompt]
+    duplicate_prompts: int = 0  # the same messages twice across the files: used once
     judge: Template | None = None
     self_instruct: Template | None = None
     rlcd_templates: dict[str, Template] = field(default_factory=dict)
@@ -43,10 +44,13 @@ def load_inputs(cfg: RunConfig) -> RoundInputs:
     for path in cfg.prompts.files:
         prompts += load_prompts(path)
     unique = list({p.prompt_id: p for p in prompts}.values())
+    files = ", ".join(map(str, cfg.prompts.files))
+    if not unique:
+        raise ConfigError(f"{files}: no prompts (prompts.files must name at least one prompt)")
     if len(unique) <= cfg.prompts.heldout:
         raise ConfigError(
             f"prompts.heldout: {cfg.prompts.heldout} held-out prompts leave none of the "
-            f"{len(unique)} prompts in {', '.join(map(str, cfg.prompts.files))} for training"
+            f"{len(unique)} prompts in {files} for training"
         )
     # Held-out prompts (for evaluation) are chosen by hash: stable as files grow.
     ranked = sorted(unique, key=lambda p: row_id("heldout", cfg.seed, p.prompt_id))
@@ -54,6 +58,7 @@ def load_inputs(cfg: RunConfig) -> RoundInputs:
     inputs = RoundInputs(
         train_prompts=[p for p in unique if p.prompt_id not in heldout_ids],
         heldout_prompts=[p for p in unique if p.prompt_id in heldout_ids],
+        duplicate_prompts=len(prompts) - len(unique),
     )
     if cfg.self_reward.enabled:
         inputs.judge = library.get(cfg.self_reward.judge_template)

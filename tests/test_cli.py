@@ -136,3 +136,28 @@ def test_run_refuses_bad_input_before_any_work(tmp_path, args, message):
     with Store(db_file, read_only=True) as store:  # stored data untouched
         assert store.query("SELECT run_id FROM runs") == [{"run_id": "old"}]
     assert not (tmp_path / "runs").exists()
+
+
+def test_empty_and_duplicate_prompt_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    out = prefloop(
+        "run",
+        "--set",
+        f"prompts.files=[{empty}]",
+        "--set",
+        "prompts.heldout=0",
+        "--set",
+        f"db_path={tmp_path / 'x.duckdb'}",
+    )
+    assert out.returncode == 2 and f"{empty}: no prompts" in out.stderr
+    assert not (tmp_path / "x.duckdb").exists()
+
+    from pipeline.config import load_config
+    from pipeline.rounds import load_inputs
+
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text('{"prompt": "Hi"}\n{"prompt": "Hi"}\n{"prompt": "Bye"}\n')
+    inputs = load_inputs(load_config(None, [f"prompts.files=[{twice}]"]))
+    assert [p.text for p in inputs.train_prompts] == ["Hi", "Bye"]
+    assert inputs.duplicate_prompts == 1

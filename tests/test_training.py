@@ -229,3 +229,36 @@ def test_launcher_uses_accelerate_on_cuda(tmp_path):
     mine = tmp_path / "zero2.yaml"
     assert command(spec, "cuda", mine)[4] == str(mine)
     assert ACCELERATE_DEFAULT.is_file()
+
+
+def test_cli_export_status_pairs_train(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = _cfg(tmp_path, epochs=1)
+    with Store(cfg.db_path) as store:
+        _write_round(store, tiny_model_dir, n=8)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+
+    def cli(*args):
+        out = subprocess.run(
+            [sys.executable, "-m", "flows.cli", *args, "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    assert "6 train, 1 test pairs (jsonl)" in cli(
+        "export", "--round", "1", "--format", "jsonl", "--out", str(tmp_path / "x")
+    )
+    assert len(load_dataset(str(tmp_path / "x"))["train"]) == 6
+    shown = cli("pairs", "--round", "1", "--limit", "2")
+    assert shown.count("chosen:   " + GOOD) == 2 and "rejected: no" in shown
+    assert "model train-test-r1-dpo@" in cli("train", "--round", "1", "--kind", "dpo")
+    status = cli("status")
+    assert "train-test-r1-dpo@" in status and "self_reward:8" in status
