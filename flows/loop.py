@@ -278,7 +278,7 @@ def _next_model(store: Store, cfg: RunConfig, run_id: str, round_: int, model_id
 
 def prepare_run(cfg: RunConfig) -> dict[str, Any]:
     """Check every input, register the run and its base model; before any engine starts."""
-    load_inputs(cfg)
+    heldout = load_inputs(cfg).heldout_prompts
     model = resolve_model(cfg.model)
     config_json = cfg.model_dump_json()
     with Store(cfg.db_path) as store:
@@ -295,7 +295,6 @@ def prepare_run(cfg: RunConfig) -> dict[str, Any]:
                 ]
             }
         )
-        heldout = load_inputs(cfg).heldout_prompts
         store.write({"prompts": [p.record(cfg.name, 0, split="heldout") for p in heldout]})
         first = store.round_info(cfg.name, 1)
     return {"model_id": first["model_id"] if first else model.model_id, "config_json": config_json}
