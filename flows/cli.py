@@ -234,13 +234,14 @@ def run(
 ):
     """Run the iterative loop: generate pairs with every enabled method, train, repeat.
     Re-running the same command resumes where it stopped."""
-    from flows.loop import loop_flow
+    from flows.loop import loop_flow, task_runner
     from pipeline.models import resolve_model
     from pipeline.rounds import load_inputs
 
     cfg = _run_config(config, overrides, judge_template)
     inputs = load_inputs(cfg)  # every input file checked before Prefect or an engine starts
     resolve_model(cfg.model)
+    task_runner(cfg)  # runner.kind ray without prefect-ray installed fails here
     typer.echo(
         f"prompts  {len(inputs.train_prompts)} for generation, {len(inputs.heldout_prompts)} "
         f"held out, {inputs.duplicate_prompts} duplicates ignored"
