@@ -27,7 +27,6 @@ from pipeline.models import resolve_model
 from pipeline.rounds import (
     METHODS,
     inputs_for,
-    load_inputs,
     pair_policies,
     prompt_from_row,
     round_prompts,
@@ -176,22 +175,10 @@ def round_flow(config_json: str, run_id: str, round_: int, model_id: str) -> str
         judge_spec = None
         if cfg.self_reward.enabled and cfg.self_reward.judge_model:
             judge = resolve_model(cfg.self_reward.judge_model)
-            store.write(
-                {
-                    "models": [
-                        {
-                            "model_id": judge.model_id,
-                            "path": str(judge.path),
-                            "sha256": judge.sha256,
-                            "kind": "judge",
-                        }
-                    ]
-                }
-            )
+            store.write({"models": [judge.record("judge")]})
             judge_spec = EngineSpec(
                 judge.model_id, str(judge.path), cfg.engine.model_dump_json(), ctx.seed
             )
-        store.write({"templates": [t.record() for t in inputs.templates()]})
         done = store.done_batches(run_id, round_)
         seeds = round_prompts(inputs, cfg, round_)
         todo = [m for m in METHODS if getattr(cfg, m).enabled]
@@ -278,23 +265,12 @@ def _next_model(store: Store, cfg: RunConfig, run_id: str, round_: int, model_id
 
 def prepare_run(cfg: RunConfig) -> dict[str, Any]:
     """Check every input, register the run and its base model; before any engine starts."""
-    heldout = load_inputs(cfg).heldout_prompts
-    model = resolve_model(cfg.model)
     config_json = cfg.model_dump_json()
+    heldout = inputs_for(config_json).heldout_prompts
+    model = resolve_model(cfg.model)
     with Store(cfg.db_path) as store:
         store.register_run(cfg.name, json.loads(config_json), sha256_text(config_json), cfg.seed)
-        store.write(
-            {
-                "models": [
-                    {
-                        "model_id": model.model_id,
-                        "path": str(model.path),
-                        "sha256": model.sha256,
-                        "kind": "base",
-                    }
-                ]
-            }
-        )
+        store.write({"models": [model.record("base")]})
         store.write({"prompts": [p.record(cfg.name, 0, split="heldout") for p in heldout]})
         first = store.round_info(cfg.name, 1)
     return {"model_id": first["model_id"] if first else model.model_id, "config_json": config_json}

@@ -37,6 +37,15 @@ class ModelInfo:
     def model_id(self) -> str:
         return f"{self.name}@{self.sha256[:12]}"
 
+    def record(self, kind: str) -> dict:
+        """The row the store keeps for this model (kind: base, judge, policy, reward)."""
+        return {
+            "model_id": self.model_id,
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "kind": kind,
+        }
+
 
 def check_model_dir(path: Path) -> None:
     """A usable checkpoint has a config, weights and a tokenizer with a chat template."""

@@ -26,18 +26,7 @@ def _write_round(store: Store, model_dir, n: int = 24, soft: bool = False) -> No
     """Round 1 of a run: the tiny model, and an easy preference (the same good answer
     over the same curt one) on the seed prompts."""
     model = resolve_model(model_dir)
-    store.write(
-        {
-            "models": [
-                {
-                    "model_id": model.model_id,
-                    "path": str(model.path),
-                    "sha256": model.sha256,
-                    "kind": "base",
-                }
-            ]
-        }
-    )
+    store.write({"models": [model.record("base")]})
     store.upsert_round(RUN, 1, model.model_id)
     prompts = (
         load_prompts("data/prompts/helpful.jsonl") + load_prompts("data/prompts/red_team.jsonl")

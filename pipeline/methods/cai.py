@@ -8,12 +8,13 @@ text is in templates. All prompts advance one step per engine call.
 import json
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from pipeline.config import CaiConfig
 from pipeline.engines.base import Conversation, Engine, Sampling
 from pipeline.hashing import row_id
 from pipeline.methods.common import (
+    Resource,
     RoundContext,
     Rows,
     ask_choices,
@@ -31,22 +32,18 @@ from pipeline.templates import Template
 METHOD = "cai"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PrinciplePair(_Strict):
+class PrinciplePair(Resource):
     id: str
     critique: str = Field(min_length=1)
     revision: str = Field(min_length=1)
 
 
-class FeedbackPrinciple(_Strict):
+class FeedbackPrinciple(Resource):
     id: str
     text: str = Field(min_length=1)
 
 
-class Demonstration(_Strict):
+class Demonstration(Resource):
     prompt: str
     response: str
     principle: str
@@ -54,7 +51,7 @@ class Demonstration(_Strict):
     revision: str
 
 
-class Constitution(_Strict):
+class Constitution(Resource):
     name: str
     critique_revision: list[PrinciplePair] = Field(min_length=1)
     feedback: list[FeedbackPrinciple] = Field(min_length=1)

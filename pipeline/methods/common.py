@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.config import format_validation_error, read_yaml
 from pipeline.engines.base import PROMPT_TOO_LONG, Completion, Conversation, Engine, Sampling
@@ -19,6 +19,13 @@ from pipeline.seeds import Prompt
 from pipeline.templates import ChoiceParser, Template
 
 M = TypeVar("M", bound=BaseModel)
+
+
+class Resource(BaseModel):
+    """Base of the YAML resources (descriptor files, constitutions): unknown keys are
+    errors, and a loaded resource is immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass(frozen=True)

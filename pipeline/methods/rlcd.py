@@ -3,16 +3,18 @@ produce the chosen (o+) and rejected (o-) answers, labelled by construction. The
 variant asks the model which of the two is better and stores that soft label.
 """
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from pipeline.config import RlcdConfig
 from pipeline.engines.base import Conversation, Engine
 from pipeline.hashing import row_id
 from pipeline.methods.common import (
+    Resource,
     RoundContext,
     Rows,
     ask_choices,
@@ -32,17 +34,13 @@ VARIANT = "contrastive"
 FLAG_RESCORE = "rescore_prefers_rejected"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DescriptorPair(_Strict):
+class DescriptorPair(Resource):
     id: str
     positive: str = Field(min_length=1)
     negative: str = Field(min_length=1)
 
 
-class Task(_Strict):
+class Task(Resource):
     """One descriptor file: prompts/rlcd/<task>.yaml."""
 
     task: str
@@ -206,7 +204,7 @@ def rescore(
                 "template_id": template.template_id,
                 "principle_id": task.task,
                 "prob_a": prob_a,
-                "meta_json": '{"order": "%s"}' % ("negative_first" if swap else "positive_first"),
+                "meta_json": json.dumps({"order": "negative_first" if swap else "positive_first"}),
             },
         )
         if prob_a is None:

@@ -80,10 +80,13 @@ def last_loss(trainer) -> float | None:
     return losses[-1] if losses else None
 
 
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
+def fit(trainer) -> dict[str, Any]:
+    """Train; the metrics both trainers report about the run itself."""
+    start = time.perf_counter()
+    result = trainer.train()
+    return {
+        "train_loss": result.training_loss,
+        "final_step_loss": last_loss(trainer),
+        "steps": trainer.state.global_step,
+        "train_seconds": round(time.perf_counter() - start, 2),
+    }

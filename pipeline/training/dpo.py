@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
-from pipeline.training.common import Timer, last_loss, load_splits, lora_config, save, trainer_args
+from pipeline.training.common import fit, load_splits, lora_config, save, trainer_args
 
 # Held-out metrics DPOTrainer reports, as stored in training_runs.metrics_json.
 EVAL_KEYS = {
@@ -45,14 +45,7 @@ def train_dpo(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     if test is not None:
         before = trainer.evaluate()
         metrics.update({f"{v}_before": before.get(k) for k, v in EVAL_KEYS.items()})
-    with Timer() as timer:
-        result = trainer.train()
-    metrics.update(
-        train_loss=result.training_loss,
-        final_step_loss=last_loss(trainer),
-        steps=trainer.state.global_step,
-        train_seconds=round(timer.seconds, 2),
-    )
+    metrics.update(fit(trainer))
     if test is not None:
         after = trainer.evaluate()
         metrics.update({v: after.get(k) for k, v in EVAL_KEYS.items()})

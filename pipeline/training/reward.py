@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from pipeline.training.common import Timer, last_loss, load_splits, lora_config, save, trainer_args
+from pipeline.training.common import fit, load_splits, lora_config, save, trainer_args
 
 
 class SoftLabelCollator(DataCollatorForPreference):
@@ -85,14 +85,7 @@ def train_reward(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         "uses_margin": use_margin,
         "soft_labels": sum(1 for y in train["soft_label"] if y != 1.0),
     }
-    with Timer() as timer:
-        result = trainer.train()
-    metrics.update(
-        train_loss=result.training_loss,
-        final_step_loss=last_loss(trainer),
-        steps=trainer.state.global_step,
-        train_seconds=round(timer.seconds, 2),
-    )
+    metrics.update(fit(trainer))
     if test is not None:
         after = trainer.evaluate()
         metrics.update(
