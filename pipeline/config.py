@@ -148,6 +148,23 @@ class RunnerConfig(StrictModel):
     ray_address: str | None = None
 
 
+class EvaluationConfig(StrictModel):
+    """After each round: M_t+1 against M_t on the held-out prompts, judged pairwise by a
+    fixed judge (both orders), plus pair statistics and cross-method agreement."""
+
+    enabled: bool = True
+    judge_template: str = "judge_pairwise"
+    # None = the run's initial model: the same judge for every round, so win rates are
+    # comparable over rounds. A model name or path otherwise.
+    judge_model: str | None = None
+    # Held-out answers are greedy: the comparison is between models, not between samples.
+    sampling: SamplingConfig = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=256)
+    # A judge probability within this distance of 0.5 is a tie (counts 0.5).
+    tie_band: float = Field(0.05, ge=0.0, lt=0.5)
+    # Re-label every pair of the round with the round's self-judge and the pairwise judge.
+    agreement: bool = True
+
+
 class PromptsConfig(StrictModel):
     files: list[Path] = [Path("data/prompts/helpful.jsonl")]
     # Prompts used per round (None = all); heldout prompts are kept out of generation.
@@ -169,6 +186,7 @@ class RunConfig(StrictModel):
     cai: CaiConfig = CaiConfig()
     training: TrainingConfig = TrainingConfig()
     runner: RunnerConfig = RunnerConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")
     def _some_method(self) -> "RunConfig":

@@ -11,7 +11,7 @@ from pipeline.engines.base import Engine
 from pipeline.errors import ConfigError
 from pipeline.hashing import row_id
 from pipeline.methods import cai, rlcd, self_reward
-from pipeline.methods.common import RoundContext, Rows
+from pipeline.methods.common import RoundContext, Rows, choice_parser
 from pipeline.seeds import Prompt, load_prompts
 from pipeline.templates import Template, TemplateLibrary
 
@@ -31,9 +31,10 @@ class RoundInputs:
     rlcd_tasks: dict[str, rlcd.Task] = field(default_factory=dict)
     cai_templates: dict[str, Template] = field(default_factory=dict)
     constitution: cai.Constitution | None = None
+    eval_judge: Template | None = None
 
     def templates(self) -> list[Template]:
-        found = [self.judge, self.self_instruct, *self.rlcd_templates.values()]
+        found = [self.judge, self.self_instruct, self.eval_judge, *self.rlcd_templates.values()]
         return [t for t in found + list(self.cai_templates.values()) if t is not None]
 
 
@@ -71,6 +72,9 @@ def load_inputs(cfg: RunConfig) -> RoundInputs:
     if cfg.cai.enabled:
         inputs.cai_templates = cai.cai_templates(library, cfg.cai)
         inputs.constitution, _ = cai.load_constitution(cfg.cai.constitution)
+    if cfg.evaluation.enabled:
+        inputs.eval_judge = library.get(cfg.evaluation.judge_template)
+        choice_parser(inputs.eval_judge)
     return inputs
 
 

@@ -255,6 +255,11 @@ MIGRATIONS: list[list[str]] = [
         JOIN prompts pr ON pr.run_id = s.run_id AND pr.prompt_id = s.prompt_id
         JOIN generations g ON g.generation_id = s.generation_id""",
     ],
+    # v3: time a task spent before its stage's work (engine start), so a round's wall time
+    # splits into stages, set-up and orchestration.
+    [
+        "ALTER TABLE stage_metrics ADD COLUMN setup_s DOUBLE",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -570,3 +575,119 @@ class Store:
             [run_id],
         )
         return int(last)
+
+    # -- evaluation and report ------------------------------------------------------------
+
+    def evaluation_pairs(self, run_id: str, round_: int) -> list[dict[str, Any]]:
+        """A round's pairs with the prompt, both texts and their finish reasons."""
+        return self.query(
+            "SELECT p.pair_id, p.method, p.variant, p.prompt_id, pr.text AS prompt, "
+            "pr.messages_json, p.chosen_generation_id, p.rejected_generation_id, "
+            "c.text AS chosen, r.text AS rejected, c.finish_reason AS chosen_finish_reason, "
+            "r.finish_reason AS rejected_finish_reason "
+            "FROM pairs p "
+            "JOIN prompts pr ON pr.run_id = p.run_id AND pr.prompt_id = p.prompt_id "
+            "JOIN generations c ON c.generation_id = p.chosen_generation_id "
+            "JOIN generations r ON r.generation_id = p.rejected_generation_id "
+            "WHERE p.run_id = ? AND p.round = ? ORDER BY p.pair_id",
+            [run_id, round_],
+        )
+
+    def heldout_answers(self, run_id: str, round_: int, model_id: str) -> dict[str, dict]:
+        """The evaluation's held-out answers of one model in one round, by prompt id."""
+        rows = self.query(
+            "SELECT * FROM generations WHERE run_id = ? AND round = ? AND method = 'evaluation' "
+            "AND role = 'heldout' AND model_id = ?",
+            [run_id, round_, model_id],
+        )
+        return {r["prompt_id"]: r for r in rows}
+
+    def pair_statistics_input(
+        self, run_id: str, round_: int, tie_reasons: Sequence[str]
+    ) -> dict[str, Any]:
+        """What `evaluation.pair_statistics` needs about a round, in four queries."""
+        pairs = self.query(
+            "SELECT p.method, p.margin, length(c.text) AS chosen_chars, "
+            "length(r.text) AS rejected_chars, EXISTS (SELECT 1 FROM pairs e "
+            " WHERE e.run_id = p.run_id AND e.round < p.round AND e.method = p.method "
+            " AND e.variant IS NOT DISTINCT FROM p.variant AND e.prompt_id = p.prompt_id) "
+            " AS seen_before "
+            "FROM pairs p "
+            "JOIN generations c ON c.generation_id = p.chosen_generation_id "
+            "JOIN generations r ON r.generation_id = p.rejected_generation_id "
+            "WHERE p.run_id = ? AND p.round = ?",
+            [run_id, round_],
+        )
+        ties = self._run(
+            "SELECT method, count(*) FROM discards WHERE run_id = ? AND round = ? "
+            "AND list_contains(?, reason) GROUP BY method",
+            [run_id, round_, list(tie_reasons)],
+        )
+        # Labels asked per method: judge samples (Self-Rewarding) and A/B questions.
+        judged = self._run(
+            "SELECT method, count(*), count(*) FILTER (WHERE score IS NULL) FROM judgments "
+            "WHERE run_id = ? AND round = ? AND method <> 'evaluation' GROUP BY method "
+            "UNION ALL "
+            "SELECT method, count(*), count(*) FILTER (WHERE prob_a IS NULL) FROM comparisons "
+            "WHERE run_id = ? AND round = ? AND method <> 'evaluation' GROUP BY method",
+            [run_id, round_, run_id, round_],
+        )
+        counts: dict[str, tuple[int, int]] = {}
+        for method, asked, failed in judged:
+            before = counts.get(method, (0, 0))
+            counts[method] = (before[0] + asked, before[1] + failed)
+        variance = self._run(
+            "SELECT method, avg(score_variance) FROM candidate_scores "
+            "WHERE run_id = ? AND round = ? AND method <> 'evaluation' GROUP BY method",
+            [run_id, round_],
+        )
+        return {
+            "pairs": pairs,
+            "ties": dict(ties),
+            "judge_counts": counts,
+            "judge_variance": dict(variance),
+        }
+
+    def training_results(self, run_id: str, round_: int) -> list[dict[str, Any]]:
+        return self.query(
+            "SELECT kind, output_model_id, metrics_json FROM training_runs WHERE run_id = ? "
+            "AND round = ? AND status = 'finished' ORDER BY kind",
+            [run_id, round_],
+        )
+
+    def evaluations(self, run_id: str) -> list[dict[str, Any]]:
+        return self.query(
+            "SELECT round, metric, method, value, details_json FROM evaluations "
+            "WHERE run_id = ? ORDER BY round, metric, method",
+            [run_id],
+        )
+
+    def report_data(self, run_id: str) -> dict[str, list[dict[str, Any]]]:
+        """Everything the HTML report plots, per round."""
+        return {
+            "rounds": self.query(
+                "SELECT round, model_id, status, started_at, finished_at, "
+                "epoch(finished_at - started_at) AS wall_s FROM rounds WHERE run_id = ? "
+                "ORDER BY round",
+                [run_id],
+            ),
+            "evaluations": self.evaluations(run_id),
+            "scores": self.query(
+                "SELECT round, mean_score FROM candidate_scores WHERE run_id = ? "
+                "AND method = 'self_reward' AND mean_score IS NOT NULL ORDER BY round",
+                [run_id],
+            ),
+            "pairs": self.query(
+                "SELECT round, method, count(*) AS n, avg(margin) AS margin, "
+                "avg(soft_label) AS soft_label, count(*) FILTER (WHERE flagged) AS flagged "
+                "FROM pairs WHERE run_id = ? GROUP BY ALL ORDER BY round, method",
+                [run_id],
+            ),
+            "stages": self.query(
+                "SELECT round, stage, count(*) AS batches, sum(wall_s) AS wall_s, "
+                "coalesce(sum(setup_s), 0) AS setup_s, sum(prompt_tokens) AS prompt_tokens, "
+                "sum(completion_tokens) AS completion_tokens FROM stage_metrics "
+                "WHERE run_id = ? GROUP BY ALL ORDER BY round, stage",
+                [run_id],
+            ),
+        }

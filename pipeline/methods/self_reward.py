@@ -150,9 +150,11 @@ def judge_candidates(
     ctx: RoundContext,
     cfg: SelfRewardConfig,
     judge_model_id: str | None = None,
+    method: str = METHOD,
 ) -> Rows:
     """K judge samples per usable candidate, in one engine call. Every raw output is kept
-    with its parse status; an unparsed sample has score NULL."""
+    with its parse status; an unparsed sample has score NULL. `method` names who asked
+    (the evaluation re-judges other methods' answers with the same judge)."""
     parser = judge_parser(template)
     by_id = {p.prompt_id: p for p in prompts}
     rows = Rows()
@@ -160,7 +162,7 @@ def judge_candidates(
     for cand in candidates:
         reason = unusable(Completion(cand["text"], 0, cand["finish_reason"]))
         if reason:
-            rows.discard(ctx, METHOD, "judge", cand["generation_id"], reason)
+            rows.discard(ctx, method, "judge", cand["generation_id"], reason)
             continue
         todo.append(cand)
     conversations = [
@@ -194,11 +196,11 @@ def judge_candidates(
                 "judgments",
                 {
                     "judgment_id": row_id(
-                        ctx.run_id, ctx.round, METHOD, cand["generation_id"], template.sha256, k
+                        ctx.run_id, ctx.round, method, cand["generation_id"], template.sha256, k
                     ),
                     "run_id": ctx.run_id,
                     "round": ctx.round,
-                    "method": METHOD,
+                    "method": method,
                     "generation_id": cand["generation_id"],
                     "sample_idx": k,
                     "model_id": judge_model_id or ctx.model_id,
