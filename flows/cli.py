@@ -240,7 +240,9 @@ def run(
 
     cfg = _run_config(config, overrides, judge_template)
     inputs = load_inputs(cfg)  # every input file checked before Prefect or an engine starts
-    resolve_model(cfg.model)
+    for model in (cfg.model, cfg.self_reward.judge_model, cfg.evaluation.judge_model):
+        if model is not None:
+            resolve_model(model)
     task_runner(cfg)  # runner.kind ray without prefect-ray installed fails here
     typer.echo(
         f"prompts  {len(inputs.train_prompts)} for generation, {len(inputs.heldout_prompts)} "
@@ -253,6 +255,7 @@ def run(
     )
     typer.echo(f"database {Path(result['db_path']).resolve()}")
     typer.echo(f"rounds   {Path(cfg.runs_dir).resolve() / cfg.name}")
+    typer.echo(f"report   {Path(result['report']).resolve()}")
     typer.echo(
         f"inspect  prefloop status --config {config}; prefloop pairs --config {config} --round 1"
     )
@@ -284,6 +287,23 @@ def serve(
             "extend": True,
         },
     )
+
+
+@app.command("report")
+def report_cmd(
+    run: RunOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="HTML file to write.")] = None,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+):
+    """Write a run's HTML report: win rate, score distributions, length drift, agreement,
+    time per stage, and the key numbers (runs/<run>/report.html by default)."""
+    from pipeline.report import report_path, write_report
+
+    cfg = load_config(config)
+    run_id = run or cfg.name
+    page = write_report(_db_path(db, config), run_id, out or report_path(cfg.runs_dir, run_id))
+    typer.echo(f"report {page.resolve()}")
 
 
 @app.command("status")

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _has_cuda() -> bool:
@@ -101,3 +102,40 @@ def library():
     from pipeline.templates import TemplateLibrary
 
     return TemplateLibrary([Path(__file__).parent / "data"])
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Render a local HTML file in headless Chromium (Debian's package; `make test`
+    installs it) and return the DOM after its scripts ran."""
+    import shutil
+    import subprocess
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.fail("chromium is not installed: `make test` installs Debian's chromium package")
+
+    def render(path: Path, tmp: Path) -> str:
+        out = subprocess.run(
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp}",
+                "--dump-dom",
+                path.resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    return render

@@ -3,6 +3,7 @@ served deployment on a real Prefect server."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.recipes import readme_recipes
 from pipeline.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +45,7 @@ def tiny_config(tmp_path: Path, model: Path, **over) -> dict:
         "rlcd": {"sampling": {"max_tokens": 8}, "rescore": True},
         "cai": {"sampling": {"max_tokens": 8}},
         "training": {"learning_rate": 1e-4, "batch_size": 4, "max_length": 128},
+        "evaluation": {"sampling": {"max_tokens": 8}},
     }
     for key, value in over.items():
         cfg[key] = value if not isinstance(value, dict) else {**cfg.get(key, {}), **value}
@@ -57,7 +60,7 @@ def harness():
         yield
 
 
-def test_two_rounds(harness, tmp_path, tiny_model_dir):
+def test_two_rounds(harness, tmp_path, tiny_model_dir, chromium):
     from flows.loop import loop_flow
 
     cfg = tiny_config(tmp_path, tiny_model_dir)
@@ -75,7 +78,10 @@ def test_two_rounds(harness, tmp_path, tiny_model_dir):
         }
         assert set(trained) == {1, 2}
         assert status[2]["model_id"] == trained[1]
-        gen_models = store.query("SELECT DISTINCT round, model_id FROM generations ORDER BY round")
+        gen_models = store.query(
+            "SELECT DISTINCT round, model_id FROM generations WHERE method <> 'evaluation' "
+            "ORDER BY round"
+        )
         assert gen_models == [
             {"round": 1, "model_id": status[1]["model_id"]},
             {"round": 2, "model_id": trained[1]},
@@ -84,16 +90,51 @@ def test_two_rounds(harness, tmp_path, tiny_model_dir):
         assert store.model(trained[2])["parent_model_id"] == trained[1]
         # Per-stage metrics, and the round's policy and snapshot.
         stages = store.query("SELECT DISTINCT stage FROM stage_metrics WHERE round = 1")
-        assert {s["stage"] for s in stages} == {"self_instruct", "self_reward", "rlcd", "cai"}
+        assert {s["stage"] for s in stages} == {
+            *("self_instruct", "self_reward", "rlcd", "cai"),
+            *("heldout", "agreement", "train_dpo", "heldout_new", "win_rate", "flow"),
+        }
+        # Each round is evaluated: M_t+1 against M_t by the run's initial model as judge.
+        evals = store.evaluations("flowtest")
+        metrics = {(e["round"], e["metric"], e["method"]) for e in evals}
+        for t in (1, 2):
+            for metric in ("win_rate", "order_flip_rate", "implicit_reward_accuracy"):
+                assert (t, metric, None) in metrics, metric
+            for method in ("self_reward", "rlcd", "cai"):
+                for metric in ("pairs", "tie_rate", "length_ratio", "duplicate_prompt_rate"):
+                    assert (t, metric, method) in metrics, (metric, method)
+                assert (t, "agreement_pairwise", method) in metrics
+            assert (t, "agreement_self_judge", "rlcd") in metrics
+        [win] = [e for e in evals if e["metric"] == "win_rate" and e["round"] == 2]
+        details = json.loads(win["details_json"])
+        assert details["old_model"] == trained[1] and details["new_model"] == trained[2]
+        assert details["judge_model"] == status[1]["model_id"]
+        assert (
+            details["prompts"] == 4
+            and details["wins"] + details["ties"] + details["losses"]
+            == 2 * 4 - details["unanswered"]
+        )
         [r1] = store.query("SELECT * FROM rounds WHERE round = 1")
         assert set(json.loads(r1["pair_policy_json"])) == {"self_reward", "rlcd", "cai"}
         heldout = store.query("SELECT count(*) AS n FROM prompts WHERE split = 'heldout'")
         assert heldout[0]["n"] == 4
         [[n_gen_prompts]] = store.sql(
             "SELECT count(*) FROM generations g JOIN prompts p USING (prompt_id) "
-            "WHERE p.split = 'heldout'"
+            "WHERE p.split = 'heldout' AND g.method <> 'evaluation'"
         )[1]
-        assert n_gen_prompts == 0  # held-out prompts never reach generation
+        assert n_gen_prompts == 0  # held-out prompts never reach the methods
+        # Every SQL recipe in the README runs on a real run's database and finds rows.
+        for name, statement in readme_recipes():
+            columns, rows = store.sql(statement)
+            assert columns, name
+            if "flagged" not in statement:  # no RLCD pair need be flagged
+                assert rows, f"README recipe {name!r} found nothing"
+    page = Path(result["report"]).read_text()
+    for section in ("key-numbers", "win-rate", "scores", "length", "agreement", "time"):
+        assert f'id="{section}"' in page
+    dom = chromium(Path(result["report"]), tmp_path / "chromium")
+    drawn = re.search(r'data-plots-rendered="([^"]*)"', dom).group(1).split()
+    assert set(drawn) == {"win_rate", "scores", "length", "agreement", "time"}
     snap = Path(r1["snapshot_dir"])
     assert (snap / "config.json").is_file() and (snap / "pairs" / "train.parquet").is_file()
 

@@ -1,0 +1,157 @@
+"""The HTML report: built from a store, self-contained, and drawn by a real browser."""
+
+import json
+import re
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import StoreError
+from pipeline.report import time_split, write_report
+from pipeline.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+PLOTS = {"win_rate", "scores", "length", "agreement", "time"}
+
+
+def _eval(round_, metric, value, method=None, **details):
+    return {
+        "evaluation_id": f"{round_}-{metric}-{method}",
+        "run_id": "r",
+        "round": round_,
+        "metric": metric,
+        "method": method,
+        "value": value,
+        "details_json": json.dumps(details),
+    }
+
+
+@pytest.fixture
+def store_path(tmp_path) -> Path:
+    """Two finished rounds written by hand, with known numbers."""
+    path = tmp_path / "db.duckdb"
+    start = datetime(2026, 1, 1)
+    rows = {
+        "rounds": [
+            {
+                "run_id": "r",
+                "round": t,
+                "model_id": f"m{t}<b>",
+                "status": "finished",
+                "started_at": start,
+                "finished_at": start + timedelta(seconds=100),
+            }
+            for t in (1, 2)
+        ],
+        "stage_metrics": [
+            {
+                "run_id": "r",
+                "round": t,
+                "stage": s,
+                "batch": 0,
+                "n_items": 1,
+                "wall_s": w,
+                "setup_s": su,
+            }
+            for t in (1, 2)
+            for s, w, su in (
+                ("self_reward", 50.0, 10.0),
+                ("train_dpo", 30.0, 0.0),
+                ("flow", 2.0, 0.0),
+            )
+        ],
+        "judgments": [
+            {
+                "judgment_id": f"j{i}",
+                "run_id": "r",
+                "round": 1 + i % 2,
+                "method": "self_reward",
+                "generation_id": f"g{i}",
+                "sample_idx": 0,
+                "model_id": "m",
+                "template_id": "t",
+                "raw_output": "",
+                "score": float(i % 5),
+                "parse_status": "ok",
+                "sampling_json": "{}",
+                "seed": 0,
+            }
+            for i in range(10)
+        ],
+        "pairs": [
+            {
+                "pair_id": f"p{t}{m}",
+                "run_id": "r",
+                "round": t,
+                "method": m,
+                "prompt_id": "x",
+                "chosen_generation_id": "a",
+                "rejected_generation_id": "b",
+                "model_id": "m",
+            }
+            for t in (1, 2)
+            for m in ("self_reward", "rlcd")
+        ],
+        "evaluations": [
+            _eval(1, "win_rate", 0.625, wins=5, ties=0, losses=3),
+            _eval(2, "win_rate", 0.75, wins=6, ties=0, losses=2),
+            _eval(1, "order_flip_rate", 0.25),
+            _eval(2, "order_flip_rate", 0.0),
+            _eval(1, "implicit_reward_accuracy", 0.5),
+            _eval(1, "heldout_chars", 120.0),
+            _eval(1, "length_ratio", 1.5, "rlcd", chosen_chars=150.0, rejected_chars=100.0),
+            _eval(2, "length_ratio", 1.2, "rlcd", chosen_chars=120.0, rejected_chars=100.0),
+            _eval(1, "agreement_pairwise", 0.8, "rlcd"),
+            _eval(2, "agreement_self_judge", 0.6, "rlcd"),
+            _eval(1, "tie_rate", 0.125, "self_reward"),
+        ],
+    }
+    with Store(path) as store:
+        store.write(rows)
+    return path
+
+
+def test_time_split_leaves_the_rest_to_orchestration():
+    rounds = [{"round": 1, "wall_s": 100.0}]
+    stages = [
+        {"round": 1, "stage": "rlcd", "wall_s": 60.0, "setup_s": 20.0},
+        {"round": 1, "stage": "flow", "wall_s": 5.0, "setup_s": None},
+    ]
+    split = time_split(rounds, stages)[1]
+    assert split["rlcd"] == 60.0 and split["engine start"] == 20.0
+    assert split["flow (store, set-up)"] == 5.0
+    assert split["orchestration"] == pytest.approx(15.0)
+
+
+def test_report_sections_numbers_and_escaping(store_path, tmp_path, chromium):
+    page = write_report(store_path, "r", tmp_path / "out" / "report.html")
+    html = page.read_text()
+    for section in ("key-numbers", "win-rate", "scores", "length", "agreement", "time"):
+        assert f'id="{section}"' in html
+    assert "0.625" in html and "0.750" in html  # win rates in the key-numbers table
+    assert "m1&lt;b&gt;" in html and "m1<b>" not in html  # stored text is escaped
+    assert not re.search(r"""(src|href)=["']?https?:""", html)  # nothing fetched from elsewhere
+    # engine start 10 + stages 82 = 92 of 100 s: orchestration 8%
+    assert "8.00%" in html
+    dom = chromium(page, tmp_path / "chromium")
+    rendered = re.search(r'data-plots-rendered="([^"]*)"', dom)
+    assert rendered, "the page's script did not run"
+    assert set(rendered.group(1).split()) == PLOTS
+
+
+def test_report_cli_and_errors(store_path, tmp_path):
+    out = tmp_path / "cli.html"
+    cmd = [sys.executable, "-m", "flows.cli", "report", "--db", str(store_path)]
+    ok = subprocess.run(
+        [*cmd, "--run", "r", "--out", str(out)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert out.is_file() and str(out) in ok.stdout
+    missing = subprocess.run([*cmd, "--run", "nope"], capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"error: {store_path}: run 'nope' has no rounds to report"
+    with pytest.raises(StoreError, match="no database here yet"):
+        write_report(tmp_path / "absent.duckdb", "r", out)
