@@ -11,7 +11,7 @@ process opens the store for writing.
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -358,14 +358,26 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """All inserts inside land together or not at all (a batch is atomic)."""
+        """All inserts inside land together or not at all (a batch is atomic). A failed
+        write (disk full, file too large) is rolled back and raised as one StoreError;
+        what earlier transactions stored is untouched."""
         self._run("BEGIN TRANSACTION")
         try:
             yield
+            self._run("COMMIT")
+        except duckdb.Error as e:
+            self._rollback()
+            raise StoreError(
+                f"{self.path}: writing failed, the batch was rolled back and earlier batches "
+                f"are intact: {str(e).splitlines()[0]}"
+            ) from None
         except BaseException:
-            self._run("ROLLBACK")
+            self._rollback()
             raise
-        self._run("COMMIT")
+
+    def _rollback(self) -> None:
+        with suppress(duckdb.TransactionException):  # a failed COMMIT already ended it
+            self._run("ROLLBACK")
 
     def insert(self, table: str, rows: Sequence[dict[str, Any]] | pa.Table) -> int:
         """Insert rows by column name, skipping ids that exist; returns rows inserted."""
@@ -375,12 +387,10 @@ class Store:
         if batch.num_rows == 0:
             return 0
         self.con.register("__batch", batch)
-        try:
-            result = self._run(
-                f"INSERT INTO {table} BY NAME SELECT * FROM __batch ON CONFLICT DO NOTHING"
-            )
-        finally:
-            self.con.unregister("__batch")
+        result = self._run(
+            f"INSERT INTO {table} BY NAME SELECT * FROM __batch ON CONFLICT DO NOTHING"
+        )
+        self.con.unregister("__batch")  # on failure, the rollback drops it
         return int(result[0][0]) if result else 0
 
     def write(self, tables: Mapping[str, Sequence[dict[str, Any]]]) -> dict[str, int]:

@@ -1,7 +1,6 @@
 import subprocess
 import sys
 
-import duckdb
 import pytest
 
 from pipeline.errors import StoreError
@@ -117,7 +116,7 @@ def test_pair_texts_view(tmp_path):
 def test_transaction_rolls_back_whole_batch(tmp_path):
     with Store(tmp_path / "db.duckdb") as store:
         store.insert("generations", [_generation(0)])
-        with pytest.raises(duckdb.Error), store.transaction():
+        with pytest.raises(StoreError, match="rolled back.*NOT NULL"), store.transaction():
             store.insert("generations", [_generation(1)])
             store.insert("generations", [{"generation_id": "x"}])  # NOT NULL violation
         ids = [r["generation_id"] for r in store.query("SELECT generation_id FROM generations")]
@@ -223,3 +222,57 @@ def test_v1_database_migrates_to_current(tmp_path):
         assert store.schema_version() == SCHEMA_VERSION
         [pair] = store.query("SELECT margin, variant, prompt FROM pair_texts")
         assert pair == {"margin": 3.0, "variant": None, "prompt": "q?"}
+
+
+DISK_FULL = """
+import os, resource, signal, sys
+from pipeline.errors import StoreError
+from pipeline.store import Store
+
+def rows(n, first):
+    return [{"run_id": "r", "round": 1, "method": "m", "stage": "s", "item_id": str(first + i),
+             "reason": "x" * 200} for i in range(n)]
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+with Store(sys.argv[1]) as store:
+    store.write({"discards": rows(100, 0)})
+    store.con.execute("CHECKPOINT").fetchall()
+    limit = os.path.getsize(sys.argv[1]) + 4096
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # the disk is now full
+    try:
+        store.write({"discards": rows(200_000, 1000)})
+    except StoreError as e:
+        print(e)
+"""
+
+
+def test_disk_full_rolls_back_the_batch_and_keeps_earlier_ones(tmp_path):
+    """A batch that cannot be written (file size limit: the disk is full) is rolled back
+    with one clear error; the batches stored before it are intact and the file opens."""
+    path = tmp_path / "db.duckdb"
+    out = subprocess.run(
+        [sys.executable, "-c", DISK_FULL, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith(
+        f"{path}: writing failed, the batch was rolled back and earlier batches are intact: "
+    ), out.stdout
+    assert "File too large" in out.stdout
+    with Store(path) as store:
+        [(n,)] = store.sql("SELECT count(*) FROM discards")[1]
+        assert n == 100
+        store.write(
+            {
+                "discards": [
+                    {
+                        "run_id": "r",
+                        "round": 1,
+                        "method": "m",
+                        "stage": "s",
+                        "item_id": "after",
+                        "reason": "ok",
+                    }
+                ]
+            }
+        )
+        assert store.sql("SELECT count(*) FROM discards")[1] == [(101,)]
