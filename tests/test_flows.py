@@ -219,6 +219,98 @@ def test_resume_after_sigkill(tmp_path, tiny_model_dir):
         assert store.done_batches("flowtest", 1) == done_after
 
 
+# Tables whose rows a run produces; their counts do not depend on timing.
+CONTENT_TABLES = (
+    "prompts",
+    "generations",
+    "judgments",
+    "comparisons",
+    "critiques",
+    "pairs",
+    "sft_examples",
+    "discards",
+    "training_runs",
+    "models",
+    "evaluations",
+)
+
+
+def _content(db: str) -> dict:
+    with Store(db, read_only=True) as store:
+        counts = {t: store.sql(f"SELECT count(*) FROM {t}")[1][0][0] for t in CONTENT_TABLES}
+        pair_ids = {r[0] for r in store.sql("SELECT pair_id FROM pairs")[1]}
+        batches = store.done_batches("flowtest", 1) | {
+            (f"r2:{s}", b) for s, b in store.done_batches("flowtest", 2)
+        }
+        models = [r[0] for r in store.sql("SELECT model_id FROM models ORDER BY model_id")[1]]
+    batches = {b for b in batches if "flow" not in b[0]}  # one row per attempt of a round
+    return {"counts": counts, "pair_ids": pair_ids, "batches": batches, "models": models}
+
+
+@pytest.mark.slow
+def test_chaos_five_sigkills_equal_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    """The tiny-model loop (2 rounds, DPO, evaluation) killed with SIGKILL at 5 random
+    moments and re-run each time ends with the same database content as a run that was
+    never interrupted: the same pair ids, the same rows, the same trained models."""
+    import random
+
+    over = {
+        "prompts": {"per_round": 4, "heldout": 2},
+        "self_reward": {
+            "judge_template": "judge_additive_5pt_prefilled",
+            "sampling": {"max_tokens": 8},
+            "self_instruct": {
+                "enabled": True,
+                "new_prompts": 2,
+                "min_words": 1,
+                "sampling": {"max_tokens": 16},
+            },
+        },
+    }
+    runs = {}
+    for name in ("whole", "chaos"):
+        cfg = tiny_config(tmp_path / name, tiny_model_dir, **over)
+        cfg["engine"]["batch_size"] = 2
+        path = tmp_path / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg))
+        runs[name] = (path, cfg)
+
+    path, cfg = runs["whole"]
+    out = _run_cli(path, _env(tmp_path)).communicate(timeout=900)[0]
+    assert "final model" in out, out[-3000:]
+    whole = _content(cfg["db_path"])
+
+    path, cfg = runs["chaos"]
+    rng = random.Random(20261123)
+    kills = []
+    while len(kills) < 5:
+        # Kill the whole process tree (the flow, its Prefect server, a training child)
+        # after a random number of progress lines and a random extra delay.
+        proc = _run_cli(path, _env(tmp_path), start_new_session=True)
+        lines, wait_lines, delay = [], rng.randint(0, 3), rng.uniform(0.0, 4.0)
+        for line in proc.stdout:
+            lines.append(line)
+            if " batch " in line or "training" in line:
+                wait_lines -= 1
+            if wait_lines < 0:
+                break
+        assert proc.poll() is None, "the run finished before 5 kills: " + "".join(lines)[-2000:]
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        last = next((x for x in reversed(lines) if " batch " in x or "training" in x), "")
+        assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
+        kills.append(last.strip()[-100:])
+    out = _run_cli(path, _env(tmp_path)).communicate(timeout=900)[0]
+    assert "final model" in out, out[-3000:]
+    chaos = _content(cfg["db_path"])
+    assert chaos["pair_ids"] == whole["pair_ids"], kills
+    assert chaos["counts"] == whole["counts"], kills
+    assert chaos["batches"] == whole["batches"], kills
+    assert chaos["models"] == whole["models"], "trained weights differ"
+
+
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
     import urllib.request
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 from pipeline.config import EngineConfig
 from pipeline.engines.base import Completion, EngineBase, Sampling, truncate_at_stop
+from pipeline.hashing import row_id
 
 
 @dataclass
 class HfEngine(EngineBase):
     model: object = None
     batch_size: int = 16
-    _calls: int = 0
 
     @classmethod
     def start(cls, model_path: Path, cfg: EngineConfig, seed: int) -> "HfEngine":
@@ -56,9 +56,9 @@ class HfEngine(EngineBase):
     def _generate_ids(self, prompts: list[list[int]], params: Sampling) -> list[list[Completion]]:
         import torch
 
-        # One seed per call keeps a sequence of calls reproducible under the run's seed.
-        torch.manual_seed(self.seed + self._calls)
-        self._calls += 1
+        # The call's seed comes from the run's seed and the request itself, not from a call
+        # counter: a resumed run redoes a batch exactly as an uninterrupted run did it.
+        torch.manual_seed(int(row_id(self.seed, prompts, params.record())[:15], 16))
         eos = set(_as_list(self.model.generation_config.eos_token_id))
         eos.add(self.tokenizer.eos_token_id)
         per_step = max(1, self.batch_size // params.n)

@@ -5,9 +5,11 @@ imports TRL. A crash in the child (out of memory, a bad hyper-parameter) surface
 error with the child's last log lines, and leaves no half-written checkpoint behind.
 """
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -19,6 +21,7 @@ from pipeline.paths import DATA_DIR
 
 ACCELERATE_DEFAULT = DATA_DIR / "configs" / "accelerate" / "single_gpu.yaml"
 LOG_TAIL = 15
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class TrainingError(PrefloopError):
@@ -64,6 +67,16 @@ def command(spec_path: Path, device: str, accelerate_config: Path | None) -> lis
     ]
 
 
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGKILL when the process that started it dies, so a killed run
+    never leaves a trainer writing into the folder its resumed run trains into."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: an orphan finishes on its own; the resumed run still starts clean
+
+
 def run_training(
     spec: TrainSpec, accelerate_config: Path | None = None, timeout_s: float | None = None
 ) -> dict:
@@ -86,7 +99,12 @@ def run_training(
     with open(log_path, "w") as log:
         try:
             proc = subprocess.run(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                timeout=timeout_s,
+                preexec_fn=_die_with_parent,
             )
         except subprocess.TimeoutExpired:
             raise TrainingError(

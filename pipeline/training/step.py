@@ -9,7 +9,7 @@ from typing import Any
 from pipeline.config import RunConfig
 from pipeline.errors import PrefloopError
 from pipeline.hashing import row_id, sha256_dir
-from pipeline.models import MANIFEST
+from pipeline.models import MANIFEST, NOT_HASHED
 from pipeline.store import Store
 from pipeline.training.export import split_pairs, write_dataset
 from pipeline.training.launch import TrainSpec, cuda_available, run_training
@@ -72,7 +72,7 @@ def train_round(
     metrics = run_training(spec, cfg.training.accelerate_config)
 
     out = Path(spec.output_dir)
-    sha = sha256_dir(out, exclude=(MANIFEST,))
+    sha = sha256_dir(out, exclude=NOT_HASHED)
     (out / MANIFEST).write_text(
         json.dumps({"sha256": sha, "parent": base["model_id"], "kind": kind})
     )
