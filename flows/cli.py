@@ -237,6 +237,7 @@ def run(
     from flows.loop import loop_flow, task_runner
     from pipeline.models import resolve_model
     from pipeline.rounds import load_inputs
+    from pipeline.store import Store
 
     cfg = _run_config(config, overrides, judge_template)
     inputs = load_inputs(cfg)  # every input file checked before Prefect or an engine starts
@@ -244,6 +245,8 @@ def run(
         if model is not None:
             resolve_model(model)
     task_runner(cfg)  # runner.kind ray without prefect-ray installed fails here
+    with Store(cfg.db_path):  # held by another writer, or from a newer prefloop: fail here
+        pass
     typer.echo(
         f"prompts  {len(inputs.train_prompts)} for generation, {len(inputs.heldout_prompts)} "
         f"held out, {inputs.duplicate_prompts} duplicates ignored"

@@ -314,16 +314,18 @@ def round_flow(config_json: str, run_id: str, round_: int, model_id: str) -> str
                         submitted.append((method, b, len(batches), future))
             for method, b, total, future in submitted:
                 _write(store, future.result(), clock, logger, ctx, method, b, total)
-            # The round's model answers the held-out prompts and re-labels the round's
-            # pairs while its engine is up.
-            if win_rate and ("heldout", 0) not in done:
-                rows = evaluation_stage("heldout", ctx, config_json, spec, {})
-                _write(store, rows, clock, logger, ctx, "heldout", 0, 1)
+            # The round's model re-labels the round's pairs while its engine is up.
             if evaluate and cfg.evaluation.agreement and ("agreement", 0) not in done:
                 with clock:
                     pairs = store.evaluation_pairs(run_id, round_)
                 rows = evaluation_stage("agreement", ctx, config_json, spec, {"pairs": pairs})
                 _write(store, rows, clock, logger, ctx, "agreement", 0, 1)
+            close_engines()
+            # M_t's held-out answers, on the evaluation engine (M_t+1's come after training).
+            if win_rate and ("heldout", 0) not in done:
+                eval_spec = _spec(store, cfg, model_id, ctx.seed, evaluation=True)
+                rows = evaluation_stage("heldout", ctx, config_json, eval_spec, {})
+                _write(store, rows, clock, logger, ctx, "heldout", 0, 1)
         finally:
             close_engines()  # training needs the memory; a crash must not leak it either
 
@@ -349,9 +351,12 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def _spec(store: Store, cfg: RunConfig, model_id: str, seed: int) -> EngineSpec:
+def _spec(
+    store: Store, cfg: RunConfig, model_id: str, seed: int, evaluation: bool = False
+) -> EngineSpec:
     model = store.model(model_id)
-    return EngineSpec(model_id, model["path"], cfg.engine.model_dump_json(), seed)
+    engine = (cfg.evaluation.engine if evaluation else None) or cfg.engine
+    return EngineSpec(model_id, model["path"], engine.model_dump_json(), seed)
 
 
 def _write(store: Store, rows: Rows, clock, logger, ctx, stage: str, batch: int, total: int):
@@ -373,14 +378,14 @@ def _win_rate(
     """M_t+1 answers the held-out prompts; the fixed judge compares them with M_t's."""
     try:
         if ("heldout_new", 0) not in done:
-            new_spec = _spec(store, cfg, new_model, ctx.seed)
+            new_spec = _spec(store, cfg, new_model, ctx.seed, evaluation=True)
             rows = evaluation_stage("heldout_new", ctx, config_json, new_spec, {})
             _write(store, rows, clock, logger, ctx, "heldout_new", 0, 1)
             close_engines()
         if ("win_rate", 0) not in done:
             with clock:
                 judge_id = _eval_judge(store, cfg, ctx.run_id)
-                judge_spec = _spec(store, cfg, judge_id, ctx.seed)
+                judge_spec = _spec(store, cfg, judge_id, ctx.seed, evaluation=True)
                 old = store.heldout_answers(ctx.run_id, ctx.round, ctx.model_id)
                 new = store.heldout_answers(ctx.run_id, ctx.round, new_model)
             data = {"old": old, "new": new}

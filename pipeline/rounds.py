@@ -16,6 +16,9 @@ from pipeline.seeds import Prompt, load_prompts
 from pipeline.templates import Template, TemplateLibrary
 
 METHODS = ("self_reward", "rlcd", "cai")
+# What each role's template is rendered with.
+JUDGE_VARS = ("instruction", "response")
+PAIRWISE_VARS = ("instruction", "response_a", "response_b")
 
 
 @dataclass
@@ -62,10 +65,11 @@ def load_inputs(cfg: RunConfig) -> RoundInputs:
         duplicate_prompts=len(prompts) - len(unique),
     )
     if cfg.self_reward.enabled:
-        inputs.judge = library.get(cfg.self_reward.judge_template)
+        inputs.judge = library.get(cfg.self_reward.judge_template).expect("judge", JUDGE_VARS)
         self_reward.judge_parser(inputs.judge)
         if cfg.self_reward.self_instruct.enabled:
-            inputs.self_instruct = library.get(cfg.self_reward.self_instruct.template)
+            template = library.get(cfg.self_reward.self_instruct.template)
+            inputs.self_instruct = template.expect("self-instruct", ["examples"])
     if cfg.rlcd.enabled:
         inputs.rlcd_templates = rlcd.rlcd_templates(library, cfg.rlcd)
         inputs.rlcd_tasks = rlcd.load_tasks(cfg.rlcd.tasks)
@@ -73,7 +77,8 @@ def load_inputs(cfg: RunConfig) -> RoundInputs:
         inputs.cai_templates = cai.cai_templates(library, cfg.cai)
         inputs.constitution, _ = cai.load_constitution(cfg.cai.constitution)
     if cfg.evaluation.enabled:
-        inputs.eval_judge = library.get(cfg.evaluation.judge_template)
+        template = library.get(cfg.evaluation.judge_template)
+        inputs.eval_judge = template.expect("pairwise judge", PAIRWISE_VARS)
         choice_parser(inputs.eval_judge)
     return inputs
 

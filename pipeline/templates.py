@@ -14,6 +14,7 @@ Generated text only ever enters as a variable's value: it is never rendered as a
 """
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -132,6 +133,19 @@ class Template:
             raise TemplateError(f"{self.path}: blocked by the sandbox: {e}") from None
         except jinja2.UndefinedError as e:
             raise TemplateError(f"{self.path}: {e}") from None
+
+    def expect(self, role: str, provided: Sequence[str]) -> "Template":
+        """Check, at load time, that the template needs no variable beyond what its role
+        passes it and renders in the sandbox: a swapped template fails before any engine
+        starts, not mid-round."""
+        extra = [v for v in self.meta.variables if v not in provided]
+        if extra:
+            raise TemplateError(
+                f"{self.path}: variables: {extra[0]!r} is not given to a {role} template "
+                f"(it gets {', '.join(provided)})"
+            )
+        self.render(**{v: f"<{v}>" for v in provided})  # sandbox and undefined errors now
+        return self
 
     def record(self) -> dict[str, Any]:
         """The row the store keeps for this template."""

@@ -161,3 +161,145 @@ def test_empty_and_duplicate_prompt_files(tmp_path):
     inputs = load_inputs(load_config(None, [f"prompts.files=[{twice}]"]))
     assert [p.text for p in inputs.train_prompts] == ["Hi", "Bye"]
     assert inputs.duplicate_prompts == 1
+
+
+JUDGE_HEAD = (
+    "{#---\nvariables: [instruction, response]\n"
+    "parser: {kind: score, pattern: 'S: (\\d)', min: 0, max: 5}\n---#}\n"
+)
+
+
+def _file(name: str, content: str | bytes):
+    def make(tmp):
+        path = tmp / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+    return make
+
+
+def _config(content: str):
+    return lambda tmp: ["--config", _file("c.yaml", content)(tmp)]
+
+
+def _judge(content: str):
+    return lambda tmp: ["--judge-template", _file("j.j2", content)(tmp)]
+
+
+def _prompts(content: bytes):
+    return lambda tmp: ["--set", f"prompts.files=[{_file('p.jsonl', content)(tmp)}]"]
+
+
+def _model(tmp):
+    (tmp / "m").mkdir()
+    return ["--set", f"model={tmp / 'm'}"]
+
+
+# The README's bad-input matrix (section "Bad input"), row by row: what the user gives,
+# and the one line they see. Each runs `prefloop run` against a database holding an
+# earlier run, which must come out byte for byte unchanged.
+MATRIX = [
+    ("malformed YAML", _config("rounds: 2\nengine: [kind: hf\n"), "c.yaml:3:1: invalid YAML"),
+    (
+        "unknown config key",
+        _config("engine:\n  knd: hf\n"),
+        "c.yaml (with --set): engine.knd: unknown key",
+    ),
+    (
+        "wrong type",
+        _config("rounds: many\n"),
+        "c.yaml (with --set): rounds: Input should be a valid integer",
+    ),
+    (
+        "missing template variable",
+        _judge(JUDGE_HEAD.replace("response]", "response, rubric]") + "{{ rubric }}"),
+        "j.j2: variables: 'rubric' is not given to a judge template",
+    ),
+    (
+        "template syntax error",
+        _judge(JUDGE_HEAD + "{% if instruction %}"),
+        "j.j2:5: template syntax",
+    ),
+    (
+        "template escaping the sandbox",
+        _judge(JUDGE_HEAD + "{{ instruction.__class__.__mro__ }}"),
+        "j.j2: blocked by the sandbox",
+    ),
+    (
+        "judge template without a parser",
+        _judge("{#---\nvariables: [instruction, response]\n---#}\n{{ instruction }}"),
+        "j.j2: a judge template needs a front-matter `parser` of kind score",
+    ),
+    (
+        "prompts file with invalid JSON",
+        _prompts(b'{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": \n'),
+        "p.jsonl:3: invalid JSON",
+    ),
+    ("non-UTF-8 bytes", _prompts(b'{"prompt": "a"}\n{"prompt": "\xff"}\n'), "p.jsonl:2: not UTF-8"),
+    ("empty prompts", _prompts(b"\n\n"), "p.jsonl: no prompts"),
+    ("model directory not a model", _model, "no config.json"),
+]
+
+
+@pytest.mark.parametrize(("case", "make_args", "message"), MATRIX, ids=[m[0] for m in MATRIX])
+def test_bad_input_matrix(tmp_path, case, make_args, message):
+    db_file = tmp_path / "kept.duckdb"
+    with Store(db_file) as store:
+        store.insert(
+            "runs", [{"run_id": "old", "config_json": "{}", "config_sha256": "x", "seed": 0}]
+        )
+    before = db_file.read_bytes()
+    args = make_args(tmp_path)
+    config = [] if "--config" in args else ["--config", "data/configs/demo.yaml"]
+    out = prefloop(
+        "run",
+        *config,
+        *args,
+        "--set",
+        f"db_path={db_file}",
+        "--set",
+        f"runs_dir={tmp_path / 'runs'}",
+        "--set",
+        "prompts.heldout=0",
+    )
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line, line
+    assert db_file.read_bytes() == before
+    assert not (tmp_path / "runs").exists()
+
+
+def test_database_held_by_another_writer_or_newer(tmp_path):
+    """The database rows of the matrix: another writer holds it, or a newer prefloop wrote
+    it. One line each, and the file is not touched."""
+    db_file = tmp_path / "kept.duckdb"
+    with Store(db_file):
+        pass
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, duckdb; c = duckdb.connect(sys.argv[1]); "
+            "print('ready', flush=True); time.sleep(60)",
+            str(db_file),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        out = prefloop("run", "--set", f"db_path={db_file}", "--set", f"runs_dir={tmp_path}/r")
+        assert out.returncode == 2
+        [line] = out.stderr.strip().splitlines()
+        assert "database is in use by another process (PID" in line, line
+    finally:
+        holder.kill()
+        holder.wait()
+    with Store(db_file) as store:
+        store.con.execute("INSERT INTO schema_version (version) VALUES (99)").fetchall()
+    before = db_file.read_bytes()
+    out = prefloop("run", "--set", f"db_path={db_file}", "--set", f"runs_dir={tmp_path}/r")
+    assert out.returncode == 2
+    [line] = out.stderr.strip().splitlines()
+    assert "database schema v99 is newer than this prefloop" in line, line
+    assert db_file.read_bytes() == before

@@ -25,7 +25,8 @@ class VllmEngine(EngineBase):
             model=str(model_path),
             dtype=dtype,
             max_model_len=cfg.max_model_len,
-            enable_prefix_caching=True,
+            enable_prefix_caching=cfg.prefix_caching,
+            disable_log_stats=not cfg.engine_stats,
             enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
             # Engine-level seed: per-request seeds crash the CPU engine at large batches.
             seed=seed,
@@ -74,6 +75,15 @@ class VllmEngine(EngineBase):
             [TokensPrompt(prompt_token_ids=ids) for ids in prompts], sampling, use_tqdm=False
         )
         return [[o.outputs[0].logprobs[0][t].logprob for t in label_ids] for o in outputs]
+
+    def prefix_cache_tokens(self) -> tuple[int, int]:
+        """(queried, hit) prompt tokens of vLLM's prefix cache so far; needs
+        `engine.engine_stats: true`."""
+        found = {"vllm:prefix_cache_queries": 0, "vllm:prefix_cache_hits": 0}
+        for metric in self.llm.get_metrics():
+            if metric.name in found:
+                found[metric.name] += int(metric.value)
+        return found["vllm:prefix_cache_queries"], found["vllm:prefix_cache_hits"]
 
     def close(self) -> None:
         if self.llm is not None:

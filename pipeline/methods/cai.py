@@ -14,6 +14,7 @@ from pipeline.config import CaiConfig
 from pipeline.engines.base import Conversation, Engine, Sampling
 from pipeline.hashing import row_id
 from pipeline.methods.common import (
+    PREFERENCE_VARS,
     Resource,
     RoundContext,
     Rows,
@@ -389,13 +390,14 @@ def ai_feedback(
 def cai_templates(library, cfg: CaiConfig) -> dict[str, Template]:
     """The templates a run uses, loaded (and checked) before any generation."""
     out = {
-        "critique": library.get(cfg.critique_template),
-        "revision": library.get(cfg.revision_template),
+        "critique": library.get(cfg.critique_template).expect("critique", ["request"]),
+        "revision": library.get(cfg.revision_template).expect("revision", ["request"]),
     }
     if cfg.feedback:
-        out["feedback"] = library.get(
+        feedback = library.get(
             cfg.feedback_cot_template if cfg.feedback_cot else cfg.feedback_template
         )
+        out["feedback"] = feedback.expect("preference", PREFERENCE_VARS)
         choice_parser(out["feedback"])
     return out
 

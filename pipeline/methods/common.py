@@ -19,6 +19,8 @@ from pipeline.seeds import Prompt
 from pipeline.templates import ChoiceParser, Template
 
 M = TypeVar("M", bound=BaseModel)
+# What a preference question (RLCD-Rescore, RL-CAI feedback) is rendered with.
+PREFERENCE_VARS = ("instruction", "response_a", "response_b", "principle")
 
 
 class Resource(BaseModel):

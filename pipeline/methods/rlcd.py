@@ -14,6 +14,7 @@ from pipeline.config import RlcdConfig
 from pipeline.engines.base import Conversation, Engine
 from pipeline.hashing import row_id
 from pipeline.methods.common import (
+    PREFERENCE_VARS,
     Resource,
     RoundContext,
     Rows,
@@ -220,10 +221,10 @@ def rescore(
 def rlcd_templates(library, cfg: RlcdConfig) -> dict[str, Template]:
     """The templates a run uses, loaded (and checked) before any generation."""
     out = {
-        "system": library.get("rlcd_system"),
-        "assistant_tag": library.get("rlcd_assistant_tag"),
+        "system": library.get("rlcd_system").expect("descriptor", ["descriptor"]),
+        "assistant_tag": library.get("rlcd_assistant_tag").expect("descriptor", ["descriptor"]),
     }
     if cfg.rescore:
-        out["rescore"] = library.get(cfg.rescore_template)
+        out["rescore"] = library.get(cfg.rescore_template).expect("preference", PREFERENCE_VARS)
         choice_parser(out["rescore"])
     return out
