@@ -23,8 +23,13 @@ run: $(STAMP) $(MODEL)
 test: $(STAMP) $(MODEL) $(CHROMIUM)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Side-by-side benchmarks, each printing its ratios (README "Benchmarks"). About 25 minutes
+# on 2 cores; orchestration.py reads the demo's database when `make run` has filled it.
 bench: $(STAMP) $(MODEL)
 	$(PY) bench/engines.py
+	$(PY) bench/stages.py
+	$(PY) bench/store.py
+	$(PY) bench/orchestration.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline flows tests bench

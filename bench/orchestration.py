@@ -39,7 +39,7 @@ def main() -> None:
 
     split = finished_rounds(args.db, args.run)
     # Rounds stored before stage set-up times were recorded have no split to read.
-    if not split or all("flow (store, set-up)" not in s for s in split.values()):
+    if not split or all("flow (store, engine stop)" not in s for s in split.values()):
         tmp = Path(tempfile.mkdtemp(prefix="prefloop-bench-"))
         args.db = tmp / "bench.duckdb"
         print(f"no timed rounds of run {args.run!r}: running one demo round into {args.db}")

@@ -235,6 +235,7 @@ def run(
     """Run the iterative loop: generate pairs with every enabled method, train, repeat.
     Re-running the same command resumes where it stopped."""
     from flows.loop import loop_flow, task_runner
+    from pipeline.engines import start_engine
     from pipeline.models import resolve_model
     from pipeline.rounds import load_inputs
     from pipeline.store import Store
@@ -244,6 +245,10 @@ def run(
     for model in (cfg.model, cfg.self_reward.judge_model, cfg.evaluation.judge_model):
         if model is not None:
             resolve_model(model)
+    for engine in (cfg.engine, cfg.evaluation.engine):
+        if engine is not None and engine.kind == "openai":  # a wrong URL fails here, at once
+            with start_engine(resolve_model(cfg.model).path, engine, cfg.seed) as remote:
+                remote.ping()
     task_runner(cfg)  # runner.kind ray without prefect-ray installed fails here
     with Store(cfg.db_path):  # held by another writer, or from a newer prefloop: fail here
         pass

@@ -320,14 +320,14 @@ def round_flow(config_json: str, run_id: str, round_: int, model_id: str) -> str
                     pairs = store.evaluation_pairs(run_id, round_)
                 rows = evaluation_stage("agreement", ctx, config_json, spec, {"pairs": pairs})
                 _write(store, rows, clock, logger, ctx, "agreement", 0, 1)
-            close_engines()
+            _stop_engines(clock)
             # M_t's held-out answers, on the evaluation engine (M_t+1's come after training).
             if win_rate and ("heldout", 0) not in done:
                 eval_spec = _spec(store, cfg, model_id, ctx.seed, evaluation=True)
                 rows = evaluation_stage("heldout", ctx, config_json, eval_spec, {})
                 _write(store, rows, clock, logger, ctx, "heldout", 0, 1)
         finally:
-            close_engines()  # training needs the memory; a crash must not leak it either
+            _stop_engines(clock)  # training needs the memory; a crash must not leak it either
 
         next_model = model_id
         if cfg.training.kind != "none":
@@ -345,6 +345,11 @@ def round_flow(config_json: str, run_id: str, round_: int, model_id: str) -> str
         store.upsert_round(run_id, round_, model_id, status="finished", finished_at=_now())
         logger.info("round %d finished: pairs %s; next model %s", round_, counts, next_model)
         return next_model
+
+
+def _stop_engines(clock: _FlowClock) -> None:
+    with clock:  # a vLLM shutdown takes seconds: the flow's own time, not orchestration
+        close_engines()
 
 
 def _now() -> datetime:
@@ -381,7 +386,7 @@ def _win_rate(
             new_spec = _spec(store, cfg, new_model, ctx.seed, evaluation=True)
             rows = evaluation_stage("heldout_new", ctx, config_json, new_spec, {})
             _write(store, rows, clock, logger, ctx, "heldout_new", 0, 1)
-            close_engines()
+            _stop_engines(clock)
         if ("win_rate", 0) not in done:
             with clock:
                 judge_id = _eval_judge(store, cfg, ctx.run_id)
@@ -405,7 +410,7 @@ def _win_rate(
                 details["flip_rate"],
             )
     finally:
-        close_engines()
+        _stop_engines(clock)
 
 
 def _eval_judge(store: Store, cfg: RunConfig, run_id: str) -> str:

@@ -214,9 +214,9 @@ def _by_round(evaluations: Sequence[Mapping[str, Any]], metric: str, method=None
 
 
 def time_split(rounds: Sequence[Mapping], stages: Sequence[Mapping]) -> dict[int, dict]:
-    """Per round: seconds per stage (work), engine start-up, the flow's own store work,
-    and the rest of the round's wall time: orchestration (Prefect's task and flow-run
-    machinery) and whatever else was not timed."""
+    """Per round: seconds per stage (work), engine start-up, the flow's own work (store
+    reads and writes, engine shutdowns), and the rest of the round's wall time:
+    orchestration (Prefect's task and flow-run machinery) and whatever else was not timed."""
     out: dict[int, dict[str, float]] = {}
     for r in rounds:
         if r["wall_s"] is None:
@@ -225,7 +225,7 @@ def time_split(rounds: Sequence[Mapping], stages: Sequence[Mapping]) -> dict[int
         for s in stages:
             if s["round"] != r["round"]:
                 continue
-            key = "flow (store, set-up)" if s["stage"] == "flow" else s["stage"]
+            key = "flow (store, engine stop)" if s["stage"] == "flow" else s["stage"]
             parts[key] += s["wall_s"]
             parts["engine start"] += s["setup_s"] or 0.0
         parts["orchestration"] = max(r["wall_s"] - sum(parts.values()), 0.0)

@@ -139,3 +139,68 @@ def chromium():
         return out.stdout
 
     return render
+
+
+@pytest.fixture(scope="session")
+def vllm_serve():
+    """Start `vllm serve` for a model: `proc, url = vllm_serve(model_dir)`. Every server
+    started is stopped at the end of the session, if a test has not stopped it already."""
+    procs = []
+
+    def start(model_dir: Path):
+        proc, url = _start_vllm_server(model_dir)
+        procs.append(proc)
+        return proc, url
+
+    yield start
+    for proc in procs:
+        _stop(proc)
+
+
+def _start_vllm_server(model_dir: Path, served_name: str = "tiny"):
+    """`vllm serve` (the OpenAI-compatible server) on a free loopback port; returns the
+    process and the API's base URL once it answers."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        *("--model", str(model_dir), "--served-model-name", served_name),
+        *("--host", "127.0.0.1", "--port", str(port)),
+        *("--max-model-len", "512", "--enforce-eager", "--seed", "0"),
+    ]
+    if not torch.cuda.is_available():
+        cmd += ["--kv-cache-memory-bytes", str(512 << 20)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"vllm serve exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(2)
+    proc.kill()
+    pytest.fail("vllm serve did not come up in 400 s")
+
+
+def _stop(proc) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

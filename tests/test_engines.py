@@ -1,17 +1,13 @@
 """Each engine on the same requests, with a tiny random model and the real tokenizer."""
 
 import http.server
-import subprocess
-import sys
 import threading
-import time
 
-import httpx
 import pytest
 
 from pipeline.config import EngineConfig
 from pipeline.engines import PROMPT_TOO_LONG, Sampling, start_engine
-from pipeline.errors import EngineError
+from pipeline.errors import EngineError, TransientEngineError
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -105,12 +101,14 @@ def test_rendering_uses_the_models_chat_template(hf_engine):
 
 
 def test_openai_refused_port_is_a_clear_error(tiny_model_dir, free_port):
-    cfg = EngineConfig(kind="openai", base_url=f"http://127.0.0.1:{free_port}/v1", max_retries=0)
-    with (
-        start_engine(tiny_model_dir, cfg, seed=0) as engine,
-        pytest.raises(EngineError, match="cannot connect .*is the server running"),
-    ):
-        engine.generate(CONVERSATIONS, Sampling(max_tokens=4))
+    """Before a run, a wrong URL fails at once; mid-run, a refused connection is retried
+    and then raised as a transient fault (the flow retries the batch, then fails it)."""
+    cfg = EngineConfig(kind="openai", base_url=f"http://127.0.0.1:{free_port}/v1", max_retries=1)
+    with start_engine(tiny_model_dir, cfg, seed=0) as engine:
+        with pytest.raises(EngineError, match="does not answer .*is the server running"):
+            engine.ping()
+        with pytest.raises(TransientEngineError, match="cannot connect after 2 tries"):
+            engine.generate(CONVERSATIONS, Sampling(max_tokens=4))
 
 
 class _Flaky(http.server.BaseHTTPRequestHandler):
@@ -159,54 +157,10 @@ def test_openai_retries_5xx_then_succeeds(tiny_model_dir, free_port):
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tiny_model_dir):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(tiny_model_dir),
-        "--served-model-name",
-        "tiny",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-model-len",
-        "512",
-        "--enforce-eager",
-        "--seed",
-        "0",
-    ]
-    import torch
-
-    if not torch.cuda.is_available():
-        cmd += ["--kv-cache-memory-bytes", str(512 << 20)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"vllm serve exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(2)
-    else:
-        proc.kill()
-        pytest.fail("vllm serve did not come up in 400 s")
+def vllm_server(tiny_model_dir, vllm_serve):
+    proc, url = vllm_serve(tiny_model_dir)
     yield url
     proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The Prefect flows, for real: two rounds with the tiny model, resume after SIGKILL, and a
 served deployment on a real Prefect server."""
 
+import contextlib
 import json
 import os
 import re
@@ -158,6 +159,46 @@ def _run_cli(config: Path, env: dict, **kw) -> subprocess.Popen:
     )
 
 
+def _tree(pid: int) -> set[int]:
+    """A process and all its descendants (from /proc)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == parent and p not in found]
+        found.update(children)
+        frontier += children
+    return found
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 as in /proc
+
+
+def _listening_addresses(pids: set[int]) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp* writes them) of every TCP socket these
+    processes listen on."""
+    inodes = set()
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue
+        inodes |= {link[8:-1] for link in links if link.startswith("socket:[")}
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.add(fields[1].split(":")[0])
+    return found
+
+
 def _env(tmp_path: Path) -> dict:
     return {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""}
 
@@ -187,12 +228,19 @@ def test_resume_after_sigkill(tmp_path, tiny_model_dir):
 
     path, cfg = runs["killed"]
     proc = _run_cli(path, _env(tmp_path))
-    seen = []
+    seen, listening = [], set()
     for line in proc.stdout:  # kill in the middle of the rlcd stage
         seen.append(line)
+        tree = _tree(proc.pid)
+        listening |= _listening_addresses(tree)
         if "rlcd" in line and "batch 2/" in line:
             proc.send_signal(signal.SIGKILL)
+            for orphan in tree - {proc.pid}:  # its Prefect server would outlive it
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(orphan, signal.SIGKILL)
             break
+    # The run's own Prefect server (and anything else it starts) listens on loopback only.
+    assert listening and listening <= LOOPBACK, listening
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
     with Store(cfg["db_path"], read_only=True) as store:
@@ -309,6 +357,53 @@ def test_chaos_five_sigkills_equal_an_uninterrupted_run(tmp_path, tiny_model_dir
     assert chaos["counts"] == whole["counts"], kills
     assert chaos["batches"] == whole["batches"], kills
     assert chaos["models"] == whole["models"], "trained weights differ"
+
+
+@pytest.mark.slow
+def test_openai_server_killed_mid_round(tmp_path, tiny_model_dir, vllm_serve):
+    """The OpenAI-compatible server dies in the middle of a round: the engine retries, the
+    flow retries the batch, then the run stops with one clear line; the batches finished
+    before the fault stay stored and the round is not marked finished."""
+    server, url = vllm_serve(tiny_model_dir)
+    cfg = tiny_config(
+        tmp_path,
+        tiny_model_dir,
+        rounds=1,
+        self_reward={"enabled": False},
+        cai={"enabled": False},
+        training={"kind": "none"},
+        evaluation={"enabled": False},
+    )
+    cfg["engine"] = {
+        "kind": "openai",
+        "base_url": url,
+        "served_model_name": "tiny",
+        "max_model_len": 512,
+        "batch_size": 2,
+        "max_retries": 1,
+    }
+    path = tmp_path / "openai.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = _run_cli(path, _env(tmp_path))
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "rlcd" in line and "batch 1/3" in line:
+            server.kill()  # the next batch finds no server
+            break
+    seen += proc.stdout.readlines()
+    proc.wait(timeout=300)
+    out = "".join(seen)
+    assert proc.returncode == 2, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "cannot connect after 2 tries" in last, last
+    assert "is the server running?" in last
+    assert out.count("Retry ") >= 2, "the flow did not retry the batch"  # Prefect's retries
+    with Store(cfg["db_path"], read_only=True) as store:
+        done = store.done_batches("flowtest", 1)
+        assert ("rlcd", 0) in done and ("rlcd", 2) not in done
+        assert store.pair_counts("flowtest", 1)["rlcd"] > 0  # batch 0's pairs are kept
+        assert store.round_info("flowtest", 1)["status"] != "finished"
 
 
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:

@@ -122,7 +122,7 @@ def test_time_split_leaves_the_rest_to_orchestration():
     ]
     split = time_split(rounds, stages)[1]
     assert split["rlcd"] == 60.0 and split["engine start"] == 20.0
-    assert split["flow (store, set-up)"] == 5.0
+    assert split["flow (store, engine stop)"] == 5.0
     assert split["orchestration"] == pytest.approx(15.0)
 
 

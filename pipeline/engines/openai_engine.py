@@ -58,6 +58,15 @@ class OpenAIEngine(EngineBase):
             max_retries=cfg.max_retries,
         )
 
+    def ping(self) -> None:
+        """Fail at once, with one line, when nothing answers at `base_url`."""
+        try:
+            self.client.get("/models", timeout=10.0).raise_for_status()
+        except httpx.HTTPError as e:
+            raise EngineError(
+                f"engine.base_url: {self.base_url} does not answer ({e}); is the server running?"
+            ) from None
+
     def _post(self, body: dict) -> dict:
         """POST /completions; retries timeouts, 429 and 5xx with jittered backoff."""
         for attempt in range(self.max_retries + 1):
@@ -65,9 +74,13 @@ class OpenAIEngine(EngineBase):
             try:
                 response = self.client.post("/completions", json=body)
             except httpx.ConnectError as e:
-                raise EngineError(
-                    f"{self.base_url}: cannot connect ({e}); is the server running?"
-                ) from None
+                # Mid-run, a refused connection is a server restarting or gone: retried
+                # here and by the flow. A wrong URL is caught before the run (`ping`).
+                if last:
+                    raise TransientEngineError(
+                        f"{self.base_url}: cannot connect after {self.max_retries + 1} tries "
+                        f"({e}); is the server running?"
+                    ) from None
             except httpx.TimeoutException:
                 if last:
                     raise TransientEngineError(
