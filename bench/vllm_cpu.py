@@ -3,7 +3,7 @@ requests under each variant, each in a fresh process (vLLM reads these at start)
 
     .venv/bin/python bench/vllm_cpu.py [--variants default,all_cores,compiled,bf16]
 
-- default:    what prefloop runs (eager; the engine's own CPU reservation policy);
+- default:    what prefloop runs (eager, float32, no core reserved);
 - one_core:   vLLM's stock policy on this machine: one core reserved for the front end,
               so the model runs on 1 of 2 cores;
 - all_cores:  no reserved core (VLLM_CPU_NUM_OF_RESERVED_CPU=0): the model gets both;
@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = {
     "default": ({}, {}),
-    "one_core": ({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, {}),
-    "all_cores": ({"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, {}),
+    "one_core": ({}, {"cpu_reserved_cores": 1}),
+    "all_cores": ({}, {"cpu_reserved_cores": 0}),
     "compiled": ({}, {"enforce_eager": False}),
     "bf16": ({}, {"dtype": "bfloat16"}),
 }

@@ -283,13 +283,13 @@ def build(data: Mapping[str, Any], run_id: str, db_path: str) -> dict[str, Any]:
         for m in methods:
             found = _by_round(evals, f"agreement_{labeler}", m)
             if found:
-                group = f"{m} vs {labeler.replace('_', '-')}"
+                group = f"{m}/{'self' if labeler == 'self_judge' else 'pair'}"
                 groups.append(group)
                 for r, e in found.items():
                     agreement[f"round {r}"][group] = e["value"]
     plots["agreement"] = bar_chart(
         "agreement",
-        "Cross-method agreement (share of decided pairs)",
+        "Agreement with the method's label (pair: pairwise judge, self: self-judge)",
         groups,
         agreement,
         "agreement",

@@ -1,6 +1,7 @@
 """vLLM engine: one `LLM` per model per round, one call per batch with `n=` samples."""
 
 import gc
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ class VllmEngine(EngineBase):
         if on_gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         else:
+            if cfg.cpu_reserved_cores is not None:  # read by the engine process it starts
+                os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(cfg.cpu_reserved_cores)
             # On CPU, gpu_memory_utilization is a share of the NUMA node's memory, checked
             # against what is free at start; an explicit KV-cache size avoids that check.
             kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gib * (1 << 30))
