@@ -65,8 +65,10 @@ def load_inputs(cfg: RunConfig) -> RoundInputs:
         duplicate_prompts=len(prompts) - len(unique),
     )
     if cfg.self_reward.enabled:
-        inputs.judge = library.get(cfg.self_reward.judge_template).expect("judge", JUDGE_VARS)
+        # The parser first: a template of the wrong kind is named as such.
+        inputs.judge = library.get(cfg.self_reward.judge_template)
         self_reward.judge_parser(inputs.judge)
+        inputs.judge.expect("judge", JUDGE_VARS)
         if cfg.self_reward.self_instruct.enabled:
             template = library.get(cfg.self_reward.self_instruct.template)
             inputs.self_instruct = template.expect("self-instruct", ["examples"])
@@ -77,9 +79,9 @@ def load_inputs(cfg: RunConfig) -> RoundInputs:
         inputs.cai_templates = cai.cai_templates(library, cfg.cai)
         inputs.constitution, _ = cai.load_constitution(cfg.cai.constitution)
     if cfg.evaluation.enabled:
-        template = library.get(cfg.evaluation.judge_template)
-        inputs.eval_judge = template.expect("pairwise judge", PAIRWISE_VARS)
+        inputs.eval_judge = library.get(cfg.evaluation.judge_template)
         choice_parser(inputs.eval_judge)
+        inputs.eval_judge.expect("pairwise judge", PAIRWISE_VARS)
     return inputs
 
 

@@ -256,7 +256,8 @@ def test_resume_after_sigkill(tmp_path, tiny_model_dir):
     with Store(cfg["db_path"], read_only=True) as store:
         done_after = store.done_batches("flowtest", 1)
         # Finished batches were not redone: only the missing ones ran, and their rows stay.
-        assert len(redone) == len(done_after) - len(done_before)
+        # (the round's "flow" row, its own time, is written once at the end, not logged)
+        assert len(redone) == len(done_after - {("flow", 0)}) - len(done_before)
         after = store.query("SELECT stage, batch, created_at FROM stage_metrics")
         assert all(k in after for k in kept)  # stored before the kill, untouched since
         killed_pairs = store.pair_counts("flowtest", 1)
@@ -395,9 +396,8 @@ def test_openai_server_killed_mid_round(tmp_path, tiny_model_dir, vllm_serve):
     proc.wait(timeout=300)
     out = "".join(seen)
     assert proc.returncode == 2, out[-3000:]
-    last = out.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "cannot connect after 2 tries" in last, last
-    assert "is the server running?" in last
+    [error] = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert "cannot connect after 2 tries" in error and "is the server running?" in error, error
     assert out.count("Retry ") >= 2, "the flow did not retry the batch"  # Prefect's retries
     with Store(cfg["db_path"], read_only=True) as store:
         done = store.done_batches("flowtest", 1)

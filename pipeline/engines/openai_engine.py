@@ -68,23 +68,26 @@ class OpenAIEngine(EngineBase):
             ) from None
 
     def _post(self, body: dict) -> dict:
-        """POST /completions; retries timeouts, 429 and 5xx with jittered backoff."""
+        """POST /completions; retries timeouts, dropped connections, 429 and 5xx with
+        jittered backoff."""
         for attempt in range(self.max_retries + 1):
             last = attempt == self.max_retries
             try:
                 response = self.client.post("/completions", json=body)
-            except httpx.ConnectError as e:
-                # Mid-run, a refused connection is a server restarting or gone: retried
-                # here and by the flow. A wrong URL is caught before the run (`ping`).
+            except httpx.TransportError as e:
+                # Mid-run, a refused or dropped connection is a server restarting or gone:
+                # retried here and by the flow. A wrong URL is caught before the run (`ping`).
                 if last:
+                    what = (
+                        "timed out"
+                        if isinstance(e, httpx.TimeoutException)
+                        else "cannot connect"
+                        if isinstance(e, httpx.ConnectError)
+                        else "lost the connection"
+                    )
                     raise TransientEngineError(
-                        f"{self.base_url}: cannot connect after {self.max_retries + 1} tries "
-                        f"({e}); is the server running?"
-                    ) from None
-            except httpx.TimeoutException:
-                if last:
-                    raise TransientEngineError(
-                        f"{self.base_url}: timed out after {self.max_retries + 1} tries"
+                        f"{self.base_url}: {what} after {self.max_retries + 1} tries ({e}); "
+                        "is the server running?"
                     ) from None
             else:
                 if response.status_code < 400:

@@ -397,8 +397,8 @@ def cai_templates(library, cfg: CaiConfig) -> dict[str, Template]:
         feedback = library.get(
             cfg.feedback_cot_template if cfg.feedback_cot else cfg.feedback_template
         )
+        choice_parser(feedback)
         out["feedback"] = feedback.expect("preference", PREFERENCE_VARS)
-        choice_parser(out["feedback"])
     return out
 
 

@@ -225,6 +225,7 @@ def rlcd_templates(library, cfg: RlcdConfig) -> dict[str, Template]:
         "assistant_tag": library.get("rlcd_assistant_tag").expect("descriptor", ["descriptor"]),
     }
     if cfg.rescore:
-        out["rescore"] = library.get(cfg.rescore_template).expect("preference", PREFERENCE_VARS)
+        out["rescore"] = library.get(cfg.rescore_template)
         choice_parser(out["rescore"])
+        out["rescore"].expect("preference", PREFERENCE_VARS)
     return out
