@@ -242,12 +242,13 @@ def run(
 
     cfg = _run_config(config, overrides, judge_template)
     inputs = load_inputs(cfg)  # every input file checked before Prefect or an engine starts
-    for model in (cfg.model, cfg.self_reward.judge_model, cfg.evaluation.judge_model):
-        if model is not None:
-            resolve_model(model)
+    model = resolve_model(cfg.model)
+    for other in (cfg.self_reward.judge_model, cfg.evaluation.judge_model):
+        if other is not None:
+            resolve_model(other)
     for engine in (cfg.engine, cfg.evaluation.engine):
         if engine is not None and engine.kind == "openai":  # a wrong URL fails here, at once
-            with start_engine(resolve_model(cfg.model).path, engine, cfg.seed) as remote:
+            with start_engine(model.path, engine, cfg.seed) as remote:
                 remote.ping()
     task_runner(cfg)  # runner.kind ray without prefect-ray installed fails here
     with Store(cfg.db_path):  # held by another writer, or from a newer prefloop: fail here

@@ -251,6 +251,61 @@ def _comparison(
     }
 
 
+def _ask_both_orders(
+    judge: Engine,
+    template: Template,
+    items: Sequence[tuple[str, str, str, Mapping[str, Any], Mapping[str, Any]]],
+    orders: tuple[str, str],
+    ctx: RoundContext,
+    purpose: str,
+    judge_model_id: str,
+    rows: Rows,
+) -> dict[str, list[float | None]]:
+    """Ask every item (key, prompt id, instruction, first answer, second answer) with the
+    first answer as (A), then as (B), all in one judge call; store each question as a
+    comparison. Returns, per key, P(first answer better) for each order (None where the
+    question did not fit the context)."""
+    questions, asked = [], []
+    for key, prompt_id, instruction, first, second in items:
+        for order, a, b in ((orders[0], first, second), (orders[1], second, first)):
+            questions.append(
+                {"instruction": instruction, "response_a": a["text"], "response_b": b["text"]}
+            )
+            asked.append((key, prompt_id, order, a, b))
+    probs, _ = ask_choices(judge, template, questions) if questions else ([], [])
+    p_first: dict[str, list[float | None]] = defaultdict(list)
+    for (key, prompt_id, order, a, b), p in zip(asked, probs, strict=True):
+        prob_a = None if p is None else p[0]
+        rows.add(
+            "comparisons",
+            _comparison(
+                ctx, purpose, key, order, prompt_id, a, b, prob_a, template, judge_model_id
+            ),
+        )
+        p_first[key].append(
+            None if prob_a is None else prob_a if order == orders[0] else 1.0 - prob_a
+        )
+    return p_first
+
+
+def _add_agreement(
+    rows: Rows, ctx: RoundContext, metric: str, by_method: Mapping[str, list], template: Template
+) -> None:
+    for method, verdicts in sorted(by_method.items()):
+        result = agreement(verdicts)
+        rows.add(
+            "evaluations",
+            evaluation_row(
+                ctx,
+                metric,
+                result.pop("agreement"),
+                method,
+                template_id=template.template_id,
+                **result,
+            ),
+        )
+
+
 def compare_models(
     judge: Engine,
     template: Template,
@@ -263,31 +318,17 @@ def compare_models(
 ) -> Rows:
     """Win rate of the new model's held-out answers over the old model's (generation rows
     by prompt id), each prompt asked in both orders in one judge call."""
-    questions, asked, identical = [], [], []
+    items, identical = [], []
     for prompt in prompts:
         o, n = old[prompt.prompt_id], new[prompt.prompt_id]
         if normalise_text(o["text"]) == normalise_text(n["text"]):
             identical.append(prompt.prompt_id)
-            continue
-        for order, a, b in (("new_first", n, o), ("old_first", o, n)):
-            questions.append(
-                {"instruction": prompt.text, "response_a": a["text"], "response_b": b["text"]}
-            )
-            asked.append((prompt.prompt_id, order, a, b))
-    probs, _ = ask_choices(judge, template, questions) if questions else ([], [])
+        else:
+            items.append((prompt.prompt_id, prompt.prompt_id, prompt.text, n, o))
     rows = Rows()
-    p_new: dict[str, list[float | None]] = defaultdict(list)
-    for (prompt_id, order, a, b), p in zip(asked, probs, strict=True):
-        prob_a = None if p is None else p[0]
-        rows.add(
-            "comparisons",
-            _comparison(
-                ctx, "win_rate", prompt_id, order, prompt_id, a, b, prob_a, template, judge_model_id
-            ),
-        )
-        p_new[prompt_id].append(
-            None if prob_a is None else prob_a if order == "new_first" else 1.0 - prob_a
-        )
+    p_new = _ask_both_orders(
+        judge, template, items, ("new_first", "old_first"), ctx, "win_rate", judge_model_id, rows
+    )
     result = win_rate(p_new, cfg.tie_band, identical)
     old_model = next(iter(old.values()))["model_id"] if old else None
     new_model = next(iter(new.values()))["model_id"] if new else None
@@ -358,66 +399,32 @@ def relabel_pairs(
             r = summary.get(p["rejected_generation_id"], {}).get("mean")
             v = None if c is None or r is None else WIN if c > r else LOSS if c < r else TIE
             by_method[p["method"]].append(v)
-        for method, verdicts in sorted(by_method.items()):
-            result = agreement(verdicts)
-            rows.add(
-                "evaluations",
-                evaluation_row(
-                    ctx,
-                    "agreement_self_judge",
-                    result.pop("agreement"),
-                    method,
-                    template_id=judge.template_id,
-                    **result,
-                ),
-            )
-    questions, asked = [], []
-    for p in pairs:
-        c = {"generation_id": p["chosen_generation_id"], "text": p["chosen"]}
-        r = {"generation_id": p["rejected_generation_id"], "text": p["rejected"]}
-        for order, a, b in (("chosen_first", c, r), ("rejected_first", r, c)):
-            questions.append(
-                {"instruction": p["prompt"], "response_a": a["text"], "response_b": b["text"]}
-            )
-            asked.append((p, order, a, b))
-    probs, _ = ask_choices(engine, pairwise, questions)
-    p_chosen: dict[str, list[float]] = defaultdict(list)
-    for (p, order, a, b), prob in zip(asked, probs, strict=True):
-        prob_a = None if prob is None else prob[0]
-        rows.add(
-            "comparisons",
-            _comparison(
-                ctx,
-                "agreement",
-                p["pair_id"],
-                order,
-                p["prompt_id"],
-                a,
-                b,
-                prob_a,
-                pairwise,
-                ctx.model_id,
-            ),
+        _add_agreement(rows, ctx, "agreement_self_judge", by_method, judge)
+    items = [
+        (
+            p["pair_id"],
+            p["prompt_id"],
+            p["prompt"],
+            {"generation_id": p["chosen_generation_id"], "text": p["chosen"]},
+            {"generation_id": p["rejected_generation_id"], "text": p["rejected"]},
         )
-        if prob_a is not None:
-            p_chosen[p["pair_id"]].append(prob_a if order == "chosen_first" else 1.0 - prob_a)
+        for p in pairs
+    ]
+    p_chosen = _ask_both_orders(
+        engine,
+        pairwise,
+        items,
+        ("chosen_first", "rejected_first"),
+        ctx,
+        "agreement",
+        ctx.model_id,
+        rows,
+    )
     by_method = defaultdict(list)
     for p in pairs:
-        ps = p_chosen.get(p["pair_id"])
+        ps = [x for x in p_chosen.get(p["pair_id"], []) if x is not None]
         by_method[p["method"]].append(verdict(statistics.fmean(ps), cfg.tie_band) if ps else None)
-    for method, verdicts in sorted(by_method.items()):
-        result = agreement(verdicts)
-        rows.add(
-            "evaluations",
-            evaluation_row(
-                ctx,
-                "agreement_pairwise",
-                result.pop("agreement"),
-                method,
-                template_id=pairwise.template_id,
-                **result,
-            ),
-        )
+    _add_agreement(rows, ctx, "agreement_pairwise", by_method, pairwise)
     rows.add("templates", pairwise.record())
     return rows
 

@@ -263,6 +263,13 @@ MIGRATIONS: list[list[str]] = [
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
+# A pair with its prompt (pr) and both generations (c: chosen, r: rejected).
+_PAIRS_WITH_TEXTS = (
+    "FROM pairs p "
+    "JOIN prompts pr ON pr.run_id = p.run_id AND pr.prompt_id = p.prompt_id "
+    "JOIN generations c ON c.generation_id = p.chosen_generation_id "
+    "JOIN generations r ON r.generation_id = p.rejected_generation_id"
+)
 _LOCK_PID = re.compile(r"\(PID (\d+)\)")
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 
@@ -390,9 +397,11 @@ class Store:
             raise ValueError(f"not a table name: {table!r}")
         key = self._primary_key(table)
         if not isinstance(rows, pa.Table):
-            if key:
-                rows = list({tuple(r.get(k) for k in key): r for r in reversed(rows)}.values())
-                rows.reverse()
+            if key:  # the first row of each id, in order
+                first: dict[tuple, dict[str, Any]] = {}
+                for r in rows:
+                    first.setdefault(tuple(r.get(k) for k in key), r)
+                rows = list(first.values())
             rows = pa.Table.from_pylist(list(rows))
         if rows.num_rows == 0:
             return 0
@@ -520,11 +529,7 @@ class Store:
         return self.query(
             "SELECT p.pair_id, p.method, p.variant, pr.messages_json, c.text AS chosen, "
             "r.text AS rejected, p.margin, p.soft_label "
-            "FROM pairs p "
-            "JOIN prompts pr ON pr.run_id = p.run_id AND pr.prompt_id = p.prompt_id "
-            "JOIN generations c ON c.generation_id = p.chosen_generation_id "
-            "JOIN generations r ON r.generation_id = p.rejected_generation_id "
-            f"WHERE {' AND '.join(where)} ORDER BY p.pair_id",
+            f"{_PAIRS_WITH_TEXTS} WHERE {' AND '.join(where)} ORDER BY p.pair_id",
             params,
         )
 
@@ -615,11 +620,7 @@ class Store:
             "pr.messages_json, p.chosen_generation_id, p.rejected_generation_id, "
             "c.text AS chosen, r.text AS rejected, c.finish_reason AS chosen_finish_reason, "
             "r.finish_reason AS rejected_finish_reason "
-            "FROM pairs p "
-            "JOIN prompts pr ON pr.run_id = p.run_id AND pr.prompt_id = p.prompt_id "
-            "JOIN generations c ON c.generation_id = p.chosen_generation_id "
-            "JOIN generations r ON r.generation_id = p.rejected_generation_id "
-            "WHERE p.run_id = ? AND p.round = ? ORDER BY p.pair_id",
+            f"{_PAIRS_WITH_TEXTS} WHERE p.run_id = ? AND p.round = ? ORDER BY p.pair_id",
             [run_id, round_],
         )
 

@@ -159,6 +159,20 @@ def _run_cli(config: Path, env: dict, **kw) -> subprocess.Popen:
     )
 
 
+def _config_files(tmp_path: Path, model: Path, over: dict, names) -> dict:
+    """One YAML config per name (batch size 2), each with its own database: name ->
+    (path, config)."""
+    runs = {}
+    for name in names:
+        cfg = tiny_config(tmp_path / name, model, **over)
+        cfg["engine"]["batch_size"] = 2
+        path = tmp_path / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg))
+        runs[name] = (path, cfg)
+    return runs
+
+
 def _tree(pid: int) -> set[int]:
     """A process and all its descendants (from /proc)."""
     parents: dict[int, int] = {}
@@ -213,14 +227,7 @@ def test_resume_after_sigkill(tmp_path, tiny_model_dir):
             "sampling": {"max_tokens": 8},
         },
     }
-    runs = {}
-    for name in ("whole", "killed"):
-        cfg = tiny_config(tmp_path / name, tiny_model_dir, **over)
-        cfg["engine"]["batch_size"] = 2
-        path = tmp_path / f"{name}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(cfg))
-        runs[name] = (path, cfg)
+    runs = _config_files(tmp_path, tiny_model_dir, over, ("whole", "killed"))
 
     path, cfg = runs["whole"]
     out = _run_cli(path, _env(tmp_path)).communicate(timeout=600)[0]
@@ -316,14 +323,7 @@ def test_chaos_five_sigkills_equal_an_uninterrupted_run(tmp_path, tiny_model_dir
             },
         },
     }
-    runs = {}
-    for name in ("whole", "chaos"):
-        cfg = tiny_config(tmp_path / name, tiny_model_dir, **over)
-        cfg["engine"]["batch_size"] = 2
-        path = tmp_path / f"{name}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(cfg))
-        runs[name] = (path, cfg)
+    runs = _config_files(tmp_path, tiny_model_dir, over, ("whole", "chaos"))
 
     path, cfg = runs["whole"]
     out = _run_cli(path, _env(tmp_path)).communicate(timeout=900)[0]
