@@ -8,7 +8,10 @@ requests under each variant, each in a fresh process (vLLM reads these at start)
               so the model runs on 1 of 2 cores;
 - all_cores:  no reserved core (VLLM_CPU_NUM_OF_RESERVED_CPU=0): the model gets both;
 - compiled:   torch.compile graphs instead of eager (enforce_eager false);
-- bf16:       bfloat16 weights and activations instead of float32.
+- bf16:       bfloat16 weights and activations instead of float32;
+- block<N>:   KV-cache blocks of N tokens (vLLM-CPU's own default is 128).
+
+Each line also gives the engine's stop time (close() until its processes are gone).
 """
 
 import argparse
@@ -27,6 +30,7 @@ VARIANTS = {
     "all_cores": ({}, {"cpu_reserved_cores": 0}),
     "compiled": ({}, {"enforce_eager": False}),
     "bf16": ({}, {"dtype": "bfloat16"}),
+    **{f"block{n}": ({}, {"block_size": n}) for n in (128, 64, 32, 16)},
 }
 
 
@@ -43,14 +47,18 @@ def child(variant: str, sequences: int, max_tokens: int) -> None:
     convs = [prompts[i % len(prompts)] for i in range(sequences)]
     start = time.perf_counter()
     cfg = EngineConfig(kind="vllm", cpu_kv_cache_gib=2, **settings)
-    with start_engine(model.path, cfg, seed=0) as engine:
-        started = time.perf_counter() - start
-        params = Sampling(n=1, temperature=0.7, top_p=0.9, max_tokens=max_tokens)
-        engine.generate(convs[:2], params)  # warm-up
-        start = time.perf_counter()
-        tokens = sum(c.n_tokens for r in engine.generate(convs, params) for c in r)
-        seconds = time.perf_counter() - start
-    print("RESULT " + json.dumps({"start_s": started, "tok_s": tokens / seconds}))
+    engine = start_engine(model.path, cfg, seed=0)
+    started = time.perf_counter() - start
+    params = Sampling(n=1, temperature=0.7, top_p=0.9, max_tokens=max_tokens)
+    engine.generate(convs[:2], params)  # warm-up
+    start = time.perf_counter()
+    tokens = sum(c.n_tokens for r in engine.generate(convs, params) for c in r)
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    engine.close()
+    stopped = time.perf_counter() - start
+    result = {"start_s": started, "tok_s": tokens / seconds, "stop_s": stopped}
+    print("RESULT " + json.dumps(result))
 
 
 def main() -> None:
@@ -90,7 +98,8 @@ def main() -> None:
         results[variant] = json.loads(line[7:])
         r = results[variant]
         print(
-            f"{variant:<10} start {r['start_s']:6.1f}s  {r['tok_s']:8.1f} generated tok/s",
+            f"{variant:<10} start {r['start_s']:6.1f}s  {r['tok_s']:8.1f} generated tok/s  "
+            f"stop {r['stop_s']:4.1f}s",
             flush=True,
         )
     base = results.get("default")

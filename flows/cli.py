@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from pipeline.config import load_config
-from pipeline.errors import PrefloopError
+from pipeline.errors import ConfigError, PrefloopError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 models_app = typer.Typer(no_args_is_help=True, help="Pull and list models.")
@@ -235,7 +235,7 @@ def run(
     """Run the iterative loop: generate pairs with every enabled method, train, repeat.
     Re-running the same command resumes where it stopped."""
     from flows.loop import loop_flow, task_runner
-    from pipeline.engines import start_engine
+    from pipeline.engines import engine_problem, start_engine
     from pipeline.models import resolve_model
     from pipeline.rounds import load_inputs
     from pipeline.store import Store
@@ -246,7 +246,10 @@ def run(
     for other in (cfg.self_reward.judge_model, cfg.evaluation.judge_model):
         if other is not None:
             resolve_model(other)
-    for engine in (cfg.engine, cfg.evaluation.engine):
+    for field, engine in (("engine", cfg.engine), ("evaluation.engine", cfg.evaluation.engine)):
+        problem = engine is not None and engine_problem(engine)
+        if problem:
+            raise ConfigError(f"{config}: {field}.{problem}")
         if engine is not None and engine.kind == "openai":  # a wrong URL fails here, at once
             with start_engine(model.path, engine, cfg.seed) as remote:
                 remote.ping()

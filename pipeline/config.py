@@ -36,6 +36,11 @@ class EngineConfig(StrictModel):
     # vLLM's automatic prefix caching: judge prompts share their rubric, candidates their
     # prompt. Off only to measure what it saves (bench/stages.py).
     prefix_caching: bool = True
+    # Tokens per KV-cache block (vllm). The prefix cache reuses whole blocks only, so a
+    # judge prompt's shared rubric and request are cached up to the last full block.
+    # None = 32 on CPU (a multiple of 32 there; vLLM's own CPU default is 128), vLLM's
+    # default on CUDA.
+    block_size: int | None = Field(None, ge=1)
     # Keep vLLM's engine metrics (prefix-cache queries and hits), read by the benchmarks.
     engine_stats: bool = False
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pipeline.store import SCHEMA_VERSION, Store
 
@@ -238,10 +239,18 @@ MATRIX = [
     ("non-UTF-8 bytes", _prompts(b'{"prompt": "a"}\n{"prompt": "\xff"}\n'), "p.jsonl:2: not UTF-8"),
     ("empty prompts", _prompts(b"\n\n"), "p.jsonl: no prompts"),
     ("model directory not a model", _model, "no config.json"),
+    pytest.param(
+        "engine setting the engine refuses",
+        _config("engine:\n  kind: vllm\n  block_size: 48\n"),
+        "c.yaml: engine.block_size: vLLM-CPU's attention needs a multiple of 32, got 48",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU engine's limit"),
+    ),
 ]
 
 
-@pytest.mark.parametrize(("case", "make_args", "message"), MATRIX, ids=[m[0] for m in MATRIX])
+@pytest.mark.parametrize(
+    ("case", "make_args", "message"), MATRIX, ids=[getattr(m, "values", m)[0] for m in MATRIX]
+)
 def test_bad_input_matrix(tmp_path, case, make_args, message):
     db_file = tmp_path / "kept.duckdb"
     with Store(db_file) as store:

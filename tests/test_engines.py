@@ -4,9 +4,11 @@ import http.server
 import threading
 
 import pytest
+import torch
 
 from pipeline.config import EngineConfig
-from pipeline.engines import PROMPT_TOO_LONG, Sampling, start_engine
+from pipeline.engines import PROMPT_TOO_LONG, Sampling, engine_problem, start_engine
+from pipeline.engines.vllm_engine import CPU_BLOCK_SIZE
 from pipeline.errors import EngineError, TransientEngineError
 
 CONVERSATIONS = [
@@ -89,6 +91,21 @@ def test_too_long_prompt_is_skipped_not_fatal(request, engine_name):
     results = engine.generate([CONVERSATIONS[0], long], Sampling(n=2, max_tokens=4))
     assert results[1] == results[1][:1] * 2 and results[1][0].finish_reason == PROMPT_TOO_LONG
     assert results[0][0].n_tokens > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU engine's block size")
+def test_vllm_cpu_uses_small_kv_blocks_and_refuses_what_its_attention_cannot_run(
+    vllm_engine, tiny_model_dir
+):
+    """32-token blocks, so the prefix cache reuses more of a judge prompt (bench/stages.py);
+    a size vLLM-CPU's attention cannot run is refused before the engine starts."""
+    assert vllm_engine.llm.llm_engine.vllm_config.cache_config.block_size == CPU_BLOCK_SIZE == 32
+    cfg = EngineConfig(kind="vllm", block_size=16)
+    assert engine_problem(cfg) == "block_size: vLLM-CPU's attention needs a multiple of 32, got 16"
+    with pytest.raises(EngineError, match=r"^engine\.block_size: .* got 16$"):
+        start_engine(tiny_model_dir, cfg, seed=0)
+    assert engine_problem(EngineConfig(kind="vllm", block_size=64)) is None
+    assert engine_problem(EngineConfig(kind="hf", block_size=16)) is None
 
 
 def test_rendering_uses_the_models_chat_template(hf_engine):

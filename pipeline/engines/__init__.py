@@ -21,6 +21,7 @@ __all__ = [
     "EngineBase",
     "Sampling",
     "engine_kind",
+    "engine_problem",
     "start_engine",
 ]
 
@@ -30,6 +31,18 @@ def engine_kind(cfg: EngineConfig) -> str:
     if cfg.kind != "auto":
         return cfg.kind
     return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def engine_problem(cfg: EngineConfig) -> str | None:
+    """A setting the configured engine will refuse on this machine ("block_size: ..."),
+    found before it starts, or None."""
+    if engine_kind(cfg) != "vllm" or cfg.block_size is None:
+        return None
+    import torch
+
+    from pipeline.engines.vllm_engine import block_size_problem
+
+    return block_size_problem(cfg, torch.cuda.is_available())
 
 
 def start_engine(model_path: Path, cfg: EngineConfig, seed: int) -> EngineBase:

