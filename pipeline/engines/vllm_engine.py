@@ -10,10 +10,10 @@ from pipeline.engines.base import Completion, EngineBase, Sampling
 from pipeline.errors import EngineError
 
 # KV-cache block size on CPU. vLLM-CPU's own default is 128, and its prefix cache reuses
-# whole blocks only: a judge prompt's shared rubric and request (~320 tokens) are then
-# cached up to 256. With 32 the free-form judge's hit rate goes from 79% to 87% and the
-# judge runs 1.2x faster, at the same decode speed (bench/stages.py, bench/vllm_cpu.py).
-# The CPU attention kernel needs a multiple of 32.
+# whole blocks only: of a judge prompt's shared rubric and request (270-290 tokens), or of
+# a prompt repeated for K judge samples (~380), 256 are reused. With 32 the free-form
+# judge's hit rate goes from 78% to 86% and the judge runs 1.2x faster, at the same decode
+# speed (bench/stages.py, bench/vllm_cpu.py). The CPU attention needs a multiple of 32.
 CPU_BLOCK_SIZE = 32
 
 
