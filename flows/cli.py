@@ -247,10 +247,12 @@ def run(
         if other is not None:
             resolve_model(other)
     for field, engine in (("engine", cfg.engine), ("evaluation.engine", cfg.evaluation.engine)):
-        problem = engine is not None and engine_problem(engine)
+        if engine is None:
+            continue
+        problem = engine_problem(engine)
         if problem:
             raise ConfigError(f"{config}: {field}.{problem}")
-        if engine is not None and engine.kind == "openai":  # a wrong URL fails here, at once
+        if engine.kind == "openai":  # a wrong URL fails here, at once
             with start_engine(model.path, engine, cfg.seed) as remote:
                 remote.ping()
     task_runner(cfg)  # runner.kind ray without prefect-ray installed fails here

@@ -78,15 +78,9 @@ class OpenAIEngine(EngineBase):
                 # Mid-run, a refused or dropped connection is a server restarting or gone:
                 # retried here and by the flow. A wrong URL is caught before the run (`ping`).
                 if last:
-                    what = (
-                        "timed out"
-                        if isinstance(e, httpx.TimeoutException)
-                        else "cannot connect"
-                        if isinstance(e, httpx.ConnectError)
-                        else "lost the connection"
-                    )
                     raise TransientEngineError(
-                        f"{self.base_url}: {what} after {self.max_retries + 1} tries ({e}); "
+                        f"{self.base_url}: {_transport_failure(e)} after "
+                        f"{self.max_retries + 1} tries ({e}); "
                         "is the server running?"
                     ) from None
             else:
@@ -167,3 +161,11 @@ class OpenAIEngine(EngineBase):
 def _n_tokens(choice: dict) -> int | None:
     tokens = (choice.get("logprobs") or {}).get("tokens")
     return len(tokens) if tokens is not None else None
+
+
+def _transport_failure(e: httpx.TransportError) -> str:
+    if isinstance(e, httpx.TimeoutException):
+        return "timed out"
+    if isinstance(e, httpx.ConnectError):
+        return "cannot connect"
+    return "lost the connection"
