@@ -11,10 +11,10 @@ Timings are noisy on a shared 2-core machine: the vLLM paths alternate and repea
 import argparse
 import time
 
-from pipeline.config import EngineConfig
 from pipeline.engines import Sampling, start_engine
 from pipeline.models import resolve_model
 from pipeline.paths import DATA_DIR
+from pipeline.schema import EngineConfig
 from pipeline.seeds import load_prompt_file
 
 

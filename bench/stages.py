@@ -31,12 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jinja2 import Template as JinjaTemplate  # noqa: E402
 
-from pipeline.config import EngineConfig, SelfRewardConfig  # noqa: E402
 from pipeline.engines import Sampling, start_engine  # noqa: E402
-from pipeline.methods import self_reward  # noqa: E402
-from pipeline.methods.common import RoundContext  # noqa: E402
+from pipeline.judging import judge_candidates  # noqa: E402
+from pipeline.judging.template import TemplateJudge  # noqa: E402
+from pipeline.methods.self_reward import SelfRewardConfig, run_self_reward  # noqa: E402
 from pipeline.models import resolve_model  # noqa: E402
 from pipeline.paths import DATA_DIR, PROMPTS_DIR  # noqa: E402
+from pipeline.rows import RoundContext  # noqa: E402
+from pipeline.schema import EngineConfig  # noqa: E402
 from pipeline.seeds import load_prompts  # noqa: E402
 from pipeline.templates import TemplateLibrary  # noqa: E402
 
@@ -92,7 +94,8 @@ def stage_overhead(engine, judge, prompts, ctx, cfg, args) -> list[dict]:
 
     def ours() -> int:
         before = engine.counter.completion_tokens
-        rows = self_reward.run_self_reward(engine, engine, judge, prompts, ctx, cfg)
+        judged_by = TemplateJudge(cfg.judge, judge, engine, ctx.model_id)
+        rows = run_self_reward(engine, judged_by, prompts, ctx, cfg)
         assert rows["judgments"], "the stage judged nothing"
         last[:] = rows["generations"]
         return engine.counter.completion_tokens - before
@@ -159,7 +162,8 @@ def prefix_sharing(model_path, library, prompts, candidates, ctx, cfg, block_siz
                 p0, c0 = engine.counter.prompt_tokens, engine.counter.completion_tokens
                 fresh_state(engine.llm, 0)
                 start = time.perf_counter()
-                self_reward.judge_candidates(engine, template, prompts, candidates, ctx, cfg)
+                judged_by = TemplateJudge(cfg.judge, template, engine, ctx.model_id)
+                judge_candidates(judged_by, prompts, candidates, ctx, "self_reward")
                 seconds = time.perf_counter() - start
                 q1, h1 = engine.prefix_cache_tokens()
                 results[label, name] = {

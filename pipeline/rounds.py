@@ -1,44 +1,63 @@
-"""What a round needs, loaded and checked once before any engine starts, and the round's
-prompt selection. The flows call these; they hold no Prefect."""
+"""A round as the library sees it: its inputs, read and checked once before any engine
+starts; the round's prompts; one batch of one method; the snapshot folder. The flows call
+these and hold the only Prefect; nothing here names a method, judge kind or training kind:
+the registries answer for them.
+
+`RoundInputs` carries every text a batch needs (templates, descriptor files, constitution,
+prompts), so a batch task runs from its arguments alone, on any machine.
+"""
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.engines.base import Engine
 from pipeline.errors import ConfigError
+from pipeline.evaluation.stages import relabel_pairs
 from pipeline.hashing import row_id
-from pipeline.methods import cai, rlcd, self_reward
-from pipeline.methods.common import RoundContext, Rows, choice_parser
+from pipeline.judging import build_judge, judge_model, load_judge
+from pipeline.judging.labels import PAIRWISE_VARS
+from pipeline.judging.parsing import choice_parser
+from pipeline.methods import METHODS
+from pipeline.rows import RoundContext, Rows
 from pipeline.seeds import Prompt, load_prompts
+from pipeline.self_instruct import SelfInstructConfig, write_new_prompts
+from pipeline.self_instruct import load as load_self_instruct
 from pipeline.templates import Template, TemplateLibrary
-
-METHODS = ("self_reward", "rlcd", "cai")
-# What each role's template is rendered with.
-JUDGE_VARS = ("instruction", "response")
-PAIRWISE_VARS = ("instruction", "response_a", "response_b")
+from pipeline.training.kinds import TRAINING_KINDS
 
 
 @dataclass
 class RoundInputs:
-    """Everything read from files: templates, descriptors, constitution, seed prompts."""
+    """Everything read from files: prompts, and what each enabled method, its judge,
+    self-instruct and the evaluation's judge loaded."""
 
     train_prompts: list[Prompt]
     heldout_prompts: list[Prompt]
     duplicate_prompts: int = 0  # the same messages twice across the files: used once
-    judge: Template | None = None
+    methods: dict[str, Any] = field(default_factory=dict)  # name -> what its `load` returned
+    judges: dict[str, Any] = field(default_factory=dict)  # name -> its judge's loaded files
     self_instruct: Template | None = None
-    rlcd_templates: dict[str, Template] = field(default_factory=dict)
-    rlcd_tasks: dict[str, rlcd.Task] = field(default_factory=dict)
-    cai_templates: dict[str, Template] = field(default_factory=dict)
-    constitution: cai.Constitution | None = None
     eval_judge: Template | None = None
 
     def templates(self) -> list[Template]:
-        found = [self.judge, self.self_instruct, self.eval_judge, *self.rlcd_templates.values()]
-        return [t for t in found + list(self.cai_templates.values()) if t is not None]
+        """Every template the round uses (for the snapshot and provenance)."""
+        found: dict[str, Template] = {}
+        _collect([self.methods, self.judges, self.self_instruct, self.eval_judge], found)
+        return list(found.values())
+
+
+def _collect(value: Any, found: dict[str, Template]) -> None:
+    if isinstance(value, Template):
+        found[value.template_id] = value
+    elif isinstance(value, dict):
+        for v in value.values():
+            _collect(v, found)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _collect(v, found)
 
 
 def load_inputs(cfg: RunConfig) -> RoundInputs:
@@ -64,20 +83,15 @@ def load_inputs(cfg: RunConfig) -> RoundInputs:
         heldout_prompts=[p for p in unique if p.prompt_id in heldout_ids],
         duplicate_prompts=len(prompts) - len(unique),
     )
-    if cfg.self_reward.enabled:
-        # The parser first: a template of the wrong kind is named as such.
-        inputs.judge = library.get(cfg.self_reward.judge_template)
-        self_reward.judge_parser(inputs.judge)
-        inputs.judge.expect("judge", JUDGE_VARS)
-        if cfg.self_reward.self_instruct.enabled:
-            template = library.get(cfg.self_reward.self_instruct.template)
-            inputs.self_instruct = template.expect("self-instruct", ["examples"])
-    if cfg.rlcd.enabled:
-        inputs.rlcd_templates = rlcd.rlcd_templates(library, cfg.rlcd)
-        inputs.rlcd_tasks = rlcd.load_tasks(cfg.rlcd.tasks)
-    if cfg.cai.enabled:
-        inputs.cai_templates = cai.cai_templates(library, cfg.cai)
-        inputs.constitution, _ = cai.load_constitution(cfg.cai.constitution)
+    for name in cfg.enabled_methods():
+        method, settings = METHODS[name], cfg.method(name)
+        inputs.methods[name] = method.load(settings, library)
+        judge = judge_settings(cfg, name)
+        if judge is not None:
+            inputs.judges[name] = load_judge(judge, library)
+    instruct = self_instruct_settings(cfg)
+    if instruct is not None:
+        inputs.self_instruct = load_self_instruct(instruct, library)
     if cfg.evaluation.enabled:
         inputs.eval_judge = library.get(cfg.evaluation.judge_template)
         choice_parser(inputs.eval_judge)
@@ -85,10 +99,48 @@ def load_inputs(cfg: RunConfig) -> RoundInputs:
     return inputs
 
 
-@lru_cache(maxsize=4)
-def inputs_for(config_json: str) -> RoundInputs:
-    """Per process, once: tasks get the config as JSON and load inputs here."""
-    return load_inputs(RunConfig.model_validate_json(config_json))
+def judge_settings(cfg: RunConfig, method: str) -> Any | None:
+    """The `judge:` settings of a method that scores answers with a judge, else None."""
+    entry = METHODS[method]
+    return entry.judge(cfg.method(method)) if entry.judge else None
+
+
+def judge_models(cfg: RunConfig) -> dict[str, str]:
+    """Per enabled method, the model its judge runs on when it is not the round's own."""
+    out = {}
+    for name in cfg.enabled_methods():
+        settings = judge_settings(cfg, name)
+        model = judge_model(settings) if settings is not None else None
+        if model is not None:
+            out[name] = model
+    return out
+
+
+def self_judge(cfg: RunConfig) -> str | None:
+    """The first enabled method with a judge: the evaluation re-labels the other methods'
+    pairs with that judge (cross-method agreement)."""
+    return next((m for m in cfg.enabled_methods() if judge_settings(cfg, m)), None)
+
+
+def self_instruct_settings(cfg: RunConfig) -> SelfInstructConfig | None:
+    """Self-instruct settings when an enabled method takes self-instructed prompts."""
+    for name in cfg.enabled_methods():
+        entry = METHODS[name]
+        if entry.self_instruct is not None:
+            settings = entry.self_instruct(cfg.method(name))
+            if settings.enabled:
+                return settings
+    return None
+
+
+def method_prompts(
+    cfg: RunConfig, method: str, seeds: list[Prompt], generated: list[Prompt]
+) -> list[Prompt]:
+    """A method's prompts this round: the seeds, plus the self-instructed prompts for a
+    method that takes them."""
+    entry = METHODS[method]
+    takes = entry.self_instruct is not None and entry.self_instruct(cfg.method(method)).enabled
+    return seeds + generated if takes else seeds
 
 
 def round_prompts(inputs: RoundInputs, cfg: RunConfig, round_: int) -> list[Prompt]:
@@ -110,57 +162,100 @@ def prompt_from_row(row: dict[str, Any]) -> Prompt:
     )
 
 
-def run_method(
+def method_judge(
+    cfg: RunConfig,
+    inputs: RoundInputs,
     method: str,
     engine: Engine,
     judge_engine: Engine | None,
+    judge_model_id: str | None,
+    ctx: RoundContext,
+):
+    """The judge a method scores with this round, or None for a method without one: on
+    its own model's engine when the settings name one, else on the round's engine."""
+    settings = judge_settings(cfg, method)
+    if settings is None:
+        return None
+    return build_judge(
+        settings, inputs.judges[method], judge_engine or engine, judge_model_id or ctx.model_id
+    )
+
+
+def run_batch(
+    method: str,
+    engine: Engine,
     inputs: RoundInputs,
     prompts: list[Prompt],
     ctx: RoundContext,
     cfg: RunConfig,
+    judge_engine: Engine | None = None,
     judge_model_id: str | None = None,
 ) -> Rows:
-    """One batch of one method."""
-    if method == "self_reward":
-        return self_reward.run_self_reward(
-            engine,
-            judge_engine or engine,
-            inputs.judge,
-            prompts,
-            ctx,
-            cfg.self_reward,
-            judge_model_id,
-        )
-    if method == "rlcd":
-        return rlcd.run_rlcd(
-            engine, inputs.rlcd_templates, inputs.rlcd_tasks, prompts, ctx, cfg.rlcd
-        )
-    if method == "cai":
-        return cai.run_cai(engine, inputs.cai_templates, inputs.constitution, prompts, ctx, cfg.cai)
-    raise ValueError(f"unknown method {method!r}")
+    """One batch of one method (`judge_engine`: its judge's own model, if it has one)."""
+    judge = method_judge(cfg, inputs, method, engine, judge_engine, judge_model_id, ctx)
+    return METHODS[method].run(
+        engine, inputs.methods.get(method), prompts, ctx, cfg.method(method), judge
+    )
 
 
 def pair_policies(cfg: RunConfig) -> dict[str, Any]:
     """How each enabled method turns generations into pairs, stored with the round."""
-    out: dict[str, Any] = {}
-    if cfg.self_reward.enabled:
-        out["self_reward"] = {
-            **self_reward.PairPolicy.from_config(cfg.self_reward).record(),
-            "judge_template": cfg.self_reward.judge_template,
-            "judge_samples": cfg.self_reward.judge_samples,
-        }
-    if cfg.rlcd.enabled:
-        out["rlcd"] = {
-            "rule": "positive_over_negative",
-            "rescore": cfg.rlcd.rescore,
-            "placement": cfg.rlcd.placement,
-            "drop": ["empty", "identical"],
-        }
-    if cfg.cai.enabled:
-        out["cai"] = {
-            "rule": "final_revision_over_initial",
-            "revisions": cfg.cai.revisions,
-            "feedback": cfg.cai.feedback,
-            "feedback_cot": cfg.cai.feedback_cot,
-        }
-    return out
+    return {m: METHODS[m].record_policy(cfg.method(m)) for m in cfg.enabled_methods()}
+
+
+def tie_reasons() -> dict[str, tuple[str, ...]]:
+    """Per method, the discard reasons that mean its two sides were equally good."""
+    return {m: METHODS[m].tie_reasons for m in METHODS}
+
+
+def training_metric_names() -> dict[str, dict[str, str]]:
+    """Per training kind, its metrics.json key -> evaluations metric."""
+    return {name: dict(kind.metrics) for name, kind in TRAINING_KINDS.items()}
+
+
+def round_dir(runs_dir: Path | str, run_id: str, round_: int) -> Path:
+    return Path(runs_dir) / run_id / f"round-{round_}"
+
+
+def write_snapshot(folder: Path, cfg: RunConfig, inputs: RoundInputs) -> None:
+    """The round's immutable record: the resolved config and the templates' hashes (the
+    exported training data and checkpoints land beside them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(cfg.model_dump_json(indent=2))
+    (folder / "templates.json").write_text(
+        json.dumps({t.name: t.template_id for t in inputs.templates()}, indent=2)
+    )
+
+
+def self_instruct_batch(
+    engine: Engine,
+    inputs: RoundInputs,
+    seeds: list[Prompt],
+    generated: list[Prompt],
+    ctx: RoundContext,
+    settings: SelfInstructConfig,
+) -> Rows:
+    """The round's new prompts (and the discarded ones, with their reasons)."""
+    _, rows = write_new_prompts(engine, inputs.self_instruct, seeds, generated, ctx, settings)
+    rows.add("templates", inputs.self_instruct.record())
+    return rows
+
+
+def relabel_round(
+    engine: Engine,
+    inputs: RoundInputs,
+    pairs: list[dict[str, Any]],
+    ctx: RoundContext,
+    cfg: RunConfig,
+    judge_engine: Engine | None = None,
+    judge_model_id: str | None = None,
+) -> Rows:
+    """Cross-method agreement: the round's pairs labelled again by the self-judge (the
+    judge of the first method that has one) and by the pairwise judge."""
+    judged = self_judge(cfg)
+    judge = (
+        method_judge(cfg, inputs, judged, engine, judge_engine, judge_model_id, ctx)
+        if judged
+        else None
+    )
+    return relabel_pairs(engine, judge, judged, inputs.eval_judge, pairs, ctx, cfg.evaluation)

@@ -16,6 +16,7 @@ Generated text only ever enters as a variable's value: it is never rendered as a
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,10 +26,10 @@ from jinja2 import meta as jinja_meta
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.config import format_validation_error
 from pipeline.errors import TemplateError
 from pipeline.hashing import sha256_text
 from pipeline.paths import PROMPTS_DIR
+from pipeline.schema import format_validation_error
 
 SUFFIX = ".j2"
 _FRONT_MATTER = re.compile(r"\A\{#-?\s*---\s*\n(.*?)\n\s*---\s*-?#\}", re.DOTALL)
@@ -147,6 +148,11 @@ class Template:
         self.render(**{v: f"<{v}>" for v in provided})  # sandbox and undefined errors now
         return self
 
+    def __reduce__(self):
+        # Compiled Jinja2 does not pickle; a template travels as its text (to a task on
+        # another machine) and is compiled again, in the same sandbox, where it lands.
+        return (_from_text, (self.name, self.path, self.text, self.sha256, self.meta))
+
     def record(self) -> dict[str, Any]:
         """The row the store keeps for this template."""
         return {
@@ -167,13 +173,7 @@ class TemplateLibrary:
         for d in self.dirs:
             if not d.is_dir():
                 raise TemplateError(f"{d}: template directory not found")
-        self.env = SandboxedEnvironment(
-            undefined=jinja2.StrictUndefined,
-            autoescape=False,
-            trim_blocks=True,
-            lstrip_blocks=True,
-            keep_trailing_newline=False,
-        )
+        self.env = _sandbox()
         self._cache: dict[Path, Template] = {}
 
     def names(self) -> list[str]:
@@ -231,6 +231,21 @@ class TemplateLibrary:
             meta=meta,
             _compiled=self.env.from_string(text),
         )
+
+
+@lru_cache(maxsize=1)
+def _sandbox() -> SandboxedEnvironment:
+    return SandboxedEnvironment(
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=False,
+    )
+
+
+def _from_text(name: str, path: Path, text: str, sha256: str, meta: TemplateMeta) -> Template:
+    return Template(name, path, text, sha256, meta, _sandbox().from_string(text))
 
 
 def _parse_meta(path: Path, text: str) -> TemplateMeta:

@@ -83,8 +83,8 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir):
     """The transformers engine on the tiny model, shared by the method tests."""
-    from pipeline.config import EngineConfig
     from pipeline.engines import start_engine
+    from pipeline.schema import EngineConfig
 
     with start_engine(tiny_model_dir, EngineConfig(kind="hf", max_model_len=2048), seed=0) as e:
         yield e
@@ -92,7 +92,7 @@ def tiny_engine(tiny_model_dir):
 
 @pytest.fixture
 def ctx():
-    from pipeline.methods.common import RoundContext
+    from pipeline.rows import RoundContext
 
     return RoundContext(run_id="test", round=1, model_id="tiny@0", seed=0)
 

@@ -5,9 +5,9 @@ from collections import Counter
 
 import pytest
 
-from pipeline.config import CaiConfig
 from pipeline.errors import ConfigError
 from pipeline.methods.cai import (
+    CaiConfig,
     ai_feedback,
     cai_templates,
     load_constitution,
@@ -15,7 +15,7 @@ from pipeline.methods.cai import (
     run_cai,
     sample_principles,
 )
-from pipeline.methods.common import RoundContext
+from pipeline.rows import RoundContext
 from pipeline.seeds import load_prompts
 from pipeline.store import Store
 

@@ -6,10 +6,10 @@ import threading
 import pytest
 import torch
 
-from pipeline.config import EngineConfig
 from pipeline.engines import PROMPT_TOO_LONG, Sampling, engine_problem, start_engine
 from pipeline.engines.vllm_engine import CPU_BLOCK_SIZE
 from pipeline.errors import EngineError, TransientEngineError
+from pipeline.schema import EngineConfig
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -5,19 +5,20 @@ import json
 
 import pytest
 
-from pipeline.config import EvaluationConfig, SelfRewardConfig
-from pipeline.evaluation import (
+from pipeline.evaluation.metrics import (
     agreement,
-    compare_models,
-    heldout_answers,
     length_ratio,
     pair_statistics,
-    relabel_pairs,
     training_metrics,
     verdict,
     win_rate,
 )
+from pipeline.evaluation.stages import compare_models, heldout_answers, relabel_pairs
+from pipeline.judging.template import TemplateJudge, TemplateJudgeConfig
+from pipeline.schema import EvaluationConfig
 from pipeline.seeds import Prompt
+from pipeline.store import RoundLabels
+from pipeline.training.kinds import TRAINING_KINDS
 
 
 def test_verdict_band():
@@ -80,10 +81,12 @@ def test_pair_statistics():
         },
     ]
     stats = pair_statistics(
-        pairs,
-        ties={"sr": 2, "cai": 1},
-        judge_counts={"sr": (10, 3)},
-        judge_variance={"sr": 0.25},
+        RoundLabels(
+            pairs,
+            ties={"sr": 2, "cai": 1},
+            judge_counts={"sr": (10, 3)},
+            judge_variance={"sr": 0.25},
+        )
     )
     sr = {k: v for k, (v, _) in stats["sr"].items()}
     assert sr["pairs"] == 2
@@ -107,10 +110,11 @@ def test_training_metrics():
         "heldout_reward_margin": 0.1,
         "heldout_pairs": 4,
     }
-    out = training_metrics("dpo", metrics)
+    out = training_metrics(TRAINING_KINDS["dpo"].metrics, metrics)
     assert out["implicit_reward_accuracy"] == (0.75, {"before": 0.5, "pairs": 4})
     assert out["implicit_reward_margin"][0] == 0.1
-    assert training_metrics("rm", {"heldout_pairwise_accuracy": 0.6, "heldout_pairs": 2}) == {
+    rm = TRAINING_KINDS["rm"].metrics
+    assert training_metrics(rm, {"heldout_pairwise_accuracy": 0.6, "heldout_pairs": 2}) == {
         "rm_pairwise_accuracy": (0.6, {"before": None, "pairs": 2})
     }
 
@@ -172,13 +176,15 @@ def test_relabel_pairs_on_the_tiny_model(tiny_engine, ctx, library):
             "rejected": "No.",
         },
     ]
+    template = library.get("judge_additive_5pt_prefilled")
+    judge = TemplateJudge(TemplateJudgeConfig(), template, tiny_engine, ctx.model_id)
     rows = relabel_pairs(
         tiny_engine,
-        library.get("judge_additive_5pt_prefilled"),
+        judge,
+        "self_reward",
         library.get("judge_pairwise"),
         pairs,
         ctx,
-        SelfRewardConfig(),
         EvaluationConfig(),
     )
     metrics = {(e["metric"], e["method"]) for e in rows["evaluations"]}

@@ -4,8 +4,13 @@ import json
 
 import pytest
 
-from pipeline.config import RlcdConfig
-from pipeline.methods.rlcd import contrastive_prompts, load_tasks, rlcd_templates, run_rlcd
+from pipeline.methods.rlcd import (
+    RlcdConfig,
+    contrastive_prompts,
+    load_tasks,
+    rlcd_templates,
+    run_rlcd,
+)
 from pipeline.seeds import Prompt, load_prompts
 from pipeline.store import Store
 

@@ -3,20 +3,26 @@ model stored in DuckDB."""
 
 import pytest
 
-from pipeline.config import SelfInstructConfig, SelfRewardConfig
-from pipeline.judging import parse_score
-from pipeline.methods.common import NearDuplicateIndex, rouge_l
-from pipeline.methods.self_reward import (
-    PairPolicy,
-    Scored,
-    judge_candidates,
-    run_self_reward,
-    select_pair,
+from pipeline.judging import judge_candidates
+from pipeline.judging.pairs import PairPolicy, Scored, select_pair
+from pipeline.judging.parsing import parse_score
+from pipeline.judging.template import TemplateJudge
+from pipeline.methods.self_reward import SelfRewardConfig, run_self_reward
+from pipeline.seeds import Prompt, load_prompts
+from pipeline.self_instruct import (
+    NearDuplicateIndex,
+    SelfInstructConfig,
+    rouge_l,
     write_new_prompts,
 )
-from pipeline.seeds import Prompt, load_prompts
 from pipeline.store import Store
 from pipeline.templates import ScoreParser, TemplateLibrary
+
+
+def template_judge(template, cfg, engine, model_id):
+    """The Self-Rewarding judge as a round builds it: the config's settings, this template."""
+    return TemplateJudge(cfg.judge, template, engine, model_id)
+
 
 FIVE = ScoreParser(kind="score", pattern=r"Score:\s*\**\s*(-?\d+(?:\.\d+)?)", min=0, max=5)
 STRICT = FIVE.model_copy(update={"out_of_range": "invalid"})
@@ -117,7 +123,8 @@ def test_swapped_template_through_the_judge(tiny_engine, ctx, library):
             "finish_reason": "stop",
         },
     ]
-    rows = judge_candidates(tiny_engine, judge, [prompt], cands, ctx, cfg)
+    judged_by = template_judge(judge, cfg, tiny_engine, ctx.model_id)
+    rows = judge_candidates(judged_by, [prompt], cands, ctx, "self_reward")
     assert {j["template_id"] for j in rows["judgments"]} == {judge.template_id}
     assert [j["sample_idx"] for j in rows["judgments"]] == [0, 1]  # only the usable one
     assert [(d["item_id"], d["reason"]) for d in rows["discards"]] == [("g2", "empty")]
@@ -166,7 +173,9 @@ def test_batch_in_the_store_is_idempotent(tiny_engine, ctx, tmp_path):
     cfg = SelfRewardConfig(n_candidates=4, sampling={"max_tokens": 12})
     prompts = load_prompts("data/prompts/helpful.jsonl")[:4]
 
-    rows = run_self_reward(tiny_engine, tiny_engine, judge, prompts, ctx, cfg)
+    rows = run_self_reward(
+        tiny_engine, template_judge(judge, cfg, tiny_engine, ctx.model_id), prompts, ctx, cfg
+    )
     with Store(tmp_path / "t.duckdb") as store:
         first = store.write(rows)
         assert first["generations"] == 16
@@ -195,7 +204,9 @@ def test_batch_in_the_store_is_idempotent(tiny_engine, ctx, tmp_path):
         scores = store.query("SELECT * FROM candidate_scores")
         assert len(scores) == 16 and all(r["template_id"] == judge.template_id for r in scores)
 
-        again = run_self_reward(tiny_engine, tiny_engine, judge, prompts, ctx, cfg)
+        again = run_self_reward(
+            tiny_engine, template_judge(judge, cfg, tiny_engine, ctx.model_id), prompts, ctx, cfg
+        )
         assert sum(store.write(again).values()) == 0
         assert store.query("SELECT count(*) AS n FROM pairs")[0]["n"] == first["pairs"]
 
@@ -206,7 +217,9 @@ def test_unparsed_free_form_judgments_are_stored_not_paired(tiny_engine, ctx):
         judge_samples=2, sampling={"max_tokens": 8}, judge_sampling={"max_tokens": 8}
     )
     prompts = load_prompts("data/prompts/helpful.jsonl")[:2]
-    rows = run_self_reward(tiny_engine, tiny_engine, judge, prompts, ctx, cfg)
+    rows = run_self_reward(
+        tiny_engine, template_judge(judge, cfg, tiny_engine, ctx.model_id), prompts, ctx, cfg
+    )
     # A random model never writes "Score: n": every sample is kept, unparsed, and no pair
     # is made from parse failures.
     assert len(rows["judgments"]) == 2 * 4 * 2
@@ -220,6 +233,8 @@ def test_a_separate_judge_model_is_recorded(tiny_engine, ctx):
     judge = TemplateLibrary().get("judge_additive_5pt_prefilled")
     cfg = SelfRewardConfig(n_candidates=2, sampling={"max_tokens": 6})
     prompts = load_prompts("data/prompts/helpful.jsonl")[:2]
-    rows = run_self_reward(tiny_engine, tiny_engine, judge, prompts, ctx, cfg, "judge@123")
+    rows = run_self_reward(
+        tiny_engine, template_judge(judge, cfg, tiny_engine, "judge@123"), prompts, ctx, cfg
+    )
     assert {j["model_id"] for j in rows["judgments"]} == {"judge@123"}
     assert {g["model_id"] for g in rows["generations"]} == {ctx.model_id}

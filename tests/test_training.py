@@ -7,10 +7,12 @@ import pytest
 from datasets import load_dataset
 from transformers import AutoTokenizer
 
-from pipeline.config import EngineConfig, RunConfig
+from pipeline.config import RunConfig
 from pipeline.engines import Sampling, start_engine
 from pipeline.hashing import row_id
 from pipeline.models import resolve_model
+from pipeline.rounds import round_dir
+from pipeline.schema import EngineConfig
 from pipeline.seeds import load_prompts
 from pipeline.store import Store
 from pipeline.training.export import split_pairs, write_dataset
@@ -89,6 +91,11 @@ def _cfg(tmp_path, **training) -> RunConfig:
     )
 
 
+def _train(store: Store, cfg: RunConfig, kind: str | None = None) -> dict:
+    folder = round_dir(cfg.runs_dir, RUN, 1)
+    return train_round(store, cfg.training, RUN, 1, folder, cfg.seed, kind)
+
+
 def test_export_round_trips(tmp_path, tiny_model_dir, tiny_engine):
     cfg = _cfg(tmp_path)
     with Store(cfg.db_path) as store:
@@ -132,7 +139,7 @@ def test_dpo_full_learns_and_registers(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path)
     with Store(cfg.db_path) as store:
         _write_round(store, tiny_model_dir)
-        result = train_round(store, cfg, RUN, 1, "dpo")
+        result = _train(store, cfg, "dpo")
         m = result["metrics"]
         assert m["heldout_reward_accuracy"] > 0.5
         assert m["heldout_reward_margin"] > m["heldout_reward_margin_before"]
@@ -159,7 +166,7 @@ def test_dpo_lora_saves_merged_checkpoint(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, lora={"r": 4, "alpha": 8}, reference="initial", epochs=1)
     with Store(cfg.db_path) as store:
         _write_round(store, tiny_model_dir, n=8)
-        result = train_round(store, cfg, RUN, 1, "dpo")
+        result = _train(store, cfg, "dpo")
     path = result["path"]
     from pathlib import Path
 
@@ -174,7 +181,7 @@ def test_reward_model_with_soft_labels(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, kind="rm", epochs=2)
     with Store(cfg.db_path) as store:
         _write_round(store, tiny_model_dir, soft=True)
-        result = train_round(store, cfg, RUN, 1)
+        result = _train(store, cfg)
         m = result["metrics"]
         assert 0.0 <= m["heldout_pairwise_accuracy"] <= 1.0
         assert m["soft_labels"] > 0 and not m["uses_margin"]
@@ -187,7 +194,7 @@ def test_failing_child_reports_log_and_changes_nothing(tmp_path, tiny_model_dir)
         _write_round(store, tiny_model_dir, n=6)
         before = store.table_counts()
         with pytest.raises(TrainingError) as err:
-            train_round(store, cfg, RUN, 1, "dpo")
+            _train(store, cfg, "dpo")
         assert "exit code" in str(err.value) and "no-such-loss" in str(err.value)
         assert store.table_counts() == before
     folder = tmp_path / "runs" / RUN / "round-1"
@@ -198,7 +205,10 @@ def test_export_counts(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, heldout_fraction=0.0)
     with Store(cfg.db_path) as store:
         _write_round(store, tiny_model_dir, n=5)
-        assert export_round(store, cfg, RUN, 1, tmp_path / "x", "jsonl") == {"train": 4, "test": 0}
+        assert export_round(store, cfg.training, RUN, 1, tmp_path / "x", cfg.seed, "jsonl") == {
+            "train": 4,
+            "test": 0,
+        }
 
 
 def test_launcher_uses_accelerate_on_cuda(tmp_path):

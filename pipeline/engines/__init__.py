@@ -3,7 +3,6 @@
 import importlib.util
 from pathlib import Path
 
-from pipeline.config import EngineConfig
 from pipeline.engines.base import (
     PROMPT_TOO_LONG,
     Completion,
@@ -12,6 +11,7 @@ from pipeline.engines.base import (
     EngineBase,
     Sampling,
 )
+from pipeline.schema import EngineConfig
 
 __all__ = [
     "PROMPT_TOO_LONG",

@@ -4,9 +4,9 @@ import gc
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import EngineConfig
 from pipeline.engines.base import Completion, EngineBase, Sampling, truncate_at_stop
 from pipeline.hashing import row_id
+from pipeline.schema import EngineConfig
 
 
 @dataclass

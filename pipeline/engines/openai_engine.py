@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 
-from pipeline.config import EngineConfig
 from pipeline.engines.base import Completion, EngineBase, Sampling
 from pipeline.errors import EngineError, TransientEngineError
+from pipeline.schema import EngineConfig
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 

@@ -5,9 +5,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import EngineConfig
 from pipeline.engines.base import Completion, EngineBase, Sampling
 from pipeline.errors import EngineError
+from pipeline.schema import EngineConfig
 
 # KV-cache block size on CPU. vLLM-CPU's own default is 128, and its prefix cache reuses
 # whole blocks only: of a judge prompt's shared rubric and request (270-290 tokens), or of

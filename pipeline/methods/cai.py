@@ -5,32 +5,47 @@ The constitution (principles and few-shot demonstrations) is a YAML file; the wr
 text is in templates. All prompts advance one step per engine call.
 """
 
-import json
 from collections.abc import Sequence
+from typing import Any
 
 from pydantic import Field, model_validator
 
-from pipeline.config import CaiConfig
 from pipeline.engines.base import Conversation, Engine, Sampling
 from pipeline.hashing import row_id
-from pipeline.methods.common import (
-    PREFERENCE_VARS,
-    Resource,
+from pipeline.judging.labels import PREFERENCE_VARS, ask_both_orders, comparison_row, first_better
+from pipeline.judging.parsing import choice_parser
+from pipeline.methods.common import MethodConfig, Resource, load_resource
+from pipeline.rows import (
     RoundContext,
     Rows,
-    ask_choices,
-    choice_parser,
     generation_row,
-    load_resource,
     normalise_text,
     pair_row,
+    same_answer,
     sampling_from,
     unusable,
 )
+from pipeline.schema import SamplingConfig
 from pipeline.seeds import Prompt
-from pipeline.templates import Template
+from pipeline.templates import Template, TemplateLibrary
 
 METHOD = "cai"
+
+
+class CaiConfig(MethodConfig):
+    # A name in prompts/ (constitution -> prompts/constitution.yaml) or a path to YAML.
+    constitution: str = "constitution"
+    revisions: int = Field(1, ge=1, le=4)
+    few_shot: int = Field(2, ge=0)
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=256)
+    critique_template: str = "cai_critique"
+    revision_template: str = "cai_revision"
+    feedback: bool = True
+    feedback_cot: bool = False
+    feedback_template: str = "choice_ab"
+    feedback_cot_template: str = "choice_ab_cot"
+    # Chain-of-thought labels are overconfident; the paper clamps them to [0.4, 0.6].
+    cot_clamp: tuple[float, float] = (0.4, 0.6)
 
 
 class PrinciplePair(Resource):
@@ -307,67 +322,51 @@ def ai_feedback(
         ]
         rows.add("generations", *pair)
         reason = unusable(completions[0]) or unusable(completions[1])
-        if reason is None and normalise_text(pair[0]["text"]) == normalise_text(pair[1]["text"]):
+        if reason is None and same_answer(pair[0]["text"], pair[1]["text"]):
             reason = "identical"
         if reason:
             rows.discard(ctx, METHOD, "feedback", prompt.prompt_id, reason)
             continue
         plans.append((prompt, pair, sample_feedback_principle(constitution, ctx, prompt.prompt_id)))
-    questions = []
-    for prompt, (x, y), principle in plans:
-        for a, b in ((x, y), (y, x)):
-            questions.append(
-                {
-                    "instruction": prompt.text,
-                    "response_a": a["text"],
-                    "response_b": b["text"],
-                    "principle": principle.text,
-                }
-            )
     cot = parser.reasoning_prefix is not None
-    probs, reasoning = ask_choices(
-        engine, template, questions, Sampling(temperature=0.0, max_tokens=cfg.sampling.max_tokens)
+    answers_asked = ask_both_orders(
+        engine,
+        template,
+        [
+            {"instruction": prompt.text, "principle": principle.text}
+            for prompt, _, principle in plans
+        ],
+        [x for _, (x, _), _ in plans],
+        [y for _, (_, y), _ in plans],
+        Sampling(temperature=0.0, max_tokens=cfg.sampling.max_tokens),
     )
     low, high = cfg.cot_clamp
-    for i, (prompt, (x, y), principle) in enumerate(plans):
-        first_better = []
+    for (prompt, (x, y), principle), (probs, reasoning) in zip(plans, answers_asked, strict=True):
+        if cot:
+            probs = tuple(None if p is None else min(max(p, low), high) for p in probs)
         for order, (a, b) in enumerate(((x, y), (y, x))):
-            p = probs[2 * i + order]
-            prob_a = None if p is None else p[0]
-            if cot and prob_a is not None:
-                prob_a = min(max(prob_a, low), high)
             rows.add(
                 "comparisons",
-                {
-                    "comparison_id": row_id(
-                        ctx.run_id,
-                        ctx.round,
-                        METHOD,
-                        "feedback",
-                        prompt.prompt_id,
-                        order,
-                        template.sha256,
-                    ),
-                    "run_id": ctx.run_id,
-                    "round": ctx.round,
-                    "method": METHOD,
-                    "prompt_id": prompt.prompt_id,
-                    "generation_a_id": a["generation_id"],
-                    "generation_b_id": b["generation_id"],
-                    "model_id": ctx.model_id,
-                    "template_id": template.template_id,
-                    "principle_id": principle.id,
-                    "prob_a": prob_a,
-                    "raw_output": reasoning[2 * i + order],
-                    "meta_json": json.dumps({"order": order, "cot": cot}),
-                },
+                comparison_row(
+                    ctx,
+                    METHOD,
+                    ("feedback", prompt.prompt_id, order),
+                    prompt.prompt_id,
+                    a,
+                    b,
+                    probs[order],
+                    template,
+                    ctx.model_id,
+                    principle_id=principle.id,
+                    raw_output=reasoning[order],
+                    meta={"order": order, "cot": cot},
+                ),
             )
-            if prob_a is not None:
-                first_better.append(prob_a if order == 0 else 1.0 - prob_a)
-        if len(first_better) < 2:
+        first = [p for p in first_better(probs) if p is not None]
+        if len(first) < 2:
             rows.discard(ctx, METHOD, "feedback", prompt.prompt_id, "prompt_too_long")
             continue
-        label = sum(first_better) / 2
+        label = sum(first) / 2
         if label == 0.5:
             rows.discard(ctx, METHOD, "feedback", prompt.prompt_id, "tie")
             continue
@@ -387,7 +386,7 @@ def ai_feedback(
     return rows
 
 
-def cai_templates(library, cfg: CaiConfig) -> dict[str, Template]:
+def cai_templates(library: TemplateLibrary, cfg: CaiConfig) -> dict[str, Template]:
     """The templates a run uses, loaded (and checked) before any generation."""
     out = {
         "critique": library.get(cfg.critique_template).expect("critique", ["request"]),
@@ -418,3 +417,24 @@ def run_cai(
     if cfg.feedback:
         rows.merge(ai_feedback(engine, templates["feedback"], constitution, prompts, ctx, cfg))
     return rows
+
+
+def load(cfg: CaiConfig, library: TemplateLibrary) -> dict[str, Any]:
+    """Templates and the constitution, read and checked before any engine starts."""
+    return {
+        "templates": cai_templates(library, cfg),
+        "constitution": load_constitution(cfg.constitution)[0],
+    }
+
+
+def run(engine: Engine, loaded: dict[str, Any], prompts, ctx, cfg: CaiConfig, judge) -> Rows:
+    return run_cai(engine, loaded["templates"], loaded["constitution"], prompts, ctx, cfg)
+
+
+def record_policy(cfg: CaiConfig) -> dict[str, Any]:
+    return {
+        "rule": "final_revision_over_initial",
+        "revisions": cfg.revisions,
+        "feedback": cfg.feedback,
+        "feedback_cot": cfg.feedback_cot,
+    }

@@ -3,36 +3,52 @@ produce the chosen (o+) and rejected (o-) answers, labelled by construction. The
 variant asks the model which of the two is better and stores that soft label.
 """
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from pipeline.config import RlcdConfig
 from pipeline.engines.base import Conversation, Engine
-from pipeline.hashing import row_id
-from pipeline.methods.common import (
-    PREFERENCE_VARS,
-    Resource,
+from pipeline.judging.labels import PREFERENCE_VARS, ask_choices, comparison_row
+from pipeline.judging.parsing import choice_parser
+from pipeline.methods.common import MethodConfig, Resource, load_resource
+from pipeline.rows import (
     RoundContext,
     Rows,
-    ask_choices,
-    choice_parser,
     generation_row,
-    load_resource,
-    normalise_text,
     pair_row,
+    same_answer,
     sampling_from,
     unusable,
 )
+from pipeline.schema import SamplingConfig
 from pipeline.seeds import Prompt
-from pipeline.templates import Template
+from pipeline.templates import Template, TemplateLibrary
 
 METHOD = "rlcd"
 VARIANT = "contrastive"
 FLAG_RESCORE = "rescore_prefers_rejected"
+
+
+class RlcdConfig(MethodConfig):
+    # Descriptor files (prompts/rlcd/<task>.yaml, or paths to YAML files). A prompt uses
+    # the task its prompt file gives it, else `default_task`.
+    tasks: list[str] = Field(["harmlessness", "helpfulness"], min_length=1)
+    default_task: str = "helpfulness"
+    # system: the descriptor is a system instruction about the next reply (chat models
+    # follow system prompts); assistant_tag: it opens the assistant's turn, as in the paper.
+    placement: Literal["system", "assistant_tag"] = "system"
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=300)
+    rescore: bool = False
+    rescore_template: str = "choice_ab"
+
+    @model_validator(mode="after")
+    def _default_listed(self) -> "RlcdConfig":
+        names = [Path(t).stem for t in self.tasks]
+        if self.default_task not in names:
+            raise ValueError(f"default_task {self.default_task!r} is not one of tasks {names}")
+        return self
 
 
 class DescriptorPair(Resource):
@@ -143,7 +159,7 @@ def run_rlcd(
             sides.append((row, completion))
         (pos, pos_c), (neg, neg_c) = sides
         reason = unusable(pos_c) or unusable(neg_c)
-        if reason is None and normalise_text(pos["text"]) == normalise_text(neg["text"]):
+        if reason is None and same_answer(pos["text"], neg["text"]):
             reason = "identical"
         if reason:
             rows.discard(ctx, METHOD, "pairs", prompt.prompt_id, reason)
@@ -191,22 +207,19 @@ def rescore(
         prob_a = None if p is None else p[0]
         rows.add(
             "comparisons",
-            {
-                "comparison_id": row_id(
-                    ctx.run_id, ctx.round, METHOD, "rescore", prompt.prompt_id, template.sha256
-                ),
-                "run_id": ctx.run_id,
-                "round": ctx.round,
-                "method": METHOD,
-                "prompt_id": prompt.prompt_id,
-                "generation_a_id": a["generation_id"],
-                "generation_b_id": b["generation_id"],
-                "model_id": ctx.model_id,
-                "template_id": template.template_id,
-                "principle_id": task.task,
-                "prob_a": prob_a,
-                "meta_json": json.dumps({"order": "negative_first" if swap else "positive_first"}),
-            },
+            comparison_row(
+                ctx,
+                METHOD,
+                ("rescore", prompt.prompt_id),
+                prompt.prompt_id,
+                a,
+                b,
+                prob_a,
+                template,
+                ctx.model_id,
+                principle_id=task.task,
+                meta={"order": "negative_first" if swap else "positive_first"},
+            ),
         )
         if prob_a is None:
             pair.update(flagged=True, flag_reason="rescore_prompt_too_long")
@@ -218,7 +231,7 @@ def rescore(
     return rows
 
 
-def rlcd_templates(library, cfg: RlcdConfig) -> dict[str, Template]:
+def rlcd_templates(library: TemplateLibrary, cfg: RlcdConfig) -> dict[str, Template]:
     """The templates a run uses, loaded (and checked) before any generation."""
     out = {
         "system": library.get("rlcd_system").expect("descriptor", ["descriptor"]),
@@ -229,3 +242,21 @@ def rlcd_templates(library, cfg: RlcdConfig) -> dict[str, Template]:
         choice_parser(out["rescore"])
         out["rescore"].expect("preference", PREFERENCE_VARS)
     return out
+
+
+def load(cfg: RlcdConfig, library: TemplateLibrary) -> dict[str, Any]:
+    """Templates and descriptor files, read and checked before any engine starts."""
+    return {"templates": rlcd_templates(library, cfg), "tasks": load_tasks(cfg.tasks)}
+
+
+def run(engine: Engine, loaded: dict[str, Any], prompts, ctx, cfg: RlcdConfig, judge) -> Rows:
+    return run_rlcd(engine, loaded["templates"], loaded["tasks"], prompts, ctx, cfg)
+
+
+def record_policy(cfg: RlcdConfig) -> dict[str, Any]:
+    return {
+        "rule": "positive_over_negative",
+        "rescore": cfg.rescore,
+        "placement": cfg.placement,
+        "drop": ["empty", "identical"],
+    }

@@ -103,3 +103,12 @@ def read_dataset(path: Path) -> DatasetDict:
     raise PrefloopError(
         f"{path}: no exported pairs here (train.parquet, train.jsonl or a saved dataset)"
     )
+
+
+def preference_pairs(store: Any, training: Any, run_id: str, round_: int, seed: int) -> DatasetDict:
+    """A round's pairs, filtered as the training settings say (methods, min_margin,
+    exclude_flagged), split train/test by pair id."""
+    rows = store.training_pairs(
+        run_id, round_, training.methods, training.min_margin, training.exclude_flagged
+    )
+    return split_pairs(rows, training.heldout_fraction, seed)

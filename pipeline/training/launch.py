@@ -30,7 +30,8 @@ class TrainingError(PrefloopError):
 
 @dataclass
 class TrainSpec:
-    kind: str  # dpo | rm
+    kind: str  # a name in the training-kind registry
+    trainer: str  # its trainer, "module:function" (imported in the child only)
     base_model: str  # path of the policy to start from
     data_dir: str  # train/test files written by export.write_dataset
     output_dir: str  # the checkpoint; written via output_dir + ".partial"

@@ -1,4 +1,4 @@
-"""One training step of a round: snapshot the pairs, train in a child, register the model."""
+"""One training step of a round: snapshot its data, train in a child, register the model."""
 
 import json
 from dataclasses import asdict
@@ -6,36 +6,47 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
 from pipeline.errors import PrefloopError
 from pipeline.hashing import row_id, sha256_dir
 from pipeline.models import MANIFEST, NOT_HASHED
+from pipeline.schema import TrainingConfig
 from pipeline.store import Store
-from pipeline.training.export import split_pairs, write_dataset
+from pipeline.training.export import write_dataset
+from pipeline.training.kinds import TRAINING_KINDS
 from pipeline.training.launch import TrainSpec, cuda_available, run_training
 
 
-def round_dir(cfg: RunConfig, run_id: str, round_: int) -> Path:
-    return Path(cfg.runs_dir) / run_id / f"round-{round_}"
-
-
 def export_round(
-    store: Store, cfg: RunConfig, run_id: str, round_: int, out: Path, fmt: str = "parquet"
-) -> dict:
-    """The round's pairs, filtered as `cfg.training` says, written under `out`."""
-    t = cfg.training
-    rows = store.training_pairs(run_id, round_, t.methods, t.min_margin, t.exclude_flagged)
-    data = split_pairs(rows, t.heldout_fraction, cfg.seed)
+    store: Store,
+    training: TrainingConfig,
+    run_id: str,
+    round_: int,
+    out: Path,
+    seed: int,
+    fmt: str = "parquet",
+    kind: str | None = None,
+) -> dict[str, int]:
+    """What the training kind trains on from round `round_`, written under `out` in its
+    trainer's dataset format; rows per split."""
+    data = TRAINING_KINDS[kind or training.kind].data(store, training, run_id, round_, seed)
     write_dataset(data, out, fmt)  # type: ignore[arg-type]
     return {split: len(ds) for split, ds in data.items()}
 
 
 def train_round(
-    store: Store, cfg: RunConfig, run_id: str, round_: int, kind: str | None = None
+    store: Store,
+    training: TrainingConfig,
+    run_id: str,
+    round_: int,
+    folder: Path,
+    seed: int,
+    kind: str | None = None,
 ) -> dict[str, Any]:
-    """Train on round `round_`'s pairs from the round's model; register and return the new
-    model's row. Nothing is written to the store unless training succeeded."""
-    kind = kind or cfg.training.kind
+    """Train on round `round_`'s data from the round's model, in a child process; register
+    and return the new model's row. `folder` is the round's snapshot folder (the exported
+    data and the checkpoint go there). Nothing is stored unless training succeeded."""
+    name = kind or training.kind
+    entry = TRAINING_KINDS[name]
     info = store.round_info(run_id, round_)
     if info is None:
         raise PrefloopError(f"{store.path}: run {run_id!r} has no round {round_}")
@@ -45,44 +56,44 @@ def train_round(
             f"{store.path}: model {info['model_id']} of round {round_} is not registered"
         )
     reference = None
-    if cfg.training.reference == "initial":
+    if entry.uses_reference and training.reference == "initial":
         first = store.model(store.first_round_model(run_id) or "")
         reference = first["path"] if first else None
 
-    folder = round_dir(cfg, run_id, round_)
     data_dir = folder / "pairs"
-    counts = export_round(store, cfg, run_id, round_, data_dir)
+    counts = export_round(store, training, run_id, round_, data_dir, seed, kind=name)
     if counts["train"] == 0:
         raise PrefloopError(
-            f"run {run_id!r} round {round_}: no pairs to train on after the training filters "
-            f"(methods={cfg.training.methods}, min_margin={cfg.training.min_margin}, "
-            f"exclude_flagged={cfg.training.exclude_flagged})"
+            f"run {run_id!r} round {round_}: nothing to train {name} on after the training "
+            f"filters (methods={training.methods}, min_margin={training.min_margin}, "
+            f"exclude_flagged={training.exclude_flagged})"
         )
     device = "cuda" if cuda_available() else "cpu"
     spec = TrainSpec(
-        kind=kind,
+        kind=name,
+        trainer=entry.trainer,
         base_model=base["path"],
         data_dir=str(data_dir),
-        output_dir=str(folder / f"model-{kind}"),
-        training=cfg.training.model_dump(mode="json"),
+        output_dir=str(folder / f"model-{name}"),
+        training=training.model_dump(mode="json"),
         reference_model=reference,
-        seed=cfg.seed + round_,
+        seed=seed + round_,
         device=device,
     )
-    metrics = run_training(spec, cfg.training.accelerate_config)
+    metrics = run_training(spec, training.accelerate_config)
 
     out = Path(spec.output_dir)
     sha = sha256_dir(out, exclude=NOT_HASHED)
     (out / MANIFEST).write_text(
-        json.dumps({"sha256": sha, "parent": base["model_id"], "kind": kind})
+        json.dumps({"sha256": sha, "parent": base["model_id"], "kind": name})
     )
-    model_id = f"{run_id}-r{round_}-{kind}@{sha[:12]}"
+    model_id = f"{run_id}-r{round_}-{name}@{sha[:12]}"
     model_row = {
         "model_id": model_id,
         "parent_model_id": base["model_id"],
         "path": str(out.resolve()),
         "sha256": sha,
-        "kind": "policy" if kind == "dpo" else "reward",
+        "kind": "policy" if entry.produces == "policy" else "reward",
         "run_id": run_id,
         "round": round_,
     }
@@ -91,15 +102,15 @@ def train_round(
             "models": [model_row],
             "training_runs": [
                 {
-                    "training_run_id": row_id(run_id, round_, kind, sha),
+                    "training_run_id": row_id(run_id, round_, name, sha),
                     "run_id": run_id,
                     "round": round_,
-                    "kind": kind,
+                    "kind": name,
                     "base_model_id": base["model_id"],
                     "reference_model_id": (
                         store.first_round_model(run_id) if reference else base["model_id"]
                     )
-                    if kind == "dpo"
+                    if entry.uses_reference
                     else None,
                     "output_model_id": model_id,
                     "config_json": json.dumps(asdict(spec), sort_keys=True, default=str),

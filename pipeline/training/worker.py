@@ -1,5 +1,8 @@
-"""Entry point of the training child process: `python -m pipeline.training.worker SPEC`."""
+"""Entry point of the training child process: `python -m pipeline.training.worker SPEC`.
 
+The spec names the kind's trainer as `module:function`; only that module is imported."""
+
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -10,16 +13,9 @@ def main(spec_path: str) -> None:
     out = Path(spec["output_dir"])
     partial = out.with_name(out.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
-    if spec["kind"] == "dpo":
-        from pipeline.training.dpo import train_dpo
-
-        metrics = train_dpo(spec, partial)
-    elif spec["kind"] == "rm":
-        from pipeline.training.reward import train_reward
-
-        metrics = train_reward(spec, partial)
-    else:
-        raise ValueError(f"unknown training kind {spec['kind']!r}")
+    module, _, function = spec["trainer"].partition(":")
+    train = getattr(importlib.import_module(module), function)
+    metrics = train(spec, partial)
     print("metrics " + json.dumps(metrics, sort_keys=True), flush=True)
 
 

@@ -1,0 +1,124 @@
+"""Judging in one place: a judge scores answers to prompts, and the judge kinds live in one
+registry, `JUDGES`.
+
+A judge kind is an entry of that dict: its settings class (the `judge:` mapping of a
+method's config, picked by `kind`), `load` (read and check its files before any engine
+starts) and `build` (the judge, given the engine that runs it). Nothing else in the code
+names a kind: a method asks `build_judge` for its judge and `judge_candidates` for the
+`judgments` rows.
+
+Also here: parsers (`parsing`), A/B labels asked in both orders (`labels`), the
+LLM-as-a-Judge kind (`template`) and pair selection from scores (`pairs`).
+"""
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from pipeline.engines.base import Completion, Engine
+from pipeline.hashing import row_id
+from pipeline.judging import template as template_judge
+from pipeline.judging.parsing import Sample
+from pipeline.rows import RoundContext, Rows, unusable
+from pipeline.seeds import Prompt
+from pipeline.templates import Template, TemplateLibrary
+
+__all__ = ["JUDGES", "Judge", "JudgeKind", "Sample", "build_judge", "judge_candidates"]
+
+
+class Judge(Protocol):
+    """Scores answers. Its attributes are the provenance each `judgments` row carries."""
+
+    judge_id: str  # what judged: a template id, a model id, a function name
+    key: str  # tells its judgments apart from another judge's in their ids
+    model_id: str | None  # the model that judged (None: no model)
+    template: Template | None
+    sampling: dict[str, Any]
+
+    def score(self, items: Sequence[tuple[str, str]]) -> list[list[Sample]]:
+        """Samples per (instruction, answer), in order."""
+        ...
+
+
+@dataclass(frozen=True)
+class JudgeKind:
+    config: type[BaseModel]  # the `judge:` settings; a `kind` field, a `model` if it needs one
+    load: Callable[[Any, TemplateLibrary], Any]  # files read and checked before any engine
+    build: Callable[
+        [Any, Any, Engine | None, str | None], Judge
+    ]  # settings, loaded, engine, model id
+    needs_engine: bool = True  # runs on a model: the round's own, or the settings' `model`
+
+
+JUDGES: dict[str, JudgeKind] = {
+    "template": JudgeKind(
+        config=template_judge.TemplateJudgeConfig,
+        load=template_judge.load,
+        build=template_judge.TemplateJudge,
+    ),
+}
+
+
+def judge_model(settings: Any) -> str | None:
+    """The model a judge runs on when it is not the round's own (None: the round's)."""
+    return getattr(settings, "model", None) if JUDGES[settings.kind].needs_engine else None
+
+
+def load_judge(settings: Any, library: TemplateLibrary) -> Any:
+    return JUDGES[settings.kind].load(settings, library)
+
+
+def build_judge(settings: Any, loaded: Any, engine: Engine | None, model_id: str | None) -> Judge:
+    return JUDGES[settings.kind].build(settings, loaded, engine, model_id)
+
+
+def judge_candidates(
+    judge: Judge,
+    prompts: Sequence[Prompt],
+    candidates: Sequence[Mapping[str, Any]],
+    ctx: RoundContext,
+    method: str,
+) -> Rows:
+    """Every sample the judge gives each usable candidate (generation rows), stored with its
+    parse status; an unusable candidate (empty, too long) is a discard, never judged.
+    `method` names who asked (the evaluation re-judges other methods' answers)."""
+    by_id = {p.prompt_id: p for p in prompts}
+    rows = Rows()
+    todo = []
+    for cand in candidates:
+        reason = unusable(Completion(cand["text"], 0, cand["finish_reason"]))
+        if reason:
+            rows.discard(ctx, method, "judge", cand["generation_id"], reason)
+            continue
+        todo.append(cand)
+    samples = judge.score([(by_id[c["prompt_id"]].text, c["text"]) for c in todo]) if todo else []
+    sampling_json = json.dumps(judge.sampling, sort_keys=True)
+    for cand, judged in zip(todo, samples, strict=True):
+        for k, sample in enumerate(judged):
+            rows.add(
+                "judgments",
+                {
+                    "judgment_id": row_id(
+                        ctx.run_id, ctx.round, method, cand["generation_id"], judge.key, k
+                    ),
+                    "run_id": ctx.run_id,
+                    "round": ctx.round,
+                    "method": method,
+                    "generation_id": cand["generation_id"],
+                    "sample_idx": k,
+                    "model_id": judge.model_id,
+                    "judge_id": judge.judge_id,
+                    "template_id": judge.template.template_id if judge.template else None,
+                    "raw_output": sample.raw,
+                    "score": sample.score,
+                    "parse_status": sample.status,
+                    "sampling_json": sampling_json,
+                    "seed": ctx.seed,
+                },
+            )
+    if judge.template is not None:
+        rows.add("templates", judge.template.record())
+    return rows

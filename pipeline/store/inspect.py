@@ -1,0 +1,96 @@
+"""The user's questions: `prefloop sql`, `db info`, `status`, `pairs` and the report."""
+
+from typing import Any
+
+import duckdb
+
+from pipeline.errors import StoreError
+from pipeline.store.connection import Connection
+
+
+class InspectQueries(Connection):
+    def sql(self, statement: str) -> tuple[list[str], list[tuple]]:
+        """A user's query (`prefloop sql`): returns column names and rows."""
+        try:
+            cur = self.con.execute(statement)
+        except duckdb.InvalidInputException as e:
+            if "read-only mode" in str(e):
+                raise StoreError(
+                    f"{self.path}: prefloop sql is read-only; this statement writes "
+                    "(pass --write to allow it)"
+                ) from None
+            raise StoreError(f"{self.path}: {str(e).splitlines()[0]}") from None
+        except duckdb.Error as e:
+            raise StoreError(f"{self.path}: {str(e).splitlines()[0]}") from None
+        rows = cur.fetchall()
+        return [d[0] for d in cur.description or []], rows
+
+    def table_counts(self) -> list[tuple[str, str, int]]:
+        """(name, 'table' | 'view', rows) for every table and view in the main schema."""
+        objects = self._run(
+            "SELECT table_name, table_type FROM information_schema.tables "
+            "WHERE table_schema = 'main' ORDER BY table_type, table_name"
+        )
+        return [
+            (
+                name,
+                "view" if kind == "VIEW" else "table",
+                self._run(f'SELECT count(*) FROM "{name}"')[0][0],
+            )
+            for name, kind in objects
+        ]
+
+    def run_status(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Per run and round: status, model, stages done (batches), pairs per method."""
+        return self.query(
+            "SELECT r.run_id, r.round, r.status, r.model_id, "
+            "(SELECT string_agg(stage || ':' || n, ' ' ORDER BY stage) FROM (SELECT stage, "
+            " count(*) AS n FROM stage_metrics s WHERE s.run_id = r.run_id AND s.round = r.round "
+            " GROUP BY stage)) AS stages, "
+            "(SELECT string_agg(method || ':' || n, ' ' ORDER BY method) FROM (SELECT method, "
+            " count(*) AS n FROM pairs p WHERE p.run_id = r.run_id AND p.round = r.round "
+            " GROUP BY method)) AS pairs, "
+            "(SELECT output_model_id FROM training_runs t WHERE t.run_id = r.run_id "
+            " AND t.round = r.round AND t.status = 'finished' LIMIT 1) AS trained_model "
+            "FROM rounds r WHERE ? IS NULL OR r.run_id = ? ORDER BY r.run_id, r.round",
+            [run_id, run_id],
+        )
+
+    def pair_texts(
+        self, run_id: str, round_: int | None, method: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        return self.query(
+            "SELECT * FROM pair_texts WHERE run_id = ? AND (? IS NULL OR round = ?) "
+            "AND (? IS NULL OR method = ?) ORDER BY round, method, pair_id LIMIT ?",
+            [run_id, round_, round_, method, method, limit],
+        )
+
+    def report_data(self, run_id: str) -> dict[str, list[dict[str, Any]]]:
+        """Everything the HTML report plots, per round."""
+        return {
+            "rounds": self.query(
+                "SELECT round, model_id, status, started_at, finished_at, "
+                "epoch(finished_at - started_at) AS wall_s FROM rounds WHERE run_id = ? "
+                "ORDER BY round",
+                [run_id],
+            ),
+            "evaluations": self.evaluations(run_id),
+            "scores": self.query(
+                "SELECT round, mean_score FROM candidate_scores WHERE run_id = ? "
+                "AND method = 'self_reward' AND mean_score IS NOT NULL ORDER BY round",
+                [run_id],
+            ),
+            "pairs": self.query(
+                "SELECT round, method, count(*) AS n, avg(margin) AS margin, "
+                "avg(soft_label) AS soft_label, count(*) FILTER (WHERE flagged) AS flagged "
+                "FROM pairs WHERE run_id = ? GROUP BY ALL ORDER BY round, method",
+                [run_id],
+            ),
+            "stages": self.query(
+                "SELECT round, stage, count(*) AS batches, sum(wall_s) AS wall_s, "
+                "coalesce(sum(setup_s), 0) AS setup_s, sum(prompt_tokens) AS prompt_tokens, "
+                "sum(completion_tokens) AS completion_tokens FROM stage_metrics "
+                "WHERE run_id = ? GROUP BY ALL ORDER BY round, stage",
+                [run_id],
+            ),
+        }
