@@ -52,20 +52,20 @@ def parse_score(text: str, parser: ScoreParser) -> tuple[float | None, str]:
 
 def score_parser(template: Template) -> ScoreParser:
     """The template's score parser; a template of another kind is refused by name."""
-    parser = template.meta.parser
-    if not isinstance(parser, ScoreParser):
-        raise TemplateError(
-            f"{template.path}: a judge template needs a front-matter `parser` of kind score "
-            "(pattern, min, max)"
-        )
-    return parser
+    return _declared(template, ScoreParser, "a judge template", "score (pattern, min, max)")
 
 
 def choice_parser(template: Template) -> ChoiceParser:
+    """The template's choice parser; a template of another kind is refused by name."""
+    return _declared(
+        template, ChoiceParser, "a preference-question template", "choice (labels, prefix)"
+    )
+
+
+def _declared(template: Template, kind: type, role: str, needs: str):
     parser = template.meta.parser
-    if not isinstance(parser, ChoiceParser):
+    if not isinstance(parser, kind):
         raise TemplateError(
-            f"{template.path}: a preference-question template needs a front-matter `parser` "
-            "of kind choice (labels, prefix)"
+            f"{template.path}: {role} needs a front-matter `parser` of kind {needs}"
         )
     return parser
