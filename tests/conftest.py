@@ -1,5 +1,6 @@
 """Shared fixtures: the default model, a tiny random model with the real tokenizer."""
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -180,7 +181,15 @@ def _start_vllm_server(model_dir: Path, served_name: str = "tiny"):
     ]
     if not torch.cuda.is_available():
         cmd += ["--kv-cache-memory-bytes", str(512 << 20)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Its own process group: vLLM's EngineCore outlives a server killed alone (a test kills
+    # it mid-round on purpose), and `_stop` ends the whole group.
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 400
     while time.time() < deadline:
@@ -191,16 +200,21 @@ def _start_vllm_server(model_dir: Path, served_name: str = "tiny"):
                 return proc, url
         except httpx.HTTPError:
             time.sleep(2)
-    proc.kill()
+    _stop(proc)
     pytest.fail("vllm serve did not come up in 400 s")
 
 
 def _stop(proc) -> None:
+    """End the server and everything in its process group (EngineCore, workers)."""
+    import signal
     import subprocess
 
-    proc.terminate()
-    try:
+    def signal_group(sig) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+    signal_group(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    signal_group(signal.SIGKILL)  # whatever of the group is still there
+    proc.wait()
