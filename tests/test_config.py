@@ -104,3 +104,20 @@ def test_concurrent_runner_needs_remote_engine():
         load_config(None, ["runner.workers=4"])
     cfg = load_config(None, ["runner.workers=4", "engine.kind=openai"])
     assert cfg.runner.workers == 4
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"self_reward": {"judge": {"kind": "zz"}}}, "self_reward.judge: unknown kind 'zz'"),
+        ({"training": {"kind": "sft"}}, "training.kind: unknown kind 'sft' (known: dpo, rm"),
+        ({"training": {"methods": ["nope"]}}, "training.methods: unknown method 'nope'"),
+        ({"self_reward": {"judge": {"samples": 0}}}, "self_reward.judge.samples: Input should"),
+    ],
+)
+def test_registry_names_are_checked_with_their_location(data, message):
+    from pipeline.config import parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, "c.yaml")
+    assert str(err.value).startswith(f"c.yaml: {message}"), str(err.value)
