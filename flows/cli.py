@@ -163,6 +163,22 @@ def _cell(value, width: int = 60) -> str:
 
 RunOpt = Annotated[str | None, typer.Option("--run", help="Run name (default: the config's).")]
 RoundOpt = Annotated[int, typer.Option("--round", help="Round number.")]
+JudgeIdOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--judge",
+        help="A judge's pairs, built from its scores: its judge id, or what `prefloop "
+        "judge --judge` was given.",
+    ),
+]
+
+
+def _judge_id(store, judge: str) -> str:
+    """A stored judge id as given, or the id a judge spec stores its judgments under."""
+    from pipeline.rejudge import judge_identity, judge_settings_from
+
+    known = {j for (j,) in store.sql("SELECT DISTINCT judge_id FROM judgments")[1]}
+    return judge if judge in known else judge_identity(judge_settings_from(judge))
 
 
 @app.command("export")
@@ -173,15 +189,31 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="jsonl | parquet | hf")] = "parquet",
     config: ConfigOpt = None,
     overrides: SetOpt = None,
+    judge: JudgeIdOpt = None,
 ):
     """Write a round's pairs in TRL's conversational format (train/test splits), filtered
-    by the config's training.methods / min_margin / exclude_flagged."""
+    by the config's training.methods / min_margin / exclude_flagged. With --judge, the
+    Self-Rewarding pairs that judge's scores make instead (see `prefloop judge`)."""
     from pipeline.store import Store
+    from pipeline.training.export import split_pairs, write_dataset
     from pipeline.training.step import export_round
 
     if fmt not in ("jsonl", "parquet", "hf"):
         raise PrefloopError(f"--format {fmt!r}: expected jsonl, parquet or hf")
     cfg = load_config(config, overrides)
+    if judge is not None:
+        from pipeline.rejudge import judge_pair_texts
+
+        with Store(cfg.db_path, read_only=True) as store:
+            judge_id = _judge_id(store, judge)
+            rows = judge_pair_texts(store, run or cfg.name, round_, judge_id)
+        data = split_pairs(rows, cfg.training.heldout_fraction, cfg.seed)
+        write_dataset(data, out, fmt)  # type: ignore[arg-type]
+        typer.echo(
+            f"{out}: {len(data['train'])} train, {len(data['test'])} test pairs ({fmt}) "
+            f"by judge {judge_id}"
+        )
+        return
     if cfg.training.kind == "none":
         raise PrefloopError("training.kind none: choose the kind whose data to export (--set)")
     with Store(cfg.db_path, read_only=True) as store:
@@ -215,6 +247,77 @@ def train(
         result = train_round(store, cfg.training, run_id, round_, folder, cfg.seed, kind)
     typer.echo(f"model {result['model_id']} at {result['path']}")
     typer.echo(json.dumps(result["metrics"], indent=2, sort_keys=True))
+
+
+@app.command("judge")
+def judge_cmd(
+    round_: RoundOpt,
+    judge: Annotated[
+        str,
+        typer.Option(
+            "--judge",
+            help="A template name or .j2 path, a reward-model directory, or module:function.",
+        ),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="The model a template judge runs on (default: the round's)."),
+    ] = None,
+    against: Annotated[
+        str | None,
+        typer.Option("--against", help="The judge id to compare with (default: the round's own)."),
+    ] = None,
+    run: RunOpt = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+):
+    """Score a finished round's stored Self-Rewarding candidates with another judge (no
+    generation), store its judgments, and compare it with the round's own judge. Resumable
+    and idempotent: what the judge has scored is skipped."""
+    from pathlib import Path as _Path
+
+    from pipeline.engines import start_engine
+    from pipeline.engines.scorer import RewardScorer
+    from pipeline.rejudge import METHOD, compare_judges, judge_settings_from, rejudge_round
+    from pipeline.store import Store
+
+    cfg = load_config(config, overrides)
+    run_id = run or cfg.name
+    settings = judge_settings_from(judge, model)
+
+    def start(model_path: str, role: str):
+        if role == "score":
+            return RewardScorer.start(_Path(model_path), cfg.engine, cfg.seed + round_)
+        return start_engine(_Path(model_path), cfg.engine, cfg.seed + round_)
+
+    with Store(cfg.db_path) as store:
+        result = rejudge_round(store, cfg, run_id, round_, settings, start)
+        typer.echo(
+            f"judge    {result.judge_id}: {result.added} judgments added, {result.already} of "
+            f"{result.candidates} candidates already scored; nothing generated"
+        )
+        judges = store.round_judges(run_id, round_, METHOD)
+        other = against or next((j for j in judges if j != result.judge_id), None)
+        if other is None:
+            typer.echo("compare  no other judge has scored this round")
+            return
+        comparison, rows = compare_judges(store, run_id, round_, other, result.judge_id)
+        store.write({"evaluations": rows})
+    typer.echo(f"compare  {other} (a) vs {result.judge_id} (b), {comparison['prompts']} prompts")
+    for name in ("pair_agreement", "kendall_tau", "same_best", "same_worst"):
+        typer.echo(f"  {name:<22} {_cell(comparison[name])}")
+    for side in ("a", "b"):
+        summary = comparison[side]
+        scores = summary["scores"]
+        spread = (
+            f"mean {scores['mean']:.3f} sd {scores['std']:.3f} [{scores['min']:.3f}, "
+            f"{scores['max']:.3f}]"
+            if scores["n"]
+            else "no scores"
+        )
+        typer.echo(
+            f"  judge {side}: parse failures {_cell(summary['parse_failure_rate'])}, {spread}"
+        )
 
 
 # -- the main job ------------------------------------------------------------------------
@@ -333,13 +436,24 @@ def pairs(
     limit: Annotated[int, typer.Option("--limit")] = 5,
     db: DbOpt = None,
     config: ConfigOpt = None,
+    judge: JudgeIdOpt = None,
 ):
-    """Read pairs: prompt, chosen, rejected, scores and labels."""
+    """Read pairs: prompt, chosen, rejected, scores and labels. With --judge (and
+    --round), the Self-Rewarding pairs that judge's scores make, as a variant: the pairs
+    the round trained on are not changed."""
     from pipeline.store import Store
 
     run_id = run or load_config(config).name
     with Store(_db_path(db, config), read_only=True) as store:
-        rows = store.pair_texts(run_id, round_, method, limit)
+        if judge is not None:
+            from pipeline.rejudge import judge_pair_texts
+
+            if round_ is None:
+                raise PrefloopError("--judge needs --round: a judge's pairs are per round")
+            found = judge_pair_texts(store, run_id, round_, _judge_id(store, judge))
+            rows = [{**r, "flagged": False, "flag_reason": None} for r in found][:limit]
+        else:
+            rows = store.pair_texts(run_id, round_, method, limit)
     if not rows:
         typer.echo("no pairs match")
     for r in rows:

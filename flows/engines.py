@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.engines import EngineBase, start_engine
+from pipeline.engines.scorer import RewardScorer
 from pipeline.schema import EngineConfig
 
 
@@ -18,17 +19,21 @@ class EngineSpec:
     model_path: str
     engine_json: str  # EngineConfig as JSON
     seed: int
+    role: str = "generate"  # or "score": a reward model (pipeline/engines/scorer.py)
 
 
-_ENGINES: dict[EngineSpec, EngineBase] = {}
+_ENGINES: dict[EngineSpec, EngineBase | RewardScorer] = {}
 _LOCK = threading.Lock()
 
 
-def get_engine(spec: EngineSpec) -> EngineBase:
+def get_engine(spec: EngineSpec) -> EngineBase | RewardScorer:
     with _LOCK:
         if spec not in _ENGINES:
             cfg = EngineConfig.model_validate_json(spec.engine_json)
-            _ENGINES[spec] = start_engine(Path(spec.model_path), cfg, spec.seed)
+            if spec.role == "score":
+                _ENGINES[spec] = RewardScorer.start(Path(spec.model_path), cfg, spec.seed)
+            else:
+                _ENGINES[spec] = start_engine(Path(spec.model_path), cfg, spec.seed)
         return _ENGINES[spec]
 
 

@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -146,24 +147,24 @@ class Round:
         with self.clock():
             if self.store.round_info(ctx.run_id, ctx.round) is None:
                 self.store.upsert_round(ctx.run_id, ctx.round, ctx.model_id, started_at=_now())
-            self.store.upsert_round(
-                ctx.run_id,
-                ctx.round,
-                ctx.model_id,
-                pair_policy_json=json.dumps(rounds.pair_policies(cfg), sort_keys=True),
-                snapshot_dir=str(self.folder),
-            )
             if self.store.round_info(ctx.run_id, ctx.round)["status"] == "finished":
                 self.logger.info("round %d already finished; skipping", ctx.round)
                 return False
             self.model = self.spec(ctx.model_id)
-            self.judges: dict[str, EngineSpec] = {}
-            for method, name in rounds.judge_models(cfg).items():
-                judge = resolve_model(name)
-                self.store.write({"models": [judge.record("judge")]})
-                self.judges[method] = EngineSpec(
-                    judge.model_id, str(judge.path), cfg.engine.model_dump_json(), ctx.seed
-                )
+            self.plan_judges()
+            policies = rounds.pair_policies(cfg)
+            for method, plan in self.plans.items():  # the judge it used, `latest` resolved
+                policies[method]["judge_used"] = {
+                    "kind": plan.settings.kind,
+                    "model_id": plan.model_id,
+                }
+            self.store.upsert_round(
+                ctx.run_id,
+                ctx.round,
+                ctx.model_id,
+                pair_policy_json=json.dumps(policies, sort_keys=True),
+                snapshot_dir=str(self.folder),
+            )
             self.done = self.store.done_batches(ctx.run_id, ctx.round)
             self.attempt = sum(stage == "flow" for stage, _ in self.done)  # resumed: 1, 2...
             self.seeds = rounds.round_prompts(self.inputs, cfg, ctx.round)
@@ -172,6 +173,28 @@ class Round:
             cfg.evaluation.enabled and self.policy_trained and bool(self.inputs.heldout_prompts)
         )
         return True
+
+    def plan_judges(self) -> None:
+        """Each method's judge this round, and the engine of any judge with its own model:
+        `model: latest` is the reward model of the run's most recent earlier round, or the
+        fallback judge until one is trained."""
+        cfg, ctx = self.cfg, self.ctx
+        latest = self.store.latest_scorer(ctx.run_id, ctx.round)
+        self.plans = rounds.judge_plans(cfg, self.inputs, latest)
+        self.judges: dict[str, EngineSpec] = {}
+        for method, plan in self.plans.items():
+            if plan.model_path is None:
+                continue
+            model_id, path = plan.model_id, plan.model_path
+            if model_id is None:
+                judge = resolve_model(path)
+                self.store.write({"models": [judge.record("judge")]})
+                model_id, path = judge.model_id, str(judge.path)
+                self.plans[method] = replace(plan, model_id=model_id)
+            role = "score" if plan.scorer else "generate"
+            self.judges[method] = EngineSpec(
+                model_id, path, cfg.engine.model_dump_json(), ctx.seed, role
+            )
 
     def _engines(self, method: str | None) -> dict[str, EngineSpec]:
         engines = {"engine": self.model}
@@ -208,11 +231,10 @@ class Round:
             for b, batch in enumerate(batches):
                 if (method, b) in self.done:
                     continue
-                judge = self.judges.get(method)
                 work = partial(
                     rounds.run_batch,
                     method,
-                    judge_model_id=judge.model_id if judge else None,
+                    judge=self.plans.get(method),
                     inputs=self.inputs,
                     prompts=batch,
                     ctx=ctx,
@@ -232,10 +254,9 @@ class Round:
         with self.clock():
             pairs = self.store.evaluation_pairs(self.ctx.run_id, self.ctx.round)
         judged = rounds.self_judge(self.cfg)
-        judge = self.judges.get(judged) if judged else None
         work = partial(
             rounds.relabel_round,
-            judge_model_id=judge.model_id if judge else None,
+            judge=self.plans.get(judged) if judged else None,
             inputs=self.inputs,
             pairs=pairs,
             ctx=self.ctx,

@@ -5,12 +5,17 @@ reaches a worker) and the loop flow itself all call `preflight`, so a mistake is
 naming the file and the field, and the database is left as it was.
 """
 
+from functools import lru_cache
+
 from pipeline.config import RunConfig
 from pipeline.engines import engine_problem, start_engine
-from pipeline.errors import ConfigError
+from pipeline.engines.base import continuation_tokens
+from pipeline.errors import ConfigError, EngineError, TemplateError
+from pipeline.judging import judge_model
 from pipeline.models import ModelInfo, resolve_model
-from pipeline.rounds import RoundInputs, judge_models, load_inputs
+from pipeline.rounds import RoundInputs, judge_settings, load_inputs, named_judge_models
 from pipeline.store import Store
+from pipeline.templates import ChoiceParser, ScoreParser, Template
 
 
 def preflight(cfg: RunConfig, source: str = "config", *, ping: bool = True) -> RoundInputs:
@@ -19,7 +24,7 @@ def preflight(cfg: RunConfig, source: str = "config", *, ping: bool = True) -> R
     the loaded inputs."""
     inputs = load_inputs(cfg)
     model = resolve_model(cfg.model)
-    for other in (*judge_models(cfg).values(), cfg.evaluation.judge_model):
+    for other in (*named_judge_models(cfg), cfg.evaluation.judge_model):
         if other is not None:
             resolve_model(other)
     for name, engine in (("engine", cfg.engine), ("evaluation.engine", cfg.evaluation.engine)):
@@ -30,9 +35,62 @@ def preflight(cfg: RunConfig, source: str = "config", *, ping: bool = True) -> R
             raise ConfigError(f"{source}: {name}.{problem}")
         if ping and engine.kind == "openai":  # a wrong URL fails here, at once
             _ping(model, engine, cfg.seed)
+    check_label_templates(cfg, inputs)
     with Store(cfg.db_path):  # held by another writer, or from a newer prefloop: fail here
         pass
     return inputs
+
+
+def check_label_templates(cfg: RunConfig, inputs: RoundInputs) -> None:
+    """Every template read from label probabilities (a prefilled score scale, an A/B
+    question) is checked with the tokenizer of the model that will read it: each label
+    must start where the prefix ends and none may read as the start of another. Only the
+    tokenizer loads, so a bad scale fails in a second, before any engine starts."""
+    judged: set[str] = set()
+    for method in cfg.enabled_methods():
+        settings = judge_settings(cfg, method)
+        loaded = inputs.judges.get(method)
+        while settings is not None:
+            if settings.kind == "template":
+                check_labels(loaded, judge_model(settings) or cfg.model)
+                judged.add(loaded.template_id)
+            elif isinstance(loaded, dict):
+                loaded = loaded.get("fallback")
+            settings = getattr(settings, "fallback", None)
+    for template in inputs.templates():
+        if template.template_id not in judged:
+            check_labels(template, cfg.model)
+
+
+def check_labels(template: Template, model: str) -> None:
+    """The labels of one template, read by `model`'s tokenizer and chat template."""
+    parser = template.meta.parser
+    if isinstance(parser, ScoreParser) and parser.prefix is not None:
+        labels, prefix, single = parser.continuations, parser.prefix, False
+    elif isinstance(parser, ChoiceParser):
+        # A chain-of-thought judge reads its label after its own reasoning and a newline.
+        reasoning = f"{parser.reasoning_prefix} ...\n" if parser.reasoning_prefix else ""
+        labels, prefix, single = parser.labels, reasoning + parser.prefix, True
+    else:
+        return
+    tokenizer = _tokenizer(str(resolve_model(model).path))
+    message = template.render(**{v: f"<{v}>" for v in template.meta.variables})
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+    )
+    try:
+        continuation_tokens(
+            lambda t: tokenizer.encode(t, add_special_tokens=False), text + prefix, labels, single
+        )
+    except EngineError as e:
+        raise TemplateError(f"{template.path}: {e}") from None
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _ping(model: ModelInfo, engine, seed: int) -> None:

@@ -17,7 +17,7 @@ from pipeline.engines.base import Engine
 from pipeline.errors import ConfigError
 from pipeline.evaluation.stages import relabel_pairs
 from pipeline.hashing import row_id
-from pipeline.judging import build_judge, judge_model, load_judge
+from pipeline.judging import JudgePlan, build_judge, judge_model, load_judge, plan_judge
 from pipeline.judging.labels import PAIRWISE_VARS
 from pipeline.judging.parsing import choice_parser
 from pipeline.methods import METHODS
@@ -88,7 +88,12 @@ def load_inputs(cfg: RunConfig) -> RoundInputs:
         inputs.methods[name] = method.load(settings, library)
         judge = judge_settings(cfg, name)
         if judge is not None:
-            inputs.judges[name] = load_judge(judge, library)
+            try:
+                inputs.judges[name] = load_judge(judge, library)
+            except ConfigError as e:  # "judge.function: ..." -> "self_reward.judge.function"
+                raise ConfigError(
+                    f"{name}.{e}" if str(e).startswith("judge.") else str(e)
+                ) from None
     instruct = self_instruct_settings(cfg)
     if instruct is not None:
         inputs.self_instruct = load_self_instruct(instruct, library)
@@ -105,15 +110,30 @@ def judge_settings(cfg: RunConfig, method: str) -> Any | None:
     return entry.judge(cfg.method(method)) if entry.judge else None
 
 
-def judge_models(cfg: RunConfig) -> dict[str, str]:
-    """Per enabled method, the model its judge runs on when it is not the round's own."""
-    out = {}
+def named_judge_models(cfg: RunConfig) -> list[str]:
+    """Every model a judge of an enabled method names (a fallback judge's too), for the
+    pre-flight to check."""
+    out = []
     for name in cfg.enabled_methods():
         settings = judge_settings(cfg, name)
-        model = judge_model(settings) if settings is not None else None
-        if model is not None:
-            out[name] = model
+        while settings is not None:
+            model = judge_model(settings)
+            if model is not None:
+                out.append(model)
+            settings = getattr(settings, "fallback", None)
     return out
+
+
+def judge_plans(
+    cfg: RunConfig, inputs: RoundInputs, latest_scorer: dict[str, Any] | None
+) -> dict[str, JudgePlan]:
+    """Per enabled method with a judge, the judge it uses this round; `latest_scorer` is
+    the run's most recent reward model before the round (for `model: latest`)."""
+    return {
+        name: plan_judge(settings, inputs.judges[name], latest_scorer)
+        for name in cfg.enabled_methods()
+        if (settings := judge_settings(cfg, name)) is not None
+    }
 
 
 def self_judge(cfg: RunConfig) -> str | None:
@@ -163,22 +183,20 @@ def prompt_from_row(row: dict[str, Any]) -> Prompt:
 
 
 def method_judge(
-    cfg: RunConfig,
-    inputs: RoundInputs,
-    method: str,
-    engine: Engine,
-    judge_engine: Engine | None,
-    judge_model_id: str | None,
-    ctx: RoundContext,
+    plan: JudgePlan | None, engine: Engine, judge_engine: Engine | None, ctx: RoundContext
 ):
-    """The judge a method scores with this round, or None for a method without one: on
-    its own model's engine when the settings name one, else on the round's engine."""
-    settings = judge_settings(cfg, method)
-    if settings is None:
+    """The judge a plan describes (None for a method without one): on its own model's
+    engine when it names one, else on the round's engine."""
+    if plan is None:
         return None
     return build_judge(
-        settings, inputs.judges[method], judge_engine or engine, judge_model_id or ctx.model_id
+        plan.settings, plan.loaded, judge_engine or engine, plan.model_id or ctx.model_id
     )
+
+
+def _plan(cfg: RunConfig, inputs: RoundInputs, method: str) -> JudgePlan | None:
+    settings = judge_settings(cfg, method)
+    return None if settings is None else plan_judge(settings, inputs.judges[method], None)
 
 
 def run_batch(
@@ -189,12 +207,14 @@ def run_batch(
     ctx: RoundContext,
     cfg: RunConfig,
     judge_engine: Engine | None = None,
-    judge_model_id: str | None = None,
+    judge: JudgePlan | None = None,
 ) -> Rows:
-    """One batch of one method (`judge_engine`: its judge's own model, if it has one)."""
-    judge = method_judge(cfg, inputs, method, engine, judge_engine, judge_model_id, ctx)
+    """One batch of one method. `judge` is the round's plan for its judge (by default the
+    configured one, with no reward model yet); `judge_engine` runs it if it has a model."""
+    plan = judge or _plan(cfg, inputs, method)
+    scorer = method_judge(plan, engine, judge_engine, ctx)
     return METHODS[method].run(
-        engine, inputs.methods.get(method), prompts, ctx, cfg.method(method), judge
+        engine, inputs.methods.get(method), prompts, ctx, cfg.method(method), scorer
     )
 
 
@@ -248,14 +268,11 @@ def relabel_round(
     ctx: RoundContext,
     cfg: RunConfig,
     judge_engine: Engine | None = None,
-    judge_model_id: str | None = None,
+    judge: JudgePlan | None = None,
 ) -> Rows:
     """Cross-method agreement: the round's pairs labelled again by the self-judge (the
     judge of the first method that has one) and by the pairwise judge."""
     judged = self_judge(cfg)
-    judge = (
-        method_judge(cfg, inputs, judged, engine, judge_engine, judge_model_id, ctx)
-        if judged
-        else None
-    )
-    return relabel_pairs(engine, judge, judged, inputs.eval_judge, pairs, ctx, cfg.evaluation)
+    plan = judge or (_plan(cfg, inputs, judged) if judged else None)
+    scorer = method_judge(plan, engine, judge_engine, ctx)
+    return relabel_pairs(engine, scorer, judged, inputs.eval_judge, pairs, ctx, cfg.evaluation)

@@ -49,9 +49,13 @@ class ScoreParser(_Strict):
     # clamp: out-of-range scores are clamped to [min, max]; invalid: they count as unparsed.
     out_of_range: Literal["clamp", "invalid"] = "clamp"
     # Prefilled judges: the reply starts with `prefix` (e.g. "Score: ") and the score is the
-    # expected value over the next-token probabilities of the integers min..max (as in
-    # G-Eval). Small models that do not follow an output format still give a score.
+    # expected value over the probabilities of the integers min..max (as in G-Eval), each
+    # read as a complete continuation: its tokens, then `suffix`, what closes the score in
+    # the output format ("]]" after "Rating: [[7"). Without a suffix "1" would also count
+    # the start of "10"; a scale whose labels overlap so is refused before the run. Small
+    # models that do not follow an output format still give a score.
     prefix: str | None = None
+    suffix: str = ""
 
     @model_validator(mode="after")
     def _check(self) -> "ScoreParser":
@@ -62,12 +66,19 @@ class ScoreParser(_Strict):
             float(self.min).is_integer() and float(self.max).is_integer()
         ):
             raise ValueError("a prefilled (prefix) score needs integer min and max")
+        if self.suffix and self.prefix is None:
+            raise ValueError("suffix closes a prefilled score: it needs a prefix")
         return self
 
     @property
     def labels(self) -> list[str]:
-        """The score tokens a prefilled judge chooses between."""
+        """The scores a prefilled judge chooses between."""
         return [str(i) for i in range(int(self.min), int(self.max) + 1)]
+
+    @property
+    def continuations(self) -> list[str]:
+        """Each label as the complete text a prefilled judge's reply continues with."""
+        return [label + self.suffix for label in self.labels]
 
 
 class ChoiceParser(_Strict):

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,6 +240,26 @@ MATRIX = [
     ("non-UTF-8 bytes", _prompts(b'{"prompt": "a"}\n{"prompt": "\xff"}\n'), "p.jsonl:2: not UTF-8"),
     ("empty prompts", _prompts(b"\n\n"), "p.jsonl: no prompts"),
     ("model directory not a model", _model, "no config.json"),
+    (
+        "prefilled labels the tokenizer cannot read",
+        _judge((Path(__file__).parent / "data" / "judge_percent_unreadable.j2").read_text()),
+        "j.j2: label '1' reads as the start of label '10'",
+    ),
+    (
+        "judge function that cannot be imported",
+        _config("self_reward:\n  judge: {kind: function, function: 'no_such_module:score'}\n"),
+        "self_reward.judge.function: cannot import 'no_such_module'",
+    ),
+    (
+        "reward model that is not a reward model",
+        _config("self_reward:\n  judge: {kind: reward_model, model: smollm2-135m-instruct}\n"),
+        "not a reward model (architectures: LlamaForCausalLM)",
+    ),
+    (
+        "latest reward model without a fallback judge",
+        _config("self_reward:\n  judge: {kind: reward_model, model: latest}\n"),
+        "self_reward.judge.fallback: `model: latest` needs a fallback judge",
+    ),
     pytest.param(
         "engine setting the engine refuses",
         _config("engine:\n  kind: vllm\n  block_size: 48\n"),

@@ -8,7 +8,7 @@ in `EngineBase`.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -151,46 +151,108 @@ class EngineBase:
         options: Sequence[str],
         prefix: str | Sequence[str] = "",
     ) -> list[list[float]]:
-        """Normalised next-token probabilities of `options` after the assistant `prefix`
-        (one for all conversations, or one each, e.g. a judge's own reasoning)."""
+        """Normalised next-token probabilities of single-token `options` after the
+        assistant `prefix` (one for all conversations, or one each, e.g. a judge's own
+        reasoning)."""
         if len(options) < 2:
             raise EngineError("choice_probs needs at least two options")
+        return self.continuation_probs(conversations, options, prefix, single_token=True)
+
+    def continuation_probs(
+        self,
+        conversations: Sequence[Conversation],
+        continuations: Sequence[str],
+        prefix: str | Sequence[str] = "",
+        *,
+        single_token: bool = False,
+    ) -> list[list[float]]:
+        """Normalised probabilities of complete continuations of the assistant `prefix`,
+        each one or more tokens ("7]]", "100]]"): the product of its tokens' probabilities.
+
+        The continuations' tokens form a trie; each node is one `_label_logprobs` call over
+        all conversations, so a shared start ("1" of "1]]", "10]]", "100]]") is asked once
+        and the calls of one conversation share its prompt (vLLM's prefix cache).
+        """
         prefixes = [prefix] * len(conversations) if isinstance(prefix, str) else list(prefix)
-        prompts, label_ids = [], None
+        prompts, sequences = [], None
         for conversation, start in zip(conversations, prefixes, strict=True):
             text = self.render(conversation, start)
-            ids = self.encode(text)
-            ids_per_option = [self._option_id(text, ids, o) for o in options]
-            if label_ids is None:
-                label_ids = ids_per_option
-            elif ids_per_option != label_ids:
+            found = continuation_tokens(self.encode, text, continuations, single_token)
+            if sequences is None:
+                sequences = found
+            elif found != sequences:
                 raise EngineError(
-                    f"options {list(options)} tokenize differently across prompts; end the "
-                    "prefix with a character that separates them (e.g. '(')"
+                    f"labels {list(continuations)} tokenize differently across prompts; end "
+                    "the prefix with a character that separates them (e.g. '(')"
                 )
-            prompts.append(ids)
+            prompts.append(self.encode(text))
         if not prompts:
             return []
-        too_long = [i for i, ids in enumerate(prompts) if len(ids) >= self.max_model_len]
+        longest = max(len(s) for s in sequences)
+        too_long = [i for i, ids in enumerate(prompts) if len(ids) + longest > self.max_model_len]
         if too_long:
             raise EngineError(
                 f"choice prompt {too_long[0]} has {len(prompts[too_long[0]])} tokens, over "
                 f"max_model_len {self.max_model_len}"
             )
-        logprobs = self._label_logprobs(prompts, label_ids)
-        self.counter.prompt_tokens += sum(len(p) for p in prompts)
-        self.counter.requests += len(prompts)
-        return [_normalise(row) for row in logprobs]
+        children: dict[tuple[int, ...], list[int]] = {}
+        for seq in sequences:
+            for k, token in enumerate(seq):
+                kids = children.setdefault(seq[:k], [])
+                if token not in kids:
+                    kids.append(token)
+        logprob: dict[tuple[int, ...], list[float]] = {}  # node + token -> per prompt
+        for node, kids in children.items():
+            rows = self._label_logprobs([ids + list(node) for ids in prompts], kids)
+            for j, token in enumerate(kids):
+                logprob[(*node, token)] = [row[j] for row in rows]
+            self.counter.prompt_tokens += sum(len(ids) + len(node) for ids in prompts)
+            self.counter.requests += len(prompts)
+        return [
+            _normalise(
+                [sum(logprob[seq[: k + 1]][i] for k in range(len(seq))) for seq in sequences]
+            )
+            for i in range(len(prompts))
+        ]
 
-    def _option_id(self, text: str, ids: list[int], option: str) -> int:
-        full = self.encode(text + option)
-        if len(full) != len(ids) + 1 or full[: len(ids)] != ids:
+
+def continuation_tokens(
+    encode: Callable[[str], list[int]],
+    text: str,
+    continuations: Sequence[str],
+    single_token: bool = False,
+) -> list[tuple[int, ...]]:
+    """The tokens each continuation adds after `text`, checked to be readable: each starts
+    exactly where `text` ends (no merge with its last token), and none is the start of
+    another (else "1" would also count the start of "10"). Only the tokenizer is needed, so
+    the pre-flight runs this before any engine starts."""
+    base = encode(text)
+    found = []
+    for cont in continuations:
+        full = encode(text + cont)
+        added = tuple(full[len(base) :])
+        merged = full[: len(base)] != base or not added
+        if single_token and (merged or len(added) != 1):
             raise EngineError(
-                f"option {option!r} is not exactly one token after the prompt's end "
+                f"option {cont!r} is not exactly one token after the prompt's end "
                 f"({text[-20:]!r}); use single-token labels such as A/B and a prefix that "
                 "ends where the label starts"
             )
-        return full[-1]
+        if merged:
+            raise EngineError(
+                f"label {cont!r} does not start where the prompt ends ({text[-20:]!r}): the "
+                "tokenizer merges them; end the prefix where the label starts"
+            )
+        found.append(added)
+    for i, a in enumerate(found):
+        for j, b in enumerate(found):
+            if i != j and b[: len(a)] == a:
+                raise EngineError(
+                    f"label {continuations[i]!r} reads as the start of label "
+                    f"{continuations[j]!r} (tokens {list(a)} begin {list(b)}); declare a "
+                    "`suffix` that closes the score (e.g. ']]' or a newline)"
+                )
+    return found
 
 
 def _normalise(logprobs: Sequence[float]) -> list[float]:

@@ -150,10 +150,18 @@ def training_metrics(
 
 
 def evaluation_row(
-    ctx: RoundContext, metric: str, value: float | None, method: str | None = None, **details
+    ctx: RoundContext,
+    metric: str,
+    value: float | None,
+    method: str | None = None,
+    *,
+    key: tuple = (),
+    **details,
 ) -> dict[str, Any]:
+    """One evaluations row; `key` tells apart rows of one metric that compare different
+    things (two judges)."""
     return {
-        "evaluation_id": row_id(ctx.run_id, ctx.round, metric, method),
+        "evaluation_id": row_id(ctx.run_id, ctx.round, metric, method, *key),
         "run_id": ctx.run_id,
         "round": ctx.round,
         "metric": metric,

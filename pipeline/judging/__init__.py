@@ -20,26 +20,38 @@ from pydantic import BaseModel
 
 from pipeline.engines.base import Completion, Engine
 from pipeline.hashing import row_id
+from pipeline.judging import function as function_judge
+from pipeline.judging import reward_model
 from pipeline.judging import template as template_judge
-from pipeline.judging.parsing import Sample
+from pipeline.judging.parsing import JudgeItem, Sample
 from pipeline.rows import RoundContext, Rows, unusable
 from pipeline.seeds import Prompt
 from pipeline.templates import Template, TemplateLibrary
 
-__all__ = ["JUDGES", "Judge", "JudgeKind", "Sample", "build_judge", "judge_candidates"]
+__all__ = [
+    "JUDGES",
+    "Judge",
+    "JudgeItem",
+    "JudgeKind",
+    "JudgePlan",
+    "Sample",
+    "build_judge",
+    "judge_candidates",
+    "plan_judge",
+]
 
 
 class Judge(Protocol):
     """Scores answers. Its attributes are the provenance each `judgments` row carries."""
 
-    judge_id: str  # what judged: a template id, a model id, a function name
+    judge_id: str  # what judged: a template id, a model id, a function name and code hash
     key: str  # tells its judgments apart from another judge's in their ids
     model_id: str | None  # the model that judged (None: no model)
     template: Template | None
     sampling: dict[str, Any]
 
-    def score(self, items: Sequence[tuple[str, str]]) -> list[list[Sample]]:
-        """Samples per (instruction, answer), in order."""
+    def score(self, items: Sequence[JudgeItem]) -> list[list[Sample]]:
+        """Samples per (instruction, answer, conversation), in order."""
         ...
 
 
@@ -51,6 +63,10 @@ class JudgeKind:
         [Any, Any, Engine | None, str | None], Judge
     ]  # settings, loaded, engine, model id
     needs_engine: bool = True  # runs on a model: the round's own, or the settings' `model`
+    # Its engine is a reward-model scorer (`RewardScorer`), not a generator.
+    scorer: bool = False
+    # The model it runs on when not the round's own (None: the round's, or no model).
+    model: Callable[[Any], str | None] = lambda settings: getattr(settings, "model", None)
 
 
 JUDGES: dict[str, JudgeKind] = {
@@ -59,12 +75,26 @@ JUDGES: dict[str, JudgeKind] = {
         load=template_judge.load,
         build=template_judge.TemplateJudge,
     ),
+    "reward_model": JudgeKind(
+        config=reward_model.RewardModelJudgeConfig,
+        load=reward_model.load,
+        build=reward_model.RewardModelJudge,
+        scorer=True,
+        model=lambda cfg: None if cfg.model == reward_model.LATEST else cfg.model,
+    ),
+    "function": JudgeKind(
+        config=function_judge.FunctionJudgeConfig,
+        load=function_judge.load,
+        build=function_judge.FunctionJudge,
+        needs_engine=False,
+    ),
 }
 
 
 def judge_model(settings: Any) -> str | None:
     """The model a judge runs on when it is not the round's own (None: the round's)."""
-    return getattr(settings, "model", None) if JUDGES[settings.kind].needs_engine else None
+    kind = JUDGES[settings.kind]
+    return kind.model(settings) if kind.needs_engine else None
 
 
 def load_judge(settings: Any, library: TemplateLibrary) -> Any:
@@ -73,6 +103,34 @@ def load_judge(settings: Any, library: TemplateLibrary) -> Any:
 
 def build_judge(settings: Any, loaded: Any, engine: Engine | None, model_id: str | None) -> Judge:
     return JUDGES[settings.kind].build(settings, loaded, engine, model_id)
+
+
+@dataclass(frozen=True)
+class JudgePlan:
+    """The judge a round uses, decided once per round: its settings (a reward model's
+    `latest` already resolved, or the fallback in its place), what its `load` returned,
+    and the model it runs on (None: the round's own, or no model)."""
+
+    settings: Any
+    loaded: Any
+    model_path: str | None = None
+    model_id: str | None = None
+
+    @property
+    def scorer(self) -> bool:
+        return JUDGES[self.settings.kind].scorer
+
+
+def plan_judge(settings: Any, loaded: Any, latest_scorer: Mapping[str, Any] | None) -> JudgePlan:
+    """`latest_scorer` is the models row of the run's most recent reward model before this
+    round (None: none yet). The caller resolves `model_path` to a model id when the plan
+    names a model without one."""
+    if settings.kind == "reward_model" and settings.model == reward_model.LATEST:
+        if latest_scorer is None:
+            return plan_judge(settings.fallback, loaded["fallback"], None)
+        resolved = settings.model_copy(update={"model": latest_scorer["path"]})
+        return JudgePlan(resolved, loaded, latest_scorer["path"], latest_scorer["model_id"])
+    return JudgePlan(settings, loaded, judge_model(settings))
 
 
 def judge_candidates(
@@ -94,7 +152,11 @@ def judge_candidates(
             rows.discard(ctx, method, "judge", cand["generation_id"], reason)
             continue
         todo.append(cand)
-    samples = judge.score([(by_id[c["prompt_id"]].text, c["text"]) for c in todo]) if todo else []
+    items = [
+        JudgeItem(by_id[c["prompt_id"]].text, c["text"], by_id[c["prompt_id"]].conversation)
+        for c in todo
+    ]
+    samples = judge.score(items) if items else []
     sampling_json = json.dumps(judge.sampling, sort_keys=True)
     for cand, judged in zip(todo, samples, strict=True):
         for k, sample in enumerate(judged):

@@ -22,18 +22,29 @@ def label_probs(
     conversations: Sequence[Conversation],
     labels: Sequence[str],
     prefixes: Sequence[str],
+    *,
+    single_token: bool = True,
 ) -> list[list[float] | None]:
-    """`engine.choice_probs`, with None for a question too long for the context instead
-    of a failed batch."""
+    """Normalised probabilities of `labels` after each prefix, with None for a question too
+    long for the context instead of a failed batch. Single-token labels (A/B) are one
+    next-token reading; otherwise each label is a complete continuation of one or more
+    tokens (`Engine.continuation_probs`)."""
     probs: list[list[float] | None] = [None] * len(conversations)
+    # Room for the longest label after the prompt (+1: its tokens may split differently
+    # alone than after the prefix).
+    room = 1 if single_token else max(len(engine.encode(label)) for label in labels) + 1
     fits = [
         i
         for i, (c, p) in enumerate(zip(conversations, prefixes, strict=True))
-        if len(engine.encode(engine.render(c, p))) < engine.max_model_len
+        if len(engine.encode(engine.render(c, p))) + room <= engine.max_model_len
     ]
     if fits:
-        got = engine.choice_probs(
-            [conversations[i] for i in fits], labels, [prefixes[i] for i in fits]
+        asked = [conversations[i] for i in fits]
+        at = [prefixes[i] for i in fits]
+        got = (
+            engine.choice_probs(asked, labels, at)
+            if single_token
+            else engine.continuation_probs(asked, labels, at)
         )
         for i, row in zip(fits, got, strict=True):
             probs[i] = row

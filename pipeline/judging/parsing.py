@@ -3,6 +3,7 @@
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from pipeline.errors import TemplateError
 from pipeline.templates import ChoiceParser, ScoreParser, Template
@@ -11,6 +12,15 @@ OK = "ok"
 NO_MATCH = "no_match"
 OUT_OF_RANGE = "out_of_range"
 NOT_A_NUMBER = "not_a_number"
+
+
+class JudgeItem(NamedTuple):
+    """What a judge reads: the request (the last user turn), the answer, and the whole
+    conversation before the answer (a reward model scores it in full)."""
+
+    instruction: str
+    response: str
+    conversation: list[dict[str, str]]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from pipeline.engines.base import PROMPT_TOO_LONG, Engine
 from pipeline.judging.labels import label_probs
-from pipeline.judging.parsing import OK, Sample, parse_score, score_parser
+from pipeline.judging.parsing import OK, JudgeItem, Sample, parse_score, score_parser
 from pipeline.rows import sampling_from
 from pipeline.schema import SamplingConfig, StrictModel
 from pipeline.templates import ScoreParser, Template, TemplateLibrary
@@ -54,19 +54,31 @@ class TemplateJudge:
             raise ValueError("a template judge needs an engine")
         self.cfg, self.template, self.engine = cfg, template, engine
         self.parser = score_parser(template)
-        self.judge_id = template.template_id
-        self.key = template.sha256
+        # On its own model the judge is another judge than the same template on the
+        # round's model: its id and key name the model (the round's own stays the template).
+        own = cfg.model is not None
+        self.judge_id = f"{template.template_id}|{model_id}" if own else template.template_id
+        self.key = f"{template.sha256}|{model_id}" if own else template.sha256
         self.model_id = model_id
         if self.parser.prefix is None:
             self.params = sampling_from(cfg.sampling, n=cfg.samples)
             self.sampling: dict[str, Any] = self.params.record()
         else:
             self.sampling = {"prefix": self.parser.prefix, "expected_over": self.parser.labels}
+            if self.parser.suffix:
+                self.sampling["suffix"] = self.parser.suffix
 
-    def score(self, items: Sequence[tuple[str, str]]) -> list[list[Sample]]:
+    def score(self, items: Sequence[JudgeItem]) -> list[list[Sample]]:
         conversations = [
-            [{"role": "user", "content": self.template.render(instruction=i, response=r)}]
-            for i, r in items
+            [
+                {
+                    "role": "user",
+                    "content": self.template.render(
+                        instruction=it.instruction, response=it.response
+                    ),
+                }
+            ]
+            for it in items
         ]
         if self.parser.prefix is None:
             outputs = self.engine.generate(conversations, self.params)
@@ -75,7 +87,9 @@ class TemplateJudge:
                 for completions in outputs
             ]
         prefixes = [self.parser.prefix] * len(conversations)
-        probs = label_probs(self.engine, conversations, self.parser.labels, prefixes)
+        probs = label_probs(
+            self.engine, conversations, self.parser.continuations, prefixes, single_token=False
+        )
         return [[Sample(*expected_score(p, self.parser))] for p in probs]
 
 

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from pipeline.engines.base import Engine
 from pipeline.judging import JUDGES, Judge, judge_candidates
-from pipeline.judging.pairs import PairPolicy, select_pairs
+from pipeline.judging.pairs import BEST_VS_WORST, PairPolicy, Strategy, select_pairs
 from pipeline.methods.common import MethodConfig
 from pipeline.rows import RoundContext, Rows, generation_row, sampling_from
 from pipeline.schema import SamplingConfig, kind_field
@@ -42,6 +42,10 @@ class SelfRewardConfig(MethodConfig):
     # Meta-Rewarding's length control: when the best scores are within this gap, the
     # shorter answer wins. None turns it off.
     length_control_gap: float | None = Field(None, ge=0.0)
+    # best_vs_worst (the paper), best_vs_random (best over a random lower-scored answer),
+    # length_penalised (best vs worst on score - length_penalty * tokens).
+    pair_strategy: Strategy = BEST_VS_WORST
+    length_penalty: float = Field(0.0, ge=0.0)
     self_instruct: SelfInstructConfig = SelfInstructConfig()
 
     @model_validator(mode="before")
@@ -77,7 +81,12 @@ def generate_candidates(
 
 
 def pair_policy(cfg: SelfRewardConfig) -> PairPolicy:
-    return PairPolicy(min_margin=cfg.min_margin, length_control_gap=cfg.length_control_gap)
+    return PairPolicy(
+        min_margin=cfg.min_margin,
+        length_control_gap=cfg.length_control_gap,
+        strategy=cfg.pair_strategy,
+        length_penalty=cfg.length_penalty,
+    )
 
 
 def run_self_reward(

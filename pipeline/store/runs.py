@@ -60,6 +60,15 @@ class RunQueries(Connection):
         rows = self.query("SELECT * FROM models WHERE model_id = ?", [model_id])
         return rows[0] if rows else None
 
+    def latest_scorer(self, run_id: str, before_round: int) -> dict[str, Any] | None:
+        """The reward model the run trained most recently before `before_round`."""
+        rows = self.query(
+            "SELECT * FROM models WHERE run_id = ? AND round < ? AND kind = 'reward' "
+            "ORDER BY round DESC, created_at DESC LIMIT 1",
+            [run_id, before_round],
+        )
+        return rows[0] if rows else None
+
     def round_info(self, run_id: str, round_: int) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM rounds WHERE run_id = ? AND round = ?", [run_id, round_])
         return rows[0] if rows else None

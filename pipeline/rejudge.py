@@ -1,0 +1,252 @@
+"""Re-judge a stored round: score its Self-Rewarding candidates with another judge without
+generating anything, build that judge's pairs as a variant, and compare two judges.
+
+Judgments land under the new judge's id, batch by batch (one transaction each); what a
+judge has already scored is skipped (an anti-join), so a killed re-judge resumes and a
+repeated one adds nothing. The round's own pairs, the ones it trained on, are never
+touched: a judge's pairs are built from its scores when asked (`judge_pairs`).
+"""
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.errors import PrefloopError
+from pipeline.evaluation.metrics import evaluation_row
+from pipeline.judging import JUDGES, Judge, build_judge, judge_candidates, judge_model, load_judge
+from pipeline.judging.compare import compare_scores
+from pipeline.judging.pairs import PairPolicy, select_pairs
+from pipeline.judging.parsing import OK
+from pipeline.models import MODELS_DIR, resolve_model
+from pipeline.rounds import prompt_from_row
+from pipeline.rows import RoundContext, Rows
+from pipeline.store import Store
+from pipeline.templates import SUFFIX, TemplateLibrary
+
+METHOD = "self_reward"
+# evaluations metric -> key of `compare_scores`' result
+COMPARISON_METRICS = {
+    "judge_pair_agreement": "pair_agreement",
+    "judge_kendall_tau": "kendall_tau",
+    "judge_same_best": "same_best",
+    "judge_same_worst": "same_worst",
+}
+
+
+def judge_settings_from(spec: str, model: str | None = None) -> Any:
+    """Judge settings from what a user types: `module:function`, a reward-model directory
+    (or a name under data/models/), or a template name or `.j2` path (judged by `model`,
+    by default the round's own)."""
+    path = Path(spec)
+    if path.suffix != SUFFIX and (path.is_dir() or (MODELS_DIR / spec).is_dir()):
+        return JUDGES["reward_model"].config(model=spec)
+    if ":" in spec and path.suffix != SUFFIX and not path.exists():
+        return JUDGES["function"].config(function=spec)
+    return JUDGES["template"].config(template=spec, model=model)
+
+
+class _Lazy:
+    """An engine started on first use: a re-judge with nothing left to do starts none."""
+
+    def __init__(self, start: Callable[[], Any]) -> None:
+        self._start, self._engine = start, None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._engine is None:
+            self._engine = self._start()
+        return getattr(self._engine, name)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+
+@dataclass
+class RejudgeResult:
+    judge_id: str
+    candidates: int
+    added: int  # judgments written now
+    already: int  # candidates this judge had scored before
+
+
+def rejudge_round(
+    store: Store,
+    cfg: RunConfig,
+    run_id: str,
+    round_: int,
+    settings: Any,
+    start_engine: Callable[[str, str], Any],
+    library: TemplateLibrary | None = None,
+) -> RejudgeResult:
+    """Score round `round_`'s stored Self-Rewarding candidates with the judge `settings`
+    describe. `start_engine(model_path, role)` starts the engine it runs on (role
+    "generate" or "score"), only if something is left to judge."""
+    info = store.round_info(run_id, round_)
+    if info is None:
+        raise PrefloopError(f"{store.path}: run {run_id!r} has no round {round_}")
+    if info["status"] != "finished":
+        raise PrefloopError(
+            f"{store.path}: run {run_id!r} round {round_} is not finished; re-judge it after "
+            "the round ends (`prefloop status` shows it)"
+        )
+    loaded = load_judge(settings, library or TemplateLibrary())
+    kind = JUDGES[settings.kind]
+    model_name = judge_model(settings)
+    if model_name is not None:
+        model = resolve_model(model_name)
+        model_id, model_path = model.model_id, str(model.path)
+        store.write({"models": [model.record("judge")]})
+    else:
+        round_model = store.model(info["model_id"])
+        model_id, model_path = info["model_id"], round_model["path"]
+    role = "score" if kind.scorer else "generate"
+    engine = _Lazy(lambda: start_engine(model_path, role)) if kind.needs_engine else None
+    try:
+        judge = build_judge(settings, loaded, engine, model_id if kind.needs_engine else None)
+        candidates = store.round_candidates(run_id, round_, METHOD)
+        done = store.judged_generations(run_id, round_, METHOD, judge.judge_id)
+        todo = [c for c in candidates if c["generation_id"] not in done]
+        ctx = RoundContext(run_id, round_, info["model_id"], cfg.seed + round_)
+        added = 0
+        for batch in _by_prompt_batches(todo, cfg.engine.batch_size):
+            prompts = [
+                prompt_from_row(p)
+                for p in store.prompts_by_id(run_id, sorted({c["prompt_id"] for c in batch}))
+            ]
+            rows = judge_candidates(judge, prompts, batch, ctx, METHOD)
+            rows.pop("discards", None)  # the round stored these when it judged first
+            added += store.write(rows).get("judgments", 0)
+    finally:
+        if engine is not None:
+            engine.close()
+    return RejudgeResult(judge.judge_id, len(candidates), added, len(done))
+
+
+def _by_prompt_batches(candidates: Sequence[dict], prompts_per_batch: int) -> list[list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for c in candidates:
+        groups[c["prompt_id"]].append(c)
+    ordered = list(groups.values())
+    return [
+        [c for group in ordered[i : i + prompts_per_batch] for c in group]
+        for i in range(0, len(ordered), prompts_per_batch)
+    ]
+
+
+def judge_identity(settings: Any, library: TemplateLibrary | None = None) -> str:
+    """The judge id a judge spec stores its judgments under, without starting anything."""
+    loaded = load_judge(settings, library or TemplateLibrary())
+    kind = JUDGES[settings.kind]
+    model = judge_model(settings)
+    # On the round's own model a template judge's id is its template id alone.
+    model_id = resolve_model(model).model_id if model else None
+    engine = _Lazy(lambda: None) if kind.needs_engine else None
+    judge: Judge = build_judge(settings, loaded, engine, model_id)
+    return judge.judge_id
+
+
+def round_policy(store: Store, run_id: str, round_: int) -> PairPolicy:
+    """The pair policy the round stored for Self-Rewarding."""
+    info = store.round_info(run_id, round_) or {}
+    stored = json.loads(info.get("pair_policy_json") or "{}").get(METHOD, {})
+    fields = {k: stored[k] for k in PairPolicy.__dataclass_fields__ if k in stored}
+    return PairPolicy(**fields)
+
+
+def judge_pairs(store: Store, run_id: str, round_: int, judge_id: str) -> Rows:
+    """The pairs judge `judge_id` makes from its scores of the round's candidates, with the
+    round's pair policy, as the variant `<strategy>/judge=<id>` (not stored)."""
+    candidates = store.round_candidates(run_id, round_, METHOD)
+    judgments = store.judge_judgments(run_id, round_, METHOD, judge_id)
+    if not judgments:
+        known = ", ".join(store.round_judges(run_id, round_, METHOD)) or "none"
+        raise PrefloopError(
+            f"{store.path}: judge {judge_id!r} has not scored run {run_id!r} round {round_} "
+            f"(judges there: {known}); run `prefloop judge` first"
+        )
+    prompt_ids = sorted({c["prompt_id"] for c in candidates})
+    prompts = [prompt_from_row(p) for p in store.prompts_by_id(run_id, prompt_ids)]
+    info = store.round_info(run_id, round_)
+    ctx = RoundContext(run_id, round_, info["model_id"], 0)
+    policy = round_policy(store, run_id, round_)
+    variant = f"{policy.strategy}/judge={judge_id}"
+    return select_pairs(prompts, candidates, judgments, ctx, policy, METHOD, variant)
+
+
+def judge_pair_texts(store: Store, run_id: str, round_: int, judge_id: str) -> list[dict]:
+    """`judge_pairs` with the prompt's messages and both texts, shaped as the training
+    export reads pairs (pair_id order)."""
+    pairs = judge_pairs(store, run_id, round_, judge_id)["pairs"]
+    texts = {c["generation_id"]: c["text"] for c in store.round_candidates(run_id, round_, METHOD)}
+    prompts = {
+        p["prompt_id"]: p for p in store.prompts_by_id(run_id, [p["prompt_id"] for p in pairs])
+    }
+    return sorted(
+        (
+            {
+                **p,
+                "messages_json": prompts[p["prompt_id"]]["messages_json"],
+                "prompt": prompts[p["prompt_id"]]["text"],
+                "chosen": texts[p["chosen_generation_id"]],
+                "rejected": texts[p["rejected_generation_id"]],
+                "soft_label": None,
+            }
+            for p in pairs
+        ),
+        key=lambda p: p["pair_id"],
+    )
+
+
+def compare_judges(
+    store: Store, run_id: str, round_: int, judge_a: str, judge_b: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Judges a and b on the round's candidates: the comparison, and its evaluations rows
+    (pair agreement, Kendall's tau per prompt, same best and worst, with both judges'
+    parse-failure rates and score distributions in details)."""
+    candidates = store.round_candidates(run_id, round_, METHOD)
+    found = []
+    for judge_id in (judge_a, judge_b):
+        rows = store.judge_judgments(run_id, round_, METHOD, judge_id)
+        if not rows:
+            raise PrefloopError(
+                f"{store.path}: judge {judge_id!r} has not scored run {run_id!r} round {round_}"
+            )
+        found.append(_scores(rows))
+    (scores_a, samples_a), (scores_b, samples_b) = found
+    result = compare_scores(candidates, scores_a, scores_b, samples_a, samples_b)
+    info = store.round_info(run_id, round_)
+    ctx = RoundContext(run_id, round_, info["model_id"], 0)
+    details = {**result, "judge_a": judge_a, "judge_b": judge_b}
+    rows = [
+        evaluation_row(ctx, metric, result[key], METHOD, key=(judge_a, judge_b), **details)
+        for metric, key in COMPARISON_METRICS.items()
+    ]
+    for judge_id, summary in ((judge_a, result["a"]), (judge_b, result["b"])):
+        rows.append(
+            evaluation_row(
+                ctx,
+                "judge_parse_failure_rate",
+                summary["parse_failure_rate"],
+                METHOD,
+                key=(judge_id,),
+                judge=judge_id,
+                samples=summary["samples"],
+                scores=summary["scores"],
+            )
+        )
+    return result, rows
+
+
+def _scores(rows: Sequence[dict]) -> tuple[dict[str, float | None], dict[str, tuple[int, int]]]:
+    values: dict[str, list[float]] = defaultdict(list)
+    total: dict[str, int] = defaultdict(int)
+    for r in rows:
+        total[r["generation_id"]] += 1
+        if r["parse_status"] == OK and r["score"] is not None:
+            values[r["generation_id"]].append(float(r["score"]))
+    means = {g: (sum(values[g]) / len(values[g]) if values[g] else None) for g in total}
+    return means, {g: (len(values[g]), n) for g, n in total.items()}

@@ -1,0 +1,424 @@
+"""Judge kinds behind one interface: prefilled template scales of any size (multi-token
+labels) on every engine, reward models, rule functions; the loop scoring with the reward
+model it trained; re-judging a stored round and comparing judges."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.engines import start_engine
+from pipeline.engines.scorer import RewardScorer
+from pipeline.errors import PrefloopError, TemplateError
+from pipeline.judging import JUDGES, JudgeItem, build_judge, judge_candidates, load_judge
+from pipeline.judging.compare import compare_scores, kendall_tau_b
+from pipeline.judging.pairs import PairPolicy, Scored, select_pair
+from pipeline.methods.self_reward import SelfRewardConfig, run_self_reward
+from pipeline.preflight import check_labels
+from pipeline.schema import EngineConfig
+from pipeline.seeds import load_prompts
+from pipeline.store import Store
+from pipeline.templates import TemplateLibrary
+
+TESTS = Path(__file__).resolve().parent
+ITEMS = [
+    JudgeItem("Name a fruit.", "An apple.", [{"role": "user", "content": "Name a fruit."}]),
+    JudgeItem("What is 2+2?", "It is 4, of course.", [{"role": "user", "content": "What is 2+2?"}]),
+]
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model_dir):
+    with start_engine(tiny_model_dir, EngineConfig(kind="hf", max_model_len=512), seed=0) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def vllm(tiny_model_dir):
+    cfg = EngineConfig(kind="vllm", max_model_len=512, cpu_kv_cache_gib=0.5)
+    with start_engine(tiny_model_dir, cfg, seed=0) as e:
+        yield e
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tmp_path_factory, tiny_model_dir):
+    """A tiny random LlamaForSequenceClassification (one output) with SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny-rm")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig.from_pretrained(tiny_model_dir, num_labels=1)
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(1)
+    LlamaForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def template_judge(name: str, engine):
+    library = TemplateLibrary([TESTS / "data"])
+    settings = JUDGES["template"].config(template=name)
+    return build_judge(settings, load_judge(settings, library), engine, "tiny@0")
+
+
+# -- prefilled scales ----------------------------------------------------------------------
+
+
+def test_continuation_probs_are_products_of_token_probabilities(hf):
+    """P(label) is the product of its tokens' probabilities after the prefix, normalised
+    over the labels: checked against one plain forward pass per label."""
+    conversation = [{"role": "user", "content": "Rate it."}]
+    labels = ["7]]", "10]]", "100]]"]
+    [probs] = hf.continuation_probs([conversation], labels, "Rating: [[")
+    prompt = hf.encode(hf.render(conversation, "Rating: [["))
+    totals = []
+    for label in labels:
+        ids = hf.encode(hf.render(conversation, "Rating: [[") + label)
+        with torch.no_grad():
+            logits = hf.model(torch.tensor([ids])).logits[0].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        totals.append(sum(logp[k - 1, ids[k]].item() for k in range(len(prompt), len(ids))))
+    expected = [math.exp(t) / sum(math.exp(u) for u in totals) for t in totals]
+    assert probs == pytest.approx(expected, abs=1e-5)
+
+
+def test_single_token_scale_reads_as_before(hf):
+    """The shipped 0-5 prefilled judge: one reading of the next token after the prefix,
+    the softmax of the labels' logits (one call, no trie)."""
+    conversation = [{"role": "user", "content": "Rate it."}]
+    labels = [str(i) for i in range(6)]
+    requests = hf.counter.requests
+    [probs] = hf.continuation_probs([conversation], labels, "Score: ")
+    assert hf.counter.requests - requests == 1
+    text = hf.render(conversation, "Score: ")
+    ids = hf.encode(text)
+    label_ids = [hf.encode(text + label)[-1] for label in labels]
+    with torch.no_grad():
+        logits = hf.model(torch.tensor([ids])).logits[0, -1].float()
+    expected = torch.softmax(logits[label_ids], dim=-1).tolist()
+    assert probs == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("template", "low", "high"),
+    [("judge_score_10_prefilled", 1, 10), ("judge_percent_prefilled", 0, 100)],
+)
+def test_prefilled_scales_agree_across_engines(hf, vllm, template, low, high):
+    """A 1-10 and a 0-100 prefilled scale (multi-token labels): scores inside the declared
+    range, the same on transformers and vLLM within 1e-3."""
+    got = {}
+    for name, engine in (("hf", hf), ("vllm", vllm)):
+        samples = template_judge(template, engine).score(ITEMS)
+        got[name] = [s[0].score for s in samples]
+        for [sample] in samples:
+            assert sample.status == "ok" and low <= sample.score <= high
+            probs = json.loads(sample.raw)["probs"]
+            assert len(probs) == high - low + 1 and sum(probs.values()) == pytest.approx(1, 1e-4)
+    assert got["hf"] == pytest.approx(got["vllm"], abs=1e-3)
+
+
+def test_unreadable_labels_are_named_in_the_preflight(default_model_dir):
+    """0-100 with nothing closing the score: "1" is the start of "10" in SmolLM2's
+    tokenizer. The check needs only the tokenizer and names the template and the label."""
+    library = TemplateLibrary([TESTS / "data"])
+    with pytest.raises(TemplateError) as e:
+        check_labels(library.get("judge_percent_unreadable"), str(default_model_dir))
+    assert "judge_percent_unreadable.j2: label '1' reads as the start of label '10'" in str(e.value)
+    check_labels(library.get("judge_percent_prefilled"), str(default_model_dir))
+    check_labels(library.get("judge_score_10_prefilled"), str(default_model_dir))
+
+
+# -- reward models -------------------------------------------------------------------------
+
+
+def test_reward_model_scores_as_a_plain_forward(tiny_rm_dir):
+    """Batched, padded scoring equals one unpadded forward per text through the RM's chat
+    template; a text over max_model_len gets no score instead of failing the batch."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    conversations = [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Explain gravity to a child in a few sentences."},
+            {"role": "assistant", "content": "Things pull on each other; Earth pulls hardest."},
+        ],
+        [{"role": "user", "content": "x " * 300}, {"role": "assistant", "content": "y"}],
+    ]
+    cfg = EngineConfig(kind="hf", max_model_len=256, batch_size=2)
+    with RewardScorer.start(tiny_rm_dir, cfg, seed=0) as scorer:
+        scores = scorer.score(conversations)
+    assert scores[2] is None
+    tokenizer = AutoTokenizer.from_pretrained(tiny_rm_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir).eval()
+    for conversation, score in zip(conversations[:2], scores[:2], strict=True):
+        ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)
+        with torch.no_grad():
+            plain = model(torch.tensor([ids["input_ids"]])).logits[0, 0].item()
+        assert score == pytest.approx(plain, abs=1e-4)
+
+
+def test_a_causal_lm_is_not_a_reward_model(tiny_model_dir):
+    with pytest.raises(PrefloopError, match="not a reward model"):
+        load_judge(JUDGES["reward_model"].config(model=str(tiny_model_dir)), TemplateLibrary())
+
+
+def test_reward_model_judge_in_self_rewarding(tiny_engine, tiny_rm_dir, ctx):
+    settings = JUDGES["reward_model"].config(model=str(tiny_rm_dir))
+    loaded = load_judge(settings, TemplateLibrary())
+    cfg = SelfRewardConfig(n_candidates=3, sampling={"max_tokens": 8, "temperature": 1.0})
+    prompts = load_prompts(Path("data/prompts/helpful.jsonl"))[:3]
+    with RewardScorer.start(tiny_rm_dir, EngineConfig(kind="hf"), seed=0) as scorer:
+        judge = build_judge(settings, loaded, scorer, "tiny-rm@1")
+        rows = run_self_reward(tiny_engine, judge, prompts, ctx, cfg)
+    judged = rows["judgments"]
+    assert judged and {j["judge_id"] for j in judged} == {"tiny-rm@1"}
+    assert all(j["template_id"] is None and j["raw_output"] is None for j in judged)
+    assert all(isinstance(j["score"], float) for j in judged)
+    assert rows["pairs"]  # random rewards are never tied
+
+
+# -- functions -----------------------------------------------------------------------------
+
+
+def test_function_judge(ctx):
+    settings = JUDGES["function"].config(function="judge_rules:has_digit")
+    judge = build_judge(settings, load_judge(settings, TemplateLibrary()), None, None)
+    assert judge.judge_id.startswith("judge_rules:has_digit@") and judge.model_id is None
+    assert [s[0].score for s in judge.score(ITEMS)] == [0.0, 1.0]
+    none = JUDGES["function"].config(function="judge_rules:undecided")
+    [[sample]] = build_judge(none, load_judge(none, None), None, None).score(ITEMS[:1])
+    assert sample.score is None and sample.status == "no_score"
+    wrong = JUDGES["function"].config(function="judge_rules:wrong_type")
+    with pytest.raises(PrefloopError, match="judge_rules:wrong_type: returned str"):
+        build_judge(wrong, load_judge(wrong, None), None, None).score(ITEMS[:1])
+    # A changed rule is another judge: the id carries the code's hash.
+    other = JUDGES["function"].config(function="judge_rules:word_count")
+    assert build_judge(other, load_judge(other, None), None, None).judge_id != judge.judge_id
+    candidates = [
+        {"generation_id": "g1", "prompt_id": p, "text": "4", "finish_reason": "stop"}
+        for p in [load_prompts(Path("data/prompts/helpful.jsonl"))[0].prompt_id]
+    ]
+    prompts = load_prompts(Path("data/prompts/helpful.jsonl"))[:1]
+    [row] = judge_candidates(judge, prompts, candidates, ctx, "self_reward")["judgments"]
+    assert row["judge_id"] == judge.judge_id and row["score"] == 1.0
+
+
+# -- pair strategies -----------------------------------------------------------------------
+
+
+def _s(gid, score, length=10):
+    return Scored(gid, (score,), length)
+
+
+def test_best_vs_random_rejects_a_lower_scored_answer():
+    import random
+
+    cands = [_s("a", 5), _s("b", 1), _s("c", 3), _s("d", 5)]
+    seen = set()
+    for seed in range(20):
+        sel = select_pair(cands, PairPolicy(strategy="best_vs_random"), random.Random(seed))
+        assert sel.chosen.generation_id == "a" and sel.rejected.generation_id in {"b", "c"}
+        seen.add(sel.rejected.generation_id)
+    assert seen == {"b", "c"}  # a random other, not always the worst
+
+
+def test_length_penalised_pairs():
+    """score - 0.1 * tokens: a long 5 (5 - 8 = -3) loses to a short 4 (4 - 0.5 = 3.5)."""
+    cands = [_s("long5", 5, 80), _s("short4", 4, 5), _s("mid2", 2, 20)]
+    sel = select_pair(cands, PairPolicy(strategy="length_penalised", length_penalty=0.1))
+    assert (sel.chosen.generation_id, sel.rejected.generation_id) == ("short4", "long5")
+    assert sel.margin == pytest.approx(3.5 - (-3.0))
+    plain = select_pair(cands, PairPolicy())
+    assert (plain.chosen.generation_id, plain.rejected.generation_id) == ("long5", "mid2")
+
+
+# -- comparing judges ----------------------------------------------------------------------
+
+
+def test_kendall_tau_b():
+    assert kendall_tau_b([1, 2, 3], [10, 20, 30]) == 1.0
+    assert kendall_tau_b([1, 2, 3], [3, 2, 1]) == -1.0
+    assert kendall_tau_b([1, 1, 1], [1, 2, 3]) is None
+    # x = 1,2,2 ; y = 1,2,3: C = 2, D = 0, ties in x = 1 -> 2 / sqrt(2 * 3)
+    assert kendall_tau_b([1, 2, 2], [1, 2, 3]) == pytest.approx(2 / math.sqrt(6))
+
+
+def test_compare_scores_by_hand():
+    """Prompt p: a orders (g1 > g2 > g3), b orders (g1 > g3 > g2): of 3 candidate pairs 2
+    agree; tau = 1/3; same best, different worst. Prompt q: g5 has no score from b."""
+    cands = [
+        {"generation_id": g, "prompt_id": p}
+        for g, p in [("g1", "p"), ("g2", "p"), ("g3", "p"), ("g4", "q"), ("g5", "q")]
+    ]
+    a = {"g1": 3.0, "g2": 2.0, "g3": 1.0, "g4": 1.0, "g5": 2.0}
+    b = {"g1": 9.0, "g2": 1.0, "g3": 5.0, "g4": 1.0, "g5": None}
+    samples_a = {g: (1, 1) for g in a}
+    samples_b = {**{g: (1, 1) for g in b}, "g5": (0, 1)}
+    result = compare_scores(cands, a, b, samples_a, samples_b)
+    assert result["prompts"] == 1 and result["candidate_pairs"] == 3
+    assert result["pair_agreement"] == pytest.approx(2 / 3)
+    assert result["kendall_tau"] == pytest.approx(1 / 3)
+    assert (result["same_best"], result["same_worst"]) == (1.0, 0.0)
+    assert result["a"]["parse_failure_rate"] == 0
+    assert result["b"]["parse_failure_rate"] == pytest.approx(0.2)
+    assert result["b"]["scores"]["n"] == 4 and result["b"]["scores"]["max"] == 9.0
+
+
+# -- the loop and the CLI ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def tiny_loop(tmp_path: Path, model: Path, **over) -> dict:
+    cfg = {
+        "name": "judges",
+        "db_path": str(tmp_path / "db.duckdb"),
+        "runs_dir": str(tmp_path / "runs"),
+        "model": str(model),
+        "rounds": 1,
+        "engine": {"kind": "hf", "batch_size": 4},
+        "prompts": {"files": ["data/prompts/helpful.jsonl"], "per_round": 6},
+        "self_reward": {
+            "n_candidates": 3,
+            "sampling": {"temperature": 1.0, "max_tokens": 12},
+            "judge": {"kind": "function", "function": "judge_rules:word_count"},
+            "self_instruct": {"enabled": False},
+        },
+        "rlcd": {"enabled": False},
+        "cai": {"enabled": False},
+        "training": {"kind": "none"},
+        "evaluation": {"enabled": False},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_the_loop_scores_with_the_reward_model_it_trained(harness, tmp_path, tiny_model_dir):
+    """Round 1: no reward model yet, so the fallback (a rule) judges, and `training.kind:
+    rm` trains one. Round 2: the candidates are scored by round 1's reward model."""
+    from flows.loop import loop_flow
+
+    sr = tiny_loop(tmp_path, tiny_model_dir)["self_reward"]
+    sr["judge"] = {"kind": "reward_model", "model": "latest", "fallback": sr["judge"]}
+    training = {"kind": "rm", "epochs": 1, "batch_size": 2, "max_length": 128}
+    cfg = tiny_loop(tmp_path, tiny_model_dir, rounds=2, self_reward=sr, training=training)
+    loop_flow(cfg)
+    with Store(cfg["db_path"], read_only=True) as store:
+        rms = store.query("SELECT model_id, round FROM models WHERE kind = 'reward' ORDER BY round")
+        assert [r["round"] for r in rms] == [1, 2]  # each round trains one
+        rm = rms[0]
+        judges = {
+            r["round"]: r["judge_id"]
+            for r in store.query("SELECT DISTINCT round, judge_id FROM judgments")
+        }
+        assert judges[1].startswith("judge_rules:word_count@")
+        assert judges[2] == rm["model_id"]
+        [(n2,)] = store.sql("SELECT count(*) FROM pairs WHERE round = 2")[1]
+        assert n2 > 0
+        policies = {
+            r["round"]: json.loads(r["pair_policy_json"])["self_reward"]["judge_used"]
+            for r in store.query("SELECT round, pair_policy_json FROM rounds")
+        }
+        assert policies[1] == {"kind": "function", "model_id": None}
+        assert policies[2] == {"kind": "reward_model", "model_id": rm["model_id"]}
+
+
+def prefloop(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(TESTS), **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def test_rejudge_a_finished_round(harness, tmp_path, tiny_model_dir, tiny_rm_dir):
+    """`prefloop judge` scores a finished round's stored candidates with another judge
+    (a prefilled template, a reward model) without generating; a second call adds
+    nothing; the judge's pairs are a variant next to the pairs the round trained on; the
+    comparison lands in `evaluations`."""
+    from flows.loop import loop_flow
+
+    cfg = tiny_loop(tmp_path, tiny_model_dir)
+    loop_flow(cfg)
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(cfg))
+
+    def counts():
+        with Store(cfg["db_path"], read_only=True) as store:
+            return {
+                t: store.sql(f"SELECT count(*) FROM {t}")[1][0][0]
+                for t in ("generations", "judgments", "pairs")
+            }
+
+    before = counts()
+    template = str(TESTS / "data" / "judge_percent_prefilled.j2")
+    out = prefloop("judge", "--config", str(config), "--round", "1", "--judge", template)
+    assert out.returncode == 0, out.stderr[-3000:]
+    after = counts()
+    assert after["generations"] == before["generations"] and after["pairs"] == before["pairs"]
+    assert after["judgments"] == 2 * before["judgments"]  # one reading per candidate, as the rule
+    assert "judge_pair_agreement" not in out.stderr and "pair_agreement" in out.stdout
+
+    again = prefloop("judge", "--config", str(config), "--round", "1", "--judge", template)
+    assert again.returncode == 0 and "0 judgments added" in again.stdout, again.stdout
+    assert counts() == after
+
+    rm = prefloop("judge", "--config", str(config), "--round", "1", "--judge", str(tiny_rm_dir))
+    assert rm.returncode == 0, rm.stderr[-3000:]
+    assert counts()["judgments"] == 3 * before["judgments"]
+
+    with Store(cfg["db_path"], read_only=True) as store:
+        judges = store.query(
+            "SELECT judge_id, count(*) AS n, min(score) AS lo, max(score) AS hi "
+            "FROM judgments GROUP BY judge_id ORDER BY judge_id"
+        )
+        assert len(judges) == 3
+        [percent] = [j for j in judges if j["judge_id"].startswith("judge_percent_prefilled@")]
+        assert 0 <= percent["lo"] <= percent["hi"] <= 100
+        metrics = {
+            r["metric"]
+            for r in store.query("SELECT metric FROM evaluations WHERE metric LIKE 'judge_%'")
+        }
+        assert metrics >= {
+            "judge_pair_agreement",
+            "judge_kendall_tau",
+            "judge_same_best",
+            "judge_same_worst",
+            "judge_parse_failure_rate",
+        }
+        [(rows,)] = store.sql(
+            "SELECT count(*) FROM candidate_scores WHERE judge_id LIKE 'judge_percent%'"
+        )[1]
+        assert rows == before["judgments"]
+        percent_id = percent["judge_id"]
+
+    pairs = prefloop("pairs", "--config", str(config), "--round", "1", "--judge", percent_id)
+    assert pairs.returncode == 0, pairs.stderr[-2000:]
+    assert f"self_reward/best_vs_worst/judge={percent_id}" in pairs.stdout
+    export = prefloop(
+        "export", "--config", str(config), "--round", "1", "--judge", template,
+        "--out", str(tmp_path / "ex"), "--format", "jsonl",
+    )  # fmt: skip
+    assert export.returncode == 0, export.stderr[-2000:]
+    from datasets import load_dataset
+
+    data = load_dataset(str(tmp_path / "ex"))
+    assert {f"best_vs_worst/judge={percent_id}"} == set(data["train"]["variant"])
+    with Store(cfg["db_path"], read_only=True) as store:
+        assert counts() == {**after, "judgments": 3 * before["judgments"]}
+        assert store.sql("SELECT DISTINCT variant FROM pairs")[1] == [("best_vs_worst",)]
