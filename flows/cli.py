@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from flows.runlog import ERROR_FILE, one_line, record_failure
 from pipeline.config import load_config
 from pipeline.errors import PrefloopError
 
@@ -243,8 +244,9 @@ def train(
         raise PrefloopError(f"--kind {kind!r}: expected one of {', '.join(TRAINING_KINDS)}")
     run_id = run or cfg.name
     folder = round_dir(cfg.runs_dir, run_id, round_)
-    with Store(cfg.db_path) as store:
-        result = train_round(store, cfg.training, run_id, round_, folder, cfg.seed, kind)
+    # Not held while training: readers can open the database meanwhile.
+    store = Store(cfg.db_path, lock_timeout_s=cfg.db_lock_timeout_s)
+    result = train_round(store, cfg.training, run_id, round_, folder, cfg.seed, kind)
     typer.echo(f"model {result['model_id']} at {result['path']}")
     typer.echo(json.dumps(result["metrics"], indent=2, sort_keys=True))
 
@@ -290,19 +292,19 @@ def judge_cmd(
             return RewardScorer.start(_Path(model_path), cfg.engine, cfg.seed + round_)
         return start_engine(_Path(model_path), cfg.engine, cfg.seed + round_)
 
-    with Store(cfg.db_path) as store:
-        result = rejudge_round(store, cfg, run_id, round_, settings, start)
-        typer.echo(
-            f"judge    {result.judge_id}: {result.added} judgments added, {result.already} of "
-            f"{result.candidates} candidates already scored; nothing generated"
-        )
-        judges = store.round_judges(run_id, round_, METHOD)
-        other = against or next((j for j in judges if j != result.judge_id), None)
-        if other is None:
-            typer.echo("compare  no other judge has scored this round")
-            return
-        comparison, rows = compare_judges(store, run_id, round_, other, result.judge_id)
-        store.write({"evaluations": rows})
+    store = Store(cfg.db_path, lock_timeout_s=cfg.db_lock_timeout_s)  # held per write
+    result = rejudge_round(store, cfg, run_id, round_, settings, start)
+    typer.echo(
+        f"judge    {result.judge_id}: {result.added} judgments added, {result.already} of "
+        f"{result.candidates} candidates already scored; nothing generated"
+    )
+    judges = store.round_judges(run_id, round_, METHOD)
+    other = against or next((j for j in judges if j != result.judge_id), None)
+    if other is None:
+        typer.echo("compare  no other judge has scored this round")
+        return
+    comparison, rows = compare_judges(store, run_id, round_, other, result.judge_id)
+    store.write({"evaluations": rows})
     typer.echo(f"compare  {other} (a) vs {result.judge_id} (b), {comparison['prompts']} prompts")
     for name in ("pair_agreement", "kendall_tau", "same_best", "same_worst"):
         typer.echo(f"  {name:<22} {_cell(comparison[name])}")
@@ -342,19 +344,30 @@ def run(
         int | None, typer.Option("--rounds", help="Rounds (default: config).")
     ] = None,
     judge_template: JudgeOpt = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Print tracebacks too (the log file has them).")
+    ] = False,
 ):
     """Run the iterative loop: generate pairs with every enabled method, train, repeat.
-    Re-running the same command resumes where it stopped."""
+    Re-running the same command resumes where it stopped. The full log, tracebacks
+    included, goes to runs/<run>/logs/; a failure ends with one `error:` line."""
     from flows.loop import loop_flow, task_runner
+    from flows.runlog import start_run_log
+    from flows.supervise import is_worker, watch_supervisor
     from pipeline.preflight import preflight
 
+    if is_worker():
+        watch_supervisor()  # the supervisor killed: this process group goes with it
     cfg = _run_config(config, overrides, judge_template)
     inputs = preflight(cfg, str(config))  # every input checked before Prefect or an engine
     task_runner(cfg)  # runner.kind ray without prefect-ray installed fails here
+    global _RUN_LOG
+    _RUN_LOG = start_run_log(cfg.runs_dir, cfg.name, verbose)
     typer.echo(
         f"prompts  {len(inputs.train_prompts)} for generation, {len(inputs.heldout_prompts)} "
         f"held out, {inputs.duplicate_prompts} duplicates ignored"
     )
+    typer.echo(f"log      {_RUN_LOG.resolve()}")
     result = loop_flow(cfg.model_dump(mode="json"), rounds=rounds)
     typer.echo(
         f"run      {result['run_id']}: {result['rounds']} rounds, "
@@ -415,17 +428,58 @@ def report_cmd(
 
 
 @app.command("status")
-def status(run: RunOpt = None, db: DbOpt = None, config: ConfigOpt = None):
-    """Rounds of each run: status, stages done (batches), pairs per method, trained model."""
+def status(
+    run: RunOpt = None,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    watch: Annotated[
+        float | None,
+        typer.Option("--watch", help="Refresh every N seconds until no round is running."),
+    ] = None,
+):
+    """Rounds of each run: status, stages done (batches), pairs per method, trained model;
+    for a running round its stage, batch i of n, pairs so far, tokens/s, elapsed time
+    and an estimate of what is left. Readable while a run writes."""
     from pipeline.store import Store
 
-    with Store(_db_path(db, config), read_only=True) as store:
-        rows = store.run_status(run)
-    if not rows:
-        typer.echo("no rounds yet" + (f" for run {run!r}" if run else ""))
-        return
-    columns = list(rows[0])
-    _print_rows(columns, [tuple(r.values()) for r in rows], "table")
+    path = _db_path(db, config)
+    while True:
+        with Store(path, read_only=True) as store:
+            rows = store.run_status(run)
+            running = store.running_rounds(run)
+        if watch:
+            typer.echo("\033[2J\033[H", nl=False)  # clear the terminal
+        if not rows:
+            typer.echo("no rounds yet" + (f" for run {run!r}" if run else ""))
+        else:
+            _print_rows(list(rows[0]), [tuple(r.values()) for r in rows], "table")
+        live = [_live_line(r) for r in running]
+        for line in live:
+            typer.echo(line)
+        if not watch or not any(line.startswith("running") for line in live):
+            return
+        time.sleep(watch)
+
+
+def _live_line(r: dict) -> str:
+    """One line for a round that is not finished: running (its process is alive) or
+    stopped (resume it with the same command)."""
+    from datetime import datetime
+
+    from pipeline.progress import alive, duration, round_progress
+
+    plan = json.loads(r["plan_json"] or "{}")
+    name = f"{r['run_id']} round {r['round']}"
+    if not alive(plan.get("pid")):
+        return f"stopped  {name}: not running (run the same command to resume)"
+    p = round_progress(plan, r["done"], r["pairs"], r["started_at"], datetime.now())
+    where = p["stage"] + (f" batch {p['batch']} of {p['batches']}" if p["batch"] else "")
+    pairs = ", ".join(f"{m} {n}" for m, n in p["pairs"].items()) or "none yet"
+    speed = f"{p['tokens_per_s']:.0f} tok/s" if p["tokens_per_s"] else "- tok/s"
+    return (
+        f"running  {name}: {where} | pairs {pairs} | {speed} | elapsed "
+        f"{duration(p['elapsed_s'])} | about {duration(p['left_s'])} left"
+    )
 
 
 @app.command("pairs")
@@ -469,11 +523,18 @@ def pairs(
         typer.echo(f"rejected: {_cell(r['rejected'], 300)}")
 
 
+_RUN_LOG: Path | None = None  # the running `prefloop run`'s log file
+
+
 def main() -> None:
     # Library progress bars would interleave with the flow's own progress lines.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network
+    from flows.supervise import is_worker, supervise
+
+    if len(sys.argv) > 1 and sys.argv[1] == "run" and not is_worker():
+        raise SystemExit(supervise(sys.argv[1:]))
     try:
         from transformers.utils import logging as hf_logging
 
@@ -483,8 +544,37 @@ def main() -> None:
     try:
         app()
     except PrefloopError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise SystemExit(2) from None
+        _fail(e, f"error: {e}" if _RUN_LOG is None else f"error: {one_line(str(e))}")
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # the supervisor says so, last
+    except Exception as e:
+        if _RUN_LOG is None:
+            raise
+        _fail(e, f"error: {type(e).__name__}: {one_line(str(e))}")
+
+
+def _fail(exc: BaseException, line: str) -> None:
+    """One line, last: printed here, or handed to the supervisor to print after every
+    process of the run has ended (so nothing can print after it)."""
+    target = os.environ.get(ERROR_FILE)
+
+    def say(text: str) -> None:
+        if target:
+            Path(target).write_text(text + "\n")
+        else:
+            typer.echo(text, err=True)
+
+    if _RUN_LOG is None:  # before the run started: nothing else to end
+        say(line)
+        raise SystemExit(2)
+    record_failure(_RUN_LOG, exc)
+    typer.echo(f"log      {_RUN_LOG.resolve()} (the full traceback)", err=True)
+    say(line)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # No interpreter teardown: Prefect's exit hooks and DuckDB's leak report would print
+    # after the error line; the supervisor ends what this process started.
+    os._exit(2)
 
 
 if __name__ == "__main__":

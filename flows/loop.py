@@ -10,6 +10,7 @@ needs in its arguments (the round's loaded inputs, engine specs) and returns row
 """
 
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from pipeline.evaluation.stages import compare_models, heldout_answers
 from pipeline.hashing import sha256_text
 from pipeline.models import resolve_model
 from pipeline.preflight import preflight
+from pipeline.progress import plan_record, progress_bar
 from pipeline.rows import RoundContext, Rows, stage_metrics_row
 from pipeline.store import Store
 from pipeline.training.kinds import NO_TRAINING, produces_policy
@@ -96,7 +98,13 @@ class Round:
             self.ctx = RoundContext(run_id, round_, model_id, self.cfg.seed + round_)
             self.folder = rounds.round_dir(self.cfg.runs_dir, run_id, round_)
             rounds.write_snapshot(self.folder, self.cfg, self.inputs)
-            self.store = Store(self.cfg.db_path)
+            # Opened per write and read: readers (prefloop sql, status, a DuckDB client)
+            # get in between; a reader holding it makes a write wait, with one log line.
+            self.store = Store(
+                self.cfg.db_path,
+                lock_timeout_s=self.cfg.db_lock_timeout_s,
+                on_wait=self.logger.warning,
+            )
 
     # -- the flow's own time ------------------------------------------------------------
 
@@ -124,6 +132,37 @@ class Round:
             m["wall_s"],
             m["tokens_per_s"] or 0.0,
         )
+        if total > 1 and sys.stderr.isatty():  # a bar for long stages, in the terminal only
+            sys.stderr.write(
+                f"round {self.ctx.round} {stage:<13} {progress_bar(batch + 1, total)}\n"
+            )
+
+    def write_plan(self, generated: int | None = None) -> None:
+        """The round's stages and their batches, in order, for `prefloop status`; before
+        self-instruct ran, its new prompts are counted as asked for (`generated`: as
+        made)."""
+        cfg = self.cfg
+        instruct = rounds.self_instruct_settings(cfg)
+        new = generated if generated is not None else (instruct.new_prompts if instruct else 0)
+        stages = [("self_instruct", 1)] if instruct else []
+        for method in cfg.enabled_methods():
+            n = len(self.seeds) + (new if rounds.method_takes_generated(cfg, method) else 0)
+            stages.append((method, -(-n // cfg.engine.batch_size)))
+        if cfg.evaluation.enabled and cfg.evaluation.agreement:
+            stages.append(("agreement", 1))
+        if self.win_rate:
+            stages.append(("heldout", 1))
+        if cfg.training.kind != NO_TRAINING:
+            stages.append((f"train_{cfg.training.kind}", 1))
+        if self.win_rate:
+            stages += [("heldout_new", 1), ("win_rate", 1)]
+        with self.clock():
+            self.store.upsert_round(
+                self.ctx.run_id,
+                self.ctx.round,
+                self.ctx.model_id,
+                plan_json=json.dumps(plan_record(stages)),
+            )
 
     def stage(self, name: str, work: Callable[..., Rows], engines: dict, n: int) -> None:
         """Run a single-batch stage unless it is done, and store its rows."""
@@ -144,7 +183,7 @@ class Round:
     def open(self) -> bool:
         """Register the round (or find it); False when it is already finished."""
         cfg, ctx = self.cfg, self.ctx
-        with self.clock():
+        with self.clock(), self.store.session():
             if self.store.round_info(ctx.run_id, ctx.round) is None:
                 self.store.upsert_round(ctx.run_id, ctx.round, ctx.model_id, started_at=_now())
             if self.store.round_info(ctx.run_id, ctx.round)["status"] == "finished":
@@ -172,6 +211,7 @@ class Round:
         self.win_rate = (
             cfg.evaluation.enabled and self.policy_trained and bool(self.inputs.heldout_prompts)
         )
+        self.write_plan()
         return True
 
     def plan_judges(self) -> None:
@@ -223,6 +263,7 @@ class Round:
             with self.clock():
                 stored = self.store.generated_prompts(ctx.run_id, ctx.round)
             generated = [rounds.prompt_from_row(r) for r in stored]
+            self.write_plan(len(generated))
         submitted = []
         size = cfg.engine.batch_size
         for method in cfg.enabled_methods():
@@ -390,18 +431,17 @@ class Round:
 def round_flow(config_json: str, run_id: str, round_: int, model_id: str) -> str:
     """One round; returns the model id the next round generates with."""
     r = Round(config_json, run_id, round_, model_id)
-    with r.store:
-        if not r.open():
-            return r.next_model()
-        try:
-            r.generate()
-            r.relabel()
-            r.answer_heldout()
-        finally:
-            r.stop_engines()  # training needs the memory; a crash must not leak it either
-        next_model = r.train()
-        r.evaluate(next_model)
-        return r.close(next_model)
+    if not r.open():
+        return r.next_model()
+    try:
+        r.generate()
+        r.relabel()
+        r.answer_heldout()
+    finally:
+        r.stop_engines()  # training needs the memory; a crash must not leak it either
+    next_model = r.train()
+    r.evaluate(next_model)
+    return r.close(next_model)
 
 
 def _now() -> datetime:
@@ -422,7 +462,7 @@ def prepare_run(cfg: RunConfig) -> dict[str, Any]:
     inputs = preflight(cfg, cfg.name)
     config_json = cfg.model_dump_json()
     model = resolve_model(cfg.model)
-    with Store(cfg.db_path) as store:
+    with Store(cfg.db_path, lock_timeout_s=cfg.db_lock_timeout_s) as store:
         # A run stored by an earlier prefloop (older key names) is the same run when its
         # config reads as this one.
         store.register_run(
@@ -484,12 +524,12 @@ def loop_flow(
     run = prepare_run(cfg)
     first = 1
     if extend:
-        with Store(cfg.db_path) as store:
+        with Store(cfg.db_path, lock_timeout_s=cfg.db_lock_timeout_s) as store:
             first = store.last_finished_round(cfg.name) + 1
     model_id = run["model_id"]
     started = time.perf_counter()
     for t in range(1, first + n):
-        with Store(cfg.db_path) as store:
+        with Store(cfg.db_path, lock_timeout_s=cfg.db_lock_timeout_s) as store:
             existing = store.round_info(cfg.name, t)
         if existing is not None:
             model_id = existing["model_id"]

@@ -73,6 +73,9 @@ class RunConfig(StrictModel):
     runs_dir: Path = Path("data/runs")
     model: str = "smollm2-135m-instruct"
     rounds: int = Field(1, ge=1)
+    # How long a write waits for readers holding the database (a DuckDB client, a
+    # `prefloop sql` left open) before the run fails with one line naming the holder.
+    db_lock_timeout_s: float = Field(300.0, gt=0)
     seed: int = 0
     engine: EngineConfig = EngineConfig()
     prompts: PromptsConfig = PromptsConfig()

@@ -17,6 +17,8 @@ from pipeline.rounds import RoundInputs, judge_settings, load_inputs, named_judg
 from pipeline.store import Store
 from pipeline.templates import ChoiceParser, ScoreParser, Template
 
+PREFLIGHT_WAIT_S = 10.0
+
 
 def preflight(cfg: RunConfig, source: str = "config", *, ping: bool = True) -> RoundInputs:
     """Check every input file, every model the run names, the engines' settings (and that
@@ -36,7 +38,9 @@ def preflight(cfg: RunConfig, source: str = "config", *, ping: bool = True) -> R
         if ping and engine.kind == "openai":  # a wrong URL fails here, at once
             _ping(model, engine, cfg.seed)
     check_label_templates(cfg, inputs)
-    with Store(cfg.db_path):  # held by another writer, or from a newer prefloop: fail here
+    # Held by another process, or from a newer prefloop: fail here (a reader holding it
+    # briefly is waited for, a few seconds at most).
+    with Store(cfg.db_path, lock_timeout_s=min(cfg.db_lock_timeout_s, PREFLIGHT_WAIT_S)):
         pass
     return inputs
 

@@ -295,6 +295,20 @@ def build(data: Mapping[str, Any], run_id: str, db_path: str) -> dict[str, Any]:
         "agreement",
         (0.0, 1.0),
     )
+    comparisons = judge_comparisons(evals)
+    plots["judges"] = bar_chart(
+        "judges",
+        "Two judges on the same candidates: how often they agree",
+        [c["label"] for c in comparisons],
+        {
+            name.replace("_", " "): {
+                c["label"]: c[name] for c in comparisons if c[name] is not None
+            }
+            for name in ("pair_agreement", "same_best", "same_worst")
+        },
+        "share",
+        (0.0, 1.0),
+    )
     split = time_split(data["rounds"], data["stages"])
     parts = sorted({k for s in split.values() for k in s if k != "wall_s"})
     plots["time"] = bar_chart(
@@ -330,7 +344,7 @@ def build(data: Mapping[str, Any], run_id: str, db_path: str) -> dict[str, Any]:
         table.append(row)
     per_method: dict[tuple[int, str], dict[str, Mapping[str, Any]]] = defaultdict(dict)
     for e in evals:
-        if e["method"] is not None:
+        if e["method"] is not None and not e["metric"].startswith("judge_"):
             per_method[(e["round"], e["method"])][e["metric"]] = e
     return {
         "run_id": run_id,
@@ -342,7 +356,37 @@ def build(data: Mapping[str, Any], run_id: str, db_path: str) -> dict[str, Any]:
         "method_metrics": METHOD_METRICS,
         "split": split,
         "plots": plots,
+        "judge_comparisons": comparisons,
     }
+
+
+def judge_comparisons(evaluations: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (round, judge a, judge b) that `prefloop judge` compared."""
+    found: dict[tuple, dict[str, Any]] = {}
+    for e in evaluations:
+        if e["metric"] != "judge_pair_agreement":
+            continue
+        d = json.loads(e["details_json"])
+        found[(e["round"], d["judge_a"], d["judge_b"])] = {
+            "round": e["round"],
+            "label": f"r{e['round']}: {_short(d['judge_a'])} vs {_short(d['judge_b'])}",
+            "judge_a": d["judge_a"],
+            "judge_b": d["judge_b"],
+            "prompts": d["prompts"],
+            "pair_agreement": d["pair_agreement"],
+            "kendall_tau": d["kendall_tau"],
+            "same_best": d["same_best"],
+            "same_worst": d["same_worst"],
+            "parse_failures_a": d["a"]["parse_failure_rate"],
+            "parse_failures_b": d["b"]["parse_failure_rate"],
+            "scores_a": d["a"]["scores"],
+            "scores_b": d["b"]["scores"],
+        }
+    return [found[k] for k in sorted(found)]
+
+
+def _short(judge_id: str) -> str:
+    return judge_id.split("|")[0].split("@")[0].rsplit("/", 1)[-1]
 
 
 def _number(value: Any, digits: int = 3) -> str:

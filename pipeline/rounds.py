@@ -153,14 +153,18 @@ def self_instruct_settings(cfg: RunConfig) -> SelfInstructConfig | None:
     return None
 
 
+def method_takes_generated(cfg: RunConfig, method: str) -> bool:
+    """Whether a method's prompts include the round's self-instructed ones."""
+    entry = METHODS[method]
+    return entry.self_instruct is not None and entry.self_instruct(cfg.method(method)).enabled
+
+
 def method_prompts(
     cfg: RunConfig, method: str, seeds: list[Prompt], generated: list[Prompt]
 ) -> list[Prompt]:
     """A method's prompts this round: the seeds, plus the self-instructed prompts for a
     method that takes them."""
-    entry = METHODS[method]
-    takes = entry.self_instruct is not None and entry.self_instruct(cfg.method(method)).enabled
-    return seeds + generated if takes else seeds
+    return seeds + generated if method_takes_generated(cfg, method) else seeds
 
 
 def round_prompts(inputs: RoundInputs, cfg: RunConfig, round_: int) -> list[Prompt]:

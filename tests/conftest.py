@@ -2,7 +2,11 @@
 
 import contextlib
 import os
+import signal
 import socket
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,57 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+# Every process the suite starts inherits this marker (a test may extend it for one run:
+# `run_mark()`); at the end, none may be alive.
+SESSION_MARK = "PREFLOOP_TEST_SESSION"
+os.environ.setdefault(SESSION_MARK, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def run_mark() -> str:
+    """A marker for one run's processes, within the suite's."""
+    return f"{os.environ[SESSION_MARK]}/{uuid.uuid4().hex[:8]}"
+
+
+def marked_processes(mark: str = "", exclude: int | None = None) -> list[tuple[int, str]]:
+    """(pid, command line) of live processes whose environment carries the suite's marker
+    (or `mark`, and the marks within it): everything started, even what was orphaned."""
+    wanted = f"{SESSION_MARK}={mark or os.environ[SESSION_MARK]}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in (os.getpid(), exclude):
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            if not any(e == wanted or e.startswith(wanted + b"/") for e in env):
+                continue
+            status = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if status == "Z":  # a zombie holds nothing; its parent has not reaped it yet
+                continue
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        found.append((int(entry.name), cmd.strip()[:200]))
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the suite if any process it started is still alive (after a short grace for
+    those shutting down), and end them."""
+    deadline = time.time() + 15
+    left = marked_processes()
+    while left and time.time() < deadline:
+        time.sleep(0.5)
+        left = marked_processes()
+    if not left:
+        return
+    report = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in left)
+    sys.stderr.write(f"\nprocesses started by the test suite are still alive:\n{report}\n")
+    for pid, _ in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _has_cuda() -> bool:
@@ -88,6 +143,27 @@ def tiny_engine(tiny_model_dir):
     from pipeline.schema import EngineConfig
 
     with start_engine(tiny_model_dir, EngineConfig(kind="hf", max_model_len=2048), seed=0) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def hf_engine(tiny_model_dir):
+    """The transformers engine on the tiny model, with a short context (per module)."""
+    from pipeline.engines import start_engine
+    from pipeline.schema import EngineConfig
+
+    with start_engine(tiny_model_dir, EngineConfig(kind="hf", max_model_len=512), seed=0) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_model_dir):
+    """vLLM on the tiny model; per module, so no engine outlives the tests that use it."""
+    from pipeline.engines import start_engine
+    from pipeline.schema import EngineConfig
+
+    cfg = EngineConfig(kind="vllm", max_model_len=512, cpu_kv_cache_gib=0.5)
+    with start_engine(tiny_model_dir, cfg, seed=0) as e:
         yield e
 
 

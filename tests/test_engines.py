@@ -18,19 +18,6 @@ CONVERSATIONS = [
 CHOICE = [[{"role": "user", "content": "Which is better, (A) or (B)?"}]] * 3
 
 
-@pytest.fixture(scope="module")
-def hf_engine(tiny_model_dir):
-    with start_engine(tiny_model_dir, EngineConfig(kind="hf", max_model_len=512), seed=0) as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
-def vllm_engine(tiny_model_dir):
-    cfg = EngineConfig(kind="vllm", max_model_len=512, cpu_kv_cache_gib=0.5)
-    with start_engine(tiny_model_dir, cfg, seed=0) as e:
-        yield e
-
-
 def _check_completions(results, n, max_tokens):
     assert len(results) == len(CONVERSATIONS)
     for completions in results:

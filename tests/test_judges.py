@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.engines import start_engine
 from pipeline.engines.scorer import RewardScorer
 from pipeline.errors import PrefloopError, TemplateError
 from pipeline.judging import JUDGES, JudgeItem, build_judge, judge_candidates, load_judge
@@ -30,19 +29,6 @@ ITEMS = [
     JudgeItem("Name a fruit.", "An apple.", [{"role": "user", "content": "Name a fruit."}]),
     JudgeItem("What is 2+2?", "It is 4, of course.", [{"role": "user", "content": "What is 2+2?"}]),
 ]
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_model_dir):
-    with start_engine(tiny_model_dir, EngineConfig(kind="hf", max_model_len=512), seed=0) as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
-def vllm(tiny_model_dir):
-    cfg = EngineConfig(kind="vllm", max_model_len=512, cpu_kv_cache_gib=0.5)
-    with start_engine(tiny_model_dir, cfg, seed=0) as e:
-        yield e
 
 
 @pytest.fixture(scope="session")
@@ -69,37 +55,37 @@ def template_judge(name: str, engine):
 # -- prefilled scales ----------------------------------------------------------------------
 
 
-def test_continuation_probs_are_products_of_token_probabilities(hf):
+def test_continuation_probs_are_products_of_token_probabilities(hf_engine):
     """P(label) is the product of its tokens' probabilities after the prefix, normalised
     over the labels: checked against one plain forward pass per label."""
     conversation = [{"role": "user", "content": "Rate it."}]
     labels = ["7]]", "10]]", "100]]"]
-    [probs] = hf.continuation_probs([conversation], labels, "Rating: [[")
-    prompt = hf.encode(hf.render(conversation, "Rating: [["))
+    [probs] = hf_engine.continuation_probs([conversation], labels, "Rating: [[")
+    prompt = hf_engine.encode(hf_engine.render(conversation, "Rating: [["))
     totals = []
     for label in labels:
-        ids = hf.encode(hf.render(conversation, "Rating: [[") + label)
+        ids = hf_engine.encode(hf_engine.render(conversation, "Rating: [[") + label)
         with torch.no_grad():
-            logits = hf.model(torch.tensor([ids])).logits[0].float()
+            logits = hf_engine.model(torch.tensor([ids])).logits[0].float()
         logp = torch.log_softmax(logits, dim=-1)
         totals.append(sum(logp[k - 1, ids[k]].item() for k in range(len(prompt), len(ids))))
     expected = [math.exp(t) / sum(math.exp(u) for u in totals) for t in totals]
     assert probs == pytest.approx(expected, abs=1e-5)
 
 
-def test_single_token_scale_reads_as_before(hf):
+def test_single_token_scale_reads_as_before(hf_engine):
     """The shipped 0-5 prefilled judge: one reading of the next token after the prefix,
     the softmax of the labels' logits (one call, no trie)."""
     conversation = [{"role": "user", "content": "Rate it."}]
     labels = [str(i) for i in range(6)]
-    requests = hf.counter.requests
-    [probs] = hf.continuation_probs([conversation], labels, "Score: ")
-    assert hf.counter.requests - requests == 1
-    text = hf.render(conversation, "Score: ")
-    ids = hf.encode(text)
-    label_ids = [hf.encode(text + label)[-1] for label in labels]
+    requests = hf_engine.counter.requests
+    [probs] = hf_engine.continuation_probs([conversation], labels, "Score: ")
+    assert hf_engine.counter.requests - requests == 1
+    text = hf_engine.render(conversation, "Score: ")
+    ids = hf_engine.encode(text)
+    label_ids = [hf_engine.encode(text + label)[-1] for label in labels]
     with torch.no_grad():
-        logits = hf.model(torch.tensor([ids])).logits[0, -1].float()
+        logits = hf_engine.model(torch.tensor([ids])).logits[0, -1].float()
     expected = torch.softmax(logits[label_ids], dim=-1).tolist()
     assert probs == pytest.approx(expected, abs=1e-6)
 
@@ -108,11 +94,11 @@ def test_single_token_scale_reads_as_before(hf):
     ("template", "low", "high"),
     [("judge_score_10_prefilled", 1, 10), ("judge_percent_prefilled", 0, 100)],
 )
-def test_prefilled_scales_agree_across_engines(hf, vllm, template, low, high):
+def test_prefilled_scales_agree_across_engines(hf_engine, vllm_engine, template, low, high):
     """A 1-10 and a 0-100 prefilled scale (multi-token labels): scores inside the declared
     range, the same on transformers and vLLM within 1e-3."""
     got = {}
-    for name, engine in (("hf", hf), ("vllm", vllm)):
+    for name, engine in (("hf", hf_engine), ("vllm", vllm_engine)):
         samples = template_judge(template, engine).score(ITEMS)
         got[name] = [s[0].score for s in samples]
         for [sample] in samples:
@@ -422,3 +408,48 @@ def test_rejudge_a_finished_round(harness, tmp_path, tiny_model_dir, tiny_rm_dir
     with Store(cfg["db_path"], read_only=True) as store:
         assert counts() == {**after, "judgments": 3 * before["judgments"]}
         assert store.sql("SELECT DISTINCT variant FROM pairs")[1] == [("best_vs_worst",)]
+
+    from pipeline.report import write_report
+
+    page = write_report(cfg["db_path"], "judges", tmp_path / "report.html").read_text()
+    assert 'id="judges"' in page and percent_id in page
+
+
+@pytest.mark.slow
+def test_default_model_end_to_end(harness, tmp_path, default_model_dir):
+    """SmolLM2 on transformers: a round judged by the 1-10 prefilled template (scores in
+    1..10, multi-token "10]]"), then re-judged with the shipped 0-5 prefilled judge and
+    compared: no generation, judgments under the new judge, a comparison stored."""
+    from flows.loop import loop_flow
+
+    sr = tiny_loop(tmp_path, default_model_dir)["self_reward"]
+    sr["judge"] = {"kind": "template", "template": "judge_score_10_prefilled"}
+    sr["sampling"]["max_tokens"] = 32
+    cfg = tiny_loop(
+        tmp_path, default_model_dir, self_reward=sr, prompts={
+            "files": ["data/prompts/helpful.jsonl"], "per_round": 3,
+        },
+    )  # fmt: skip
+    loop_flow(cfg)
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(cfg))
+    out = prefloop(
+        "judge", "--config", str(config), "--round", "1", "--judge", "judge_additive_5pt_prefilled"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    with Store(cfg["db_path"], read_only=True) as store:
+        rows = store.query(
+            "SELECT split_part(judge_id, '@', 1) AS judge, count(*) AS n, min(score) AS lo, "
+            "max(score) AS hi FROM judgments GROUP BY ALL ORDER BY judge"
+        )
+        assert [r["judge"] for r in rows] == [
+            "judge_additive_5pt_prefilled",
+            "judge_score_10_prefilled",
+        ]
+        five, ten = rows
+        assert five["n"] == ten["n"] == 9
+        assert 0 <= five["lo"] <= five["hi"] <= 5 and 1 <= ten["lo"] <= ten["hi"] <= 10
+        [(generations,)] = store.sql("SELECT count(*) FROM generations")[1]
+        assert generations == 9
+        [tau] = store.query("SELECT value FROM evaluations WHERE metric = 'judge_kendall_tau'")
+        assert tau["value"] is None or -1 <= tau["value"] <= 1

@@ -141,7 +141,7 @@ class WordsJudge:
         self.per_word = cfg.per_word
 
     def score(self, items):
-        return [[Sample(None, self.per_word * len(answer.split()), "ok")] for _, answer in items]
+        return [[Sample(None, self.per_word * len(it.response.split()), "ok")] for it in items]
 
 
 def test_a_new_judge_kind_is_one_entry(harness, tmp_path, tiny_model_dir, monkeypatch):

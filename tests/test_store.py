@@ -276,3 +276,40 @@ def test_disk_full_rolls_back_the_batch_and_keeps_earlier_ones(tmp_path):
             }
         )
         assert store.sql("SELECT count(*) FROM discards")[1] == [(101,)]
+
+
+def test_v3_judgments_migrate_with_their_judge_named(tmp_path):
+    """Judgments written before judges were named (schema v3) keep every row and name
+    their template as their judge; `candidate_scores` is per judge."""
+    path = tmp_path / "db.duckdb"
+    with Store(path, migrations=MIGRATIONS[:3]) as store:
+        store.insert(
+            "judgments",
+            [
+                {
+                    "judgment_id": f"j{k}",
+                    "run_id": "r",
+                    "round": 1,
+                    "method": "self_reward",
+                    "generation_id": "g1",
+                    "sample_idx": k,
+                    "model_id": "m@1",
+                    "template_id": "judge@abc",
+                    "raw_output": f"Score: {score}",
+                    "score": score,
+                    "parse_status": "ok",
+                    "sampling_json": "{}",
+                    "seed": 0,
+                }
+                for k, score in enumerate([4.0, 2.0])
+            ],
+        )
+    with Store(path) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        rows = store.query("SELECT judge_id, template_id, score FROM judgments ORDER BY score")
+        assert rows == [
+            {"judge_id": "judge@abc", "template_id": "judge@abc", "score": 2.0},
+            {"judge_id": "judge@abc", "template_id": "judge@abc", "score": 4.0},
+        ]
+        [scores] = store.query("SELECT judge_id, samples, mean_score FROM candidate_scores")
+        assert scores == {"judge_id": "judge@abc", "samples": 2, "mean_score": 3.0}

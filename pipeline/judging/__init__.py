@@ -7,8 +7,10 @@ starts) and `build` (the judge, given the engine that runs it). Nothing else in 
 names a kind: a method asks `build_judge` for its judge and `judge_candidates` for the
 `judgments` rows.
 
-Also here: parsers (`parsing`), A/B labels asked in both orders (`labels`), the
-LLM-as-a-Judge kind (`template`) and pair selection from scores (`pairs`).
+The kinds: the LLM-as-a-Judge (`template`), a reward model (`reward_model`) and a rule
+(`function`). Also here: parsers (`parsing`), label probabilities and A/B questions asked
+in both orders (`labels`), pair selection from scores (`pairs`) and comparing two judges
+(`compare`).
 """
 
 import json

@@ -11,8 +11,12 @@ from pipeline.store.connection import Connection
 class InspectQueries(Connection):
     def sql(self, statement: str) -> tuple[list[str], list[tuple]]:
         """A user's query (`prefloop sql`): returns column names and rows."""
+        with self.session() as con:
+            return self._sql(con, statement)
+
+    def _sql(self, con, statement: str) -> tuple[list[str], list[tuple]]:
         try:
-            cur = self.con.execute(statement)
+            cur = con.execute(statement)
         except duckdb.InvalidInputException as e:
             if "read-only mode" in str(e):
                 raise StoreError(
@@ -75,10 +79,15 @@ class InspectQueries(Connection):
                 [run_id],
             ),
             "evaluations": self.evaluations(run_id),
+            # The round's own judge only: a re-judge's scores may be on another scale.
             "scores": self.query(
-                "SELECT round, mean_score FROM candidate_scores WHERE run_id = ? "
-                "AND method = 'self_reward' AND mean_score IS NOT NULL ORDER BY round",
-                [run_id],
+                "WITH own AS (SELECT round, arg_min(judge_id, created_at) AS judge_id "
+                " FROM judgments WHERE run_id = ? AND method = 'self_reward' GROUP BY round) "
+                "SELECT c.round, c.mean_score FROM candidate_scores c JOIN own "
+                "ON own.round = c.round AND own.judge_id IS NOT DISTINCT FROM c.judge_id "
+                "WHERE c.run_id = ? "
+                "AND c.method = 'self_reward' AND c.mean_score IS NOT NULL ORDER BY c.round",
+                [run_id, run_id],
             ),
             "pairs": self.query(
                 "SELECT round, method, count(*) AS n, avg(margin) AS margin, "
@@ -94,3 +103,31 @@ class InspectQueries(Connection):
                 [run_id],
             ),
         }
+
+    def running_rounds(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Rounds not finished yet, with their plan, what each stage stored so far, and
+        their pairs per method."""
+        rounds = self.query(
+            "SELECT run_id, round, model_id, started_at, plan_json FROM rounds "
+            "WHERE status <> 'finished' AND (? IS NULL OR run_id = ?) ORDER BY run_id, round",
+            [run_id, run_id],
+        )
+        for r in rounds:
+            key = [r["run_id"], r["round"]]
+            r["done"] = {
+                s["stage"]: s
+                for s in self.query(
+                    "SELECT stage, count(*) AS batches, sum(wall_s) AS wall_s, "
+                    "sum(completion_tokens) AS completion_tokens FROM stage_metrics "
+                    "WHERE run_id = ? AND round = ? GROUP BY stage",
+                    key,
+                )
+            }
+            r["pairs"] = dict(
+                self._run(
+                    "SELECT method, count(*) FROM pairs WHERE run_id = ? AND round = ? "
+                    "GROUP BY method",
+                    key,
+                )
+            )
+        return rounds

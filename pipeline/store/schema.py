@@ -257,6 +257,11 @@ MIGRATIONS: list[list[str]] = [
         FROM judgments
         GROUP BY ALL""",
     ],
+    # v5: a round's plan (batches per stage, the process running it), so `prefloop
+    # status` can say how far a running round is.
+    [
+        "ALTER TABLE rounds ADD COLUMN plan_json VARCHAR",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

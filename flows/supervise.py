@@ -1,0 +1,89 @@
+"""`prefloop run` as a supervisor and a worker, so that no process outlives the run.
+
+The command the user starts (the supervisor) starts the run itself (the worker) in a new
+process group; every process the run starts (vLLM's EngineCore and workers, the training
+child, Prefect's temporary server) is in that group. Then:
+
+- the worker exits (done or failed): the supervisor kills whatever is left in the group;
+- Ctrl-C or SIGTERM to the supervisor: the worker is interrupted (it stops its engines),
+  given a grace period, then the group is killed;
+- the supervisor is killed (`kill -9` of its PID): the worker's watchdog sees its parent
+  gone within half a second and kills the whole group, itself included.
+
+The supervisor does no work of its own, so a SIGKILL can only land on it or the worker.
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from flows.runlog import ERROR_FILE
+
+WORKER_OF = "PREFLOOP_WORKER_OF"  # in the worker's environment: the supervisor's PID
+GRACE_S = 20.0
+
+
+def is_worker() -> bool:
+    return WORKER_OF in os.environ
+
+
+def supervise(argv: list[str]) -> int:
+    """Run `prefloop <argv>` as the worker and wait for it; returns its exit code."""
+    fd, error_file = tempfile.mkstemp(prefix="prefloop-error-", suffix=".txt")
+    os.close(fd)
+    env = {**os.environ, WORKER_OF: str(os.getpid()), ERROR_FILE: error_file}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *argv], env=env, start_new_session=True
+    )
+    try:
+        return _wait(worker)
+    finally:
+        line = Path(error_file).read_text()
+        os.unlink(error_file)
+        if line:  # the worker's one error line, printed when nothing else can print
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def _wait(worker: subprocess.Popen) -> int:
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        return worker.wait()
+    except KeyboardInterrupt:
+        _signal_group(worker.pid, signal.SIGINT)  # the worker stops its engines
+        with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):
+            worker.wait(GRACE_S)
+        sys.stderr.write("error: interrupted; run the same command to resume where it stopped\n")
+        return 130
+    finally:
+        _signal_group(worker.pid, signal.SIGKILL)  # anything the worker left behind
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.wait(5)
+
+
+def watch_supervisor() -> None:
+    """In the worker: end the whole process group when the supervisor is gone."""
+    supervisor = int(os.environ[WORKER_OF])
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != supervisor:
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="prefloop-watchdog", daemon=True).start()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)

@@ -1,0 +1,267 @@
+"""A run as a user lives with it: the database stays readable while it writes, a reader
+holding it makes the run wait (not fail, not lose a batch), a failure ends in one line, and
+no process outlives the run, whether it ends, fails, is interrupted or is killed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import duckdb
+import pytest
+from conftest import SESSION_MARK, marked_processes, run_mark
+
+from pipeline.errors import StoreError
+from pipeline.store import Store
+
+TESTS = Path(__file__).resolve().parent
+COUNTED = ("generations", "judgments", "pairs", "stage_metrics", "prompts")
+
+
+def config(tmp: Path, model: Path, name: str = "live", **over) -> dict:
+    """Two tiny rounds, Self-Rewarding and RLCD in batches of 2 prompts, DPO between."""
+    cfg = {
+        "name": name,
+        "db_path": str(tmp / "db.duckdb"),
+        "runs_dir": str(tmp / "runs"),
+        "model": str(model),
+        "rounds": 2,
+        "engine": {"kind": "hf", "batch_size": 2},
+        "prompts": {"files": ["data/prompts/helpful.jsonl"], "per_round": 6, "heldout": 0},
+        "self_reward": {
+            "n_candidates": 3,
+            "sampling": {"temperature": 1.0, "max_tokens": 12},
+            "judge": {"kind": "function", "function": "judge_rules:word_count"},
+            "self_instruct": {"enabled": False},
+        },
+        "rlcd": {"tasks": ["helpfulness"], "sampling": {"max_tokens": 12}, "rescore": False},
+        "cai": {"enabled": False},
+        "training": {"kind": "dpo", "epochs": 1, "batch_size": 2, "max_length": 96},
+        "evaluation": {"enabled": False},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def start_run(cfg: dict, tmp: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`prefloop run` as a user starts it, with its own process marker."""
+    path = tmp / f"{cfg['name']}-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(json.dumps(cfg))
+    mark = run_mark()
+    env = {**os.environ, "PYTHONPATH": str(TESTS), SESSION_MARK: mark}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(path), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    return proc, mark
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+def snapshot(db: Path) -> dict:
+    with Store(db, read_only=True) as store:
+        pair_ids = sorted(p for (p,) in store.sql("SELECT pair_id FROM pairs")[1])
+        counts = {name: n for name, kind, n in store.table_counts() if kind == "table"}
+    counts.pop("schema_version", None)
+    return {"pair_ids": pair_ids, "counts": counts}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir):
+    """The same run with no reader and no interruption: what every test must end with."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.loop import loop_flow
+
+    tmp = tmp_path_factory.mktemp("baseline")
+    cfg = config(tmp, tiny_model_dir)
+    with prefect_test_harness(server_startup_timeout=120):
+        loop_flow(cfg)
+    return snapshot(Path(cfg["db_path"]))
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {proc.stdout.read()[-3000:]}")
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def batches_stored(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with Store(db, read_only=True, lock_timeout_s=1) as store:
+            return store.sql("SELECT count(*) FROM stage_metrics")[1][0][0]
+    except StoreError:
+        return 0
+
+
+@pytest.mark.slow
+def test_readers_query_throughout_a_run(tmp_path, tiny_model_dir, uninterrupted):
+    """Another process queries the database every half second while a two-round run
+    writes it: at least 95% of the queries answer (the others waited out their short
+    retry), no count ever goes down, `prefloop status` shows the running round, and the
+    final database equals the uninterrupted run's."""
+    cfg = config(tmp_path, tiny_model_dir)
+    db = Path(cfg["db_path"])
+    proc, mark = start_run(cfg, tmp_path)
+    answered, missed, seen_running = 0, 0, []
+    last = dict.fromkeys(COUNTED, 0)
+    while proc.poll() is None:
+        if db.exists():
+            try:
+                with Store(db, read_only=True, lock_timeout_s=2) as store:
+                    counts = {t: store.sql(f"SELECT count(*) FROM {t}")[1][0][0] for t in COUNTED}
+                    running = store.running_rounds("live")
+                answered += 1
+                for t in COUNTED:
+                    assert counts[t] >= last[t], (t, counts[t], last[t])
+                last = counts
+                seen_running += [r["round"] for r in running]
+            except StoreError as e:
+                if "in use by another process" not in str(e):
+                    raise
+                missed += 1
+        time.sleep(0.5)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert answered >= 20, (answered, missed)  # the run lasted long enough to be read
+    assert answered / (answered + missed) >= 0.95, (answered, missed)
+    assert set(seen_running) == {1, 2}
+    assert snapshot(db) == uninterrupted
+    assert marked_processes(mark) == []
+
+
+@pytest.mark.slow
+def test_status_and_sql_answer_while_a_round_runs(tmp_path, tiny_model_dir):
+    """`prefloop status` names the running round's stage and batch; `prefloop sql` reads."""
+    cfg = config(tmp_path, tiny_model_dir, rounds=1)
+    proc, _ = start_run(cfg, tmp_path)
+    db = Path(cfg["db_path"])
+    try:
+        wait_for(lambda: batches_stored(db) >= 1, 300, "the first batch", proc)
+        status = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "status", "--db", str(db)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        sql = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "sql", "SELECT count(*) AS n FROM generations",
+             "--db", str(db), "--format", "json"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        out = finish(proc)
+    assert status.returncode == 0, status.stderr
+    [line] = [ln for ln in status.stdout.splitlines() if ln.startswith(("running", "stopped"))]
+    assert line.startswith("running  live round 1: ") and "tok/s" in line and "elapsed" in line
+    assert sql.returncode == 0 and json.loads(sql.stdout)["n"] > 0, sql.stderr
+    assert proc.returncode == 0, out[-3000:]
+    after = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "status", "--db", str(db)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "running" not in after.stdout and "finished" in after.stdout
+
+
+@pytest.mark.slow
+def test_a_reader_holding_the_file_makes_the_run_wait(tmp_path, tiny_model_dir, uninterrupted):
+    """A read-only DuckDB connection held open across batch boundaries: the run logs that
+    it waits and for whom, continues when the reader closes, and loses nothing."""
+    cfg = config(tmp_path, tiny_model_dir)
+    db = Path(cfg["db_path"])
+    proc, _ = start_run(cfg, tmp_path)
+    wait_for(lambda: batches_stored(db) >= 1, 300, "the first batch", proc)
+    held_from = batches_stored(db)
+    reader = duckdb.connect(str(db), read_only=True)
+    time.sleep(8)
+    assert reader.execute("SELECT count(*) FROM stage_metrics").fetchone()[0] == held_from
+    reader.close()
+    out = finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"PID {os.getpid()} holds the database; waiting up to 300 s" in out, out[-3000:]
+    assert snapshot(db) == uninterrupted
+
+
+@pytest.mark.slow
+def test_a_failed_run_ends_in_one_line(tmp_path, tiny_model_dir):
+    """A training step that crashes mid-round: the last line is `error: ...`, nothing says
+    "leaked", the run's log file holds the traceback; --verbose prints it too. No process
+    of the run is left."""
+    training = {"kind": "dpo", "loss_type": "no-such-loss", "batch_size": 2, "max_length": 96}
+    cfg = config(tmp_path, tiny_model_dir, rounds=1, training=training)
+    for verbose in (False, True):
+        proc, mark = start_run(cfg, tmp_path, *(["--verbose"] if verbose else []))
+        out = finish(proc)
+        assert proc.returncode == 2, out[-3000:]
+        lines = out.strip().splitlines()
+        assert lines[-1].startswith("error: training (dpo) failed with exit code 1"), lines[-3:]
+        assert "Unknown loss type: no-such-loss" in lines[-1]
+        assert "leaked" not in out.lower()
+        [log] = [ln.split()[1] for ln in lines if ln.startswith("log") and "traceback" in ln]
+        assert "Traceback (most recent call last)" in Path(log).read_text()
+        assert ("Traceback (most recent call last)" in out) == verbose
+        assert len(lines) < 60, len(lines)
+        assert marked_processes(mark) == []
+
+
+@pytest.mark.slow
+def test_killing_prefloop_run_leaves_no_engine_behind(tmp_path, tiny_model_dir):
+    """`kill -9` of the `prefloop run` process alone (not its group) while a vLLM engine
+    is up: a few seconds later no engine, server or trainer of the run is alive."""
+    engine = {"kind": "vllm", "batch_size": 2, "max_model_len": 512, "cpu_kv_cache_gib": 0.5}
+    cfg = config(tmp_path, tiny_model_dir, rounds=1, engine=engine)
+    proc, mark = start_run(cfg, tmp_path)
+    try:
+        wait_for(
+            lambda: any("EngineCore" in cmd for _, cmd in marked_processes(mark)),
+            400,
+            "vLLM's EngineCore",
+            proc,
+        )
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while marked_processes(mark) and time.time() < deadline:
+            time.sleep(0.5)
+        assert marked_processes(mark) == []
+    finally:
+        for pid, _ in marked_processes(mark):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_run_and_everything_it_started(tmp_path, tiny_model_dir):
+    """SIGINT to `prefloop run` (what Ctrl-C sends): the run stops, says so in its last
+    line, leaves no process, and the same command resumes it to the end."""
+    cfg = config(tmp_path, tiny_model_dir, rounds=1)
+    db = Path(cfg["db_path"])
+    proc, mark = start_run(cfg, tmp_path)
+    wait_for(lambda: batches_stored(db) >= 1, 300, "the first batch", proc)
+    proc.send_signal(signal.SIGINT)
+    out = finish(proc, timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith("error: interrupted; run the same command")
+    assert marked_processes(mark) == []
+    again, _ = start_run(cfg, tmp_path)
+    out = finish(again)
+    assert again.returncode == 0, out[-3000:]
+    with Store(db, read_only=True) as store:
+        assert store.sql("SELECT status FROM rounds")[1] == [("finished",)]
