@@ -24,13 +24,15 @@ test: $(STAMP) $(MODEL) $(CHROMIUM)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Side-by-side benchmarks, each printing its ratios: every bench the README quotes. About
-# 35 minutes on 2 cores; orchestration.py reads the demo's database when `make run` has
+# 50 minutes on 2 cores; orchestration.py reads the demo's database when `make run` has
 # filled it.
 bench: $(STAMP) $(MODEL)
 	$(PY) bench/engines.py
 	$(PY) bench/stages.py
 	$(PY) bench/store.py
 	$(PY) bench/vllm_cpu.py
+	$(PY) bench/judges.py
+	$(PY) bench/readers.py
 	$(PY) bench/orchestration.py
 
 lint: $(STAMP)

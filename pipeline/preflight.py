@@ -5,10 +5,11 @@ reaches a worker) and the loop flow itself all call `preflight`, so a mistake is
 naming the file and the field, and the database is left as it was.
 """
 
+import json
 from functools import lru_cache
 
 from pipeline.config import RunConfig
-from pipeline.engines import engine_problem, start_engine
+from pipeline.engines import engine_kind, engine_problem, start_engine
 from pipeline.engines.base import continuation_tokens
 from pipeline.errors import ConfigError, EngineError, TemplateError
 from pipeline.judging import judge_model
@@ -32,7 +33,7 @@ def preflight(cfg: RunConfig, source: str = "config", *, ping: bool = True) -> R
     for name, engine in (("engine", cfg.engine), ("evaluation.engine", cfg.evaluation.engine)):
         if engine is None:
             continue
-        problem = engine_problem(engine)
+        problem = engine_problem(engine) or _context_problem(engine, model)
         if problem:
             raise ConfigError(f"{source}: {name}.{problem}")
         if ping and engine.kind == "openai":  # a wrong URL fails here, at once
@@ -43,6 +44,21 @@ def preflight(cfg: RunConfig, source: str = "config", *, ping: bool = True) -> R
     with Store(cfg.db_path, lock_timeout_s=min(cfg.db_lock_timeout_s, PREFLIGHT_WAIT_S)):
         pass
     return inputs
+
+
+def _context_problem(engine, model: ModelInfo) -> str | None:
+    """vLLM refuses a max_model_len beyond the model's positions, after half a minute of
+    starting; say so now."""
+    if engine_kind(engine) != "vllm":
+        return None
+    config = json.loads((model.path / "config.json").read_text())
+    positions = config.get("max_position_embeddings")
+    if positions and engine.max_model_len > positions:
+        return (
+            f"max_model_len: {engine.max_model_len} is more than {model.name}'s context "
+            f"(max_position_embeddings {positions})"
+        )
+    return None
 
 
 def check_label_templates(cfg: RunConfig, inputs: RoundInputs) -> None:
@@ -61,6 +77,9 @@ def check_label_templates(cfg: RunConfig, inputs: RoundInputs) -> None:
             elif isinstance(loaded, dict):
                 loaded = loaded.get("fallback")
             settings = getattr(settings, "fallback", None)
+    if inputs.eval_judge is not None:  # read by the fixed evaluation judge's model
+        check_labels(inputs.eval_judge, cfg.evaluation.judge_model or cfg.model)
+        judged.add(inputs.eval_judge.template_id)
     for template in inputs.templates():
         if template.template_id not in judged:
             check_labels(template, cfg.model)

@@ -256,6 +256,12 @@ MATRIX = [
         "not a reward model (architectures: LlamaForCausalLM)",
     ),
     (
+        "engine context beyond the model's",
+        _config("engine:\n  kind: vllm\n  max_model_len: 100000\n"),
+        "c.yaml: engine.max_model_len: 100000 is more than smollm2-135m-instruct's context "
+        "(max_position_embeddings 8192)",
+    ),
+    (
         "latest reward model without a fallback judge",
         _config("self_reward:\n  judge: {kind: reward_model, model: latest}\n"),
         "self_reward.judge.fallback: `model: latest` needs a fallback judge",
@@ -320,8 +326,9 @@ def test_database_held_by_another_writer_or_newer(tmp_path):
         assert holder.stdout.readline().strip() == "ready"
         out = prefloop("run", "--set", f"db_path={db_file}", "--set", f"runs_dir={tmp_path}/r")
         assert out.returncode == 2
-        [line] = out.stderr.strip().splitlines()
-        assert "database is in use by another process (PID" in line, line
+        notice, line = out.stderr.strip().splitlines()  # it waited 10 s, and said so
+        assert f"PID {holder.pid} holds the database; waiting up to 10 s" in notice, notice
+        assert line.startswith("error: ") and "in use by another process (PID" in line, line
     finally:
         holder.kill()
         holder.wait()

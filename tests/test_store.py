@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -171,29 +172,69 @@ def test_read_only_without_database(tmp_path):
     assert not (tmp_path / "missing.duckdb").exists()
 
 
-def test_second_writer_gets_a_clear_error(tmp_path):
-    path = tmp_path / "db.duckdb"
-    with Store(path) as store:
-        _seed_rows(store)
+def _hold(path, read_only: bool) -> subprocess.Popen:
+    """Another process holding the database open (`with Store(...)` keeps it)."""
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import sys, time\nfrom pipeline.store import Store\n"
-            f"s = Store({str(path)!r})\nprint('ready', flush=True)\ntime.sleep(120)",
+            f"with Store({str(path)!r}, read_only={read_only}):\n"
+            "    print('ready', flush=True)\n    time.sleep(float(sys.argv[1]))",
+            "120",
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert holder.stdout.readline().strip() == "ready"
+    return holder
+
+
+def test_second_writer_gets_a_clear_error(tmp_path):
+    """A writer that finds the file held past its wait: one line naming the holder."""
+    path = tmp_path / "db.duckdb"
+    with Store(path) as store:
+        _seed_rows(store)
+    holder = _hold(path, read_only=False)
+    waits = []
     try:
-        assert holder.stdout.readline().strip() == "ready"
         with pytest.raises(StoreError) as e:
-            Store(path)
-        assert f"in use by another process (PID {holder.pid})" in str(e.value)
+            Store(path, lock_timeout_s=1.5, on_wait=waits.append)
+        assert f"in use by another process (PID {holder.pid}) for 1 s" in str(e.value)
         assert "\n" not in str(e.value)
+        assert waits == [
+            f"{path}: PID {holder.pid} holds the database; waiting up to 2 s for it to close"
+        ]
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_store_holds_no_connection_between_uses(tmp_path):
+    """Between writes another process can read; a reader that arrives while the file is
+    held waits for it and answers."""
+    path = tmp_path / "db.duckdb"
+    store = Store(path)
+    _seed_rows(store)
+    reader = subprocess.run(
+        [sys.executable, "-c", "import sys; from pipeline.store import Store\n"
+         "print(Store(sys.argv[1], read_only=True).sql('SELECT count(*) FROM pairs')[1])",
+         str(path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert reader.returncode == 0 and reader.stdout.strip() == "[(1,)]", reader.stderr
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pipeline.store import Store\n"
+         "with Store(sys.argv[1]):\n    print('ready', flush=True)\n    time.sleep(2)",
+         str(path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "ready"
+    start = time.monotonic()
+    with Store(path, read_only=True, lock_timeout_s=30) as waiting:
+        assert waiting.sql("SELECT count(*) FROM pairs")[1] == [(1,)]
+    assert time.monotonic() - start > 0.5  # it waited for the writer to close
+    holder.wait()
     with Store(path, read_only=True) as store:
         assert store.query("SELECT count(*) AS n FROM pairs")[0]["n"] == 1
 

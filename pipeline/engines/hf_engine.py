@@ -108,7 +108,10 @@ class HfEngine(EngineBase):
         for start in range(0, len(prompts), self.batch_size):
             input_ids, mask = self._padded(prompts[start : start + self.batch_size])
             with torch.no_grad():
-                logits = self.model(input_ids=input_ids, attention_mask=mask).logits[:, -1, :]
+                # Only the last position's logits: the LM head over every position would
+                # cost vocabulary x length for one row used.
+                out = self.model(input_ids=input_ids, attention_mask=mask, logits_to_keep=1)
+                logits = out.logits[:, -1, :]
             logprobs = torch.log_softmax(logits.float(), dim=-1)[:, label_ids]
             rows.extend(logprobs.tolist())
         return rows

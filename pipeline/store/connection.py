@@ -130,9 +130,9 @@ class Connection:
                 return duckdb.connect(str(self.path), read_only=self.read_only, config=config)
             except duckdb.Error as e:
                 waited = time.monotonic() - start
-                if not _locked(e) or waited + delay > self.lock_timeout_s:
-                    raise _open_error(self.path, e, waited) from None
-                if not told and waited > 1.0:  # a write's milliseconds need no log line
+                if not _locked(e):
+                    raise _open_error(self.path, e) from None
+                if not told and waited + delay > 1.0:  # a write's milliseconds need no line
                     pid = _LOCK_PID.search(str(e))
                     holder = f"PID {pid.group(1)}" if pid else "another process"
                     self.on_wait(
@@ -140,6 +140,8 @@ class Connection:
                         f"{self.lock_timeout_s:.0f} s for it to close"
                     )
                     told = True
+                if waited + delay > self.lock_timeout_s:
+                    raise _open_error(self.path, e, waited) from None
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
 
