@@ -11,6 +11,7 @@ the "held" variant has no readers; it is the old handling's cost, for the ratio.
 """
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -19,6 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# No network: Prefect's server would send telemetry otherwise.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
 
 from pipeline.paths import DATA_DIR  # noqa: E402
 
@@ -61,16 +65,29 @@ def config(tmp: Path, model: str, name: str) -> dict:
     }
 
 
-def held_store():
-    """The old handling: the round's store keeps one connection open from start to end."""
-    from pipeline.store import Store
+def hold_for_the_round():
+    """The old handling: the round's store keeps one connection from the round's start to
+    its end (`with r.store:` around the round). Returns a function that undoes it."""
+    import flows.loop
 
-    class HeldStore(Store):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.__enter__()
+    init, close = flows.loop.Round.__init__, flows.loop.Round.close
 
-    return HeldStore
+    def held_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.store.__enter__()
+
+    def released_close(self, next_model):
+        try:
+            return close(self, next_model)
+        finally:
+            self.store.close()
+
+    flows.loop.Round.__init__, flows.loop.Round.close = held_init, released_close
+
+    def undo() -> None:
+        flows.loop.Round.__init__, flows.loop.Round.close = init, close
+
+    return undo
 
 
 def main() -> None:
@@ -81,13 +98,11 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    import flows.loop
     from flows.loop import loop_flow
     from pipeline.models import resolve_model
 
     model = str(resolve_model(args.model).path)
     tmp = Path(tempfile.mkdtemp(prefix="bench-readers-"))
-    per_use = flows.loop.Store
     times: dict[str, list[float]] = {"per use, no readers": [], "per use, readers": [], "held": []}
     polls: list[tuple[int, int]] = []
     with prefect_test_harness(server_startup_timeout=120):
@@ -97,7 +112,7 @@ def main() -> None:
             for variant in order:
                 cfg = config(tmp, model, f"{variant.replace(',', '').replace(' ', '-')}-{r}")
                 poller = None
-                flows.loop.Store = held_store() if variant == "held" else per_use
+                undo = hold_for_the_round() if variant == "held" else (lambda: None)
                 start = time.perf_counter()
                 if variant == "per use, readers":
                     from pipeline.store import Store
@@ -111,7 +126,7 @@ def main() -> None:
                 try:
                     loop_flow(cfg)
                 finally:
-                    flows.loop.Store = per_use
+                    undo()
                     if poller is not None:
                         poller.kill()
                         out = poller.communicate()[0].split()
@@ -124,6 +139,25 @@ def main() -> None:
     base = med["per use, no readers"]
     print(f"   readers polling every 1 s vs none:   {med['per use, readers'] / base:.3f}x")
     print(f"   per-use connections vs held (old):   {base / med['held']:.3f}x  (target < 1.02)")
+    # The connection handling's own cost: the flow's store work per round (its `flow`
+    # stage row), which generation noise does not blur.
+    from pipeline.store import Store
+
+    own: dict[str, list[float]] = {k: [] for k in times}
+    for variant in times:
+        for r in range(args.repeats):
+            name = f"{variant.replace(',', '').replace(' ', '-')}-{r}"
+            with Store(tmp / f"{name}.duckdb", read_only=True) as store:
+                [(flow,)] = store.sql("SELECT sum(wall_s) FROM stage_metrics WHERE stage = 'flow'")[
+                    1
+                ]
+            own[variant].append(flow)
+    flow_med = {k: statistics.median(v) for k, v in own.items()}
+    print("   the flow's own store work per round (stage_metrics 'flow'):")
+    for name, seconds in flow_med.items():
+        print(f"     {name:<22} {seconds:5.2f} s  ({100 * seconds / med[name]:.2f}% of the round)")
+    extra = flow_med["per use, no readers"] - flow_med["held"]
+    print(f"   per-use connections cost {extra:+.2f} s a round: {100 * extra / base:+.2f}% of it")
     answered = sum(a for a, _ in polls)
     missed = sum(m for _, m in polls)
     print(f"   reader queries answered: {answered} of {answered + missed}")

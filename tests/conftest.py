@@ -32,36 +32,76 @@ def run_mark() -> str:
     return f"{os.environ[SESSION_MARK]}/{uuid.uuid4().hex[:8]}"
 
 
-def marked_processes(mark: str = "", exclude: int | None = None) -> list[tuple[int, str]]:
-    """(pid, command line) of live processes whose environment carries the suite's marker
-    (or `mark`, and the marks within it): everything started, even what was orphaned."""
-    wanted = f"{SESSION_MARK}={mark or os.environ[SESSION_MARK]}".encode()
+SESSION_START = time.time()
+
+
+def _processes() -> list[dict]:
+    """Every live, non-zombie process: pid, environment entries, session id, start time
+    (epoch seconds) and command line."""
+    boot = next(
+        float(line.split()[1])
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime")
+    )
+    ticks = os.sysconf("SC_CLK_TCK")
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in (os.getpid(), exclude):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] == "Z":  # a zombie holds nothing; its parent has not reaped it yet
+                continue
             env = (entry / "environ").read_bytes().split(b"\0")
-            if not any(e == wanted or e.startswith(wanted + b"/") for e in env):
-                continue
-            status = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if status == "Z":  # a zombie holds nothing; its parent has not reaped it yet
-                continue
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # gone meanwhile, or not ours to read
             continue
-        found.append((int(entry.name), cmd.strip()[:200]))
+        found.append(
+            {
+                "pid": int(entry.name),
+                "env": env,
+                "sid": int(fields[3]),
+                "start": boot + int(fields[19]) / ticks,
+                "cmd": cmd.strip()[:200],
+            }
+        )
     return found
+
+
+def marked_processes(mark: str = "", since: float | None = None) -> list[tuple[int, str]]:
+    """(pid, command line) of live processes the suite (or, with `mark`, one run) started:
+    those whose environment carries the marker, those in a session such a process is in
+    (vLLM renames its processes and so overwrites their environment), and with `since`,
+    any vLLM process started since then."""
+    wanted = f"{SESSION_MARK}={mark or os.environ[SESSION_MARK]}".encode()
+    procs = _processes()
+    marked = {
+        p["pid"] for p in procs if any(e == wanted or e.startswith(wanted + b"/") for e in p["env"])
+    }
+    sessions = {p["sid"] for p in procs if p["pid"] in marked} - {os.getsid(0)}
+    return [
+        (p["pid"], p["cmd"])
+        for p in procs
+        if p["pid"] in marked
+        or p["sid"] in sessions
+        or (since is not None and p["cmd"].startswith("VLLM::") and p["start"] >= since)
+    ]
+
+
+def alive(pids) -> list[int]:
+    """Which of these processes are still running (zombies are not)."""
+    running = {p["pid"] for p in _processes()}
+    return [pid for pid in pids if pid in running]
 
 
 def pytest_sessionfinish(session, exitstatus):
     """Fail the suite if any process it started is still alive (after a short grace for
     those shutting down), and end them."""
     deadline = time.time() + 15
-    left = marked_processes()
+    left = marked_processes(since=SESSION_START)
     while left and time.time() < deadline:
         time.sleep(0.5)
-        left = marked_processes()
+        left = marked_processes(since=SESSION_START)
     if not left:
         return
     report = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in left)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from conftest import SESSION_MARK, marked_processes, run_mark
+from conftest import SESSION_MARK, alive, marked_processes, run_mark
 
 from pipeline.errors import StoreError
 from pipeline.store import Store
@@ -230,6 +230,7 @@ def test_killing_prefloop_run_leaves_no_engine_behind(tmp_path, tiny_model_dir):
     engine = {"kind": "vllm", "batch_size": 2, "max_model_len": 512, "cpu_kv_cache_gib": 0.5}
     cfg = config(tmp_path, tiny_model_dir, rounds=1, engine=engine)
     proc, mark = start_run(cfg, tmp_path)
+    run: dict[int, str] = {}
     try:
         wait_for(
             lambda: any("EngineCore" in cmd for _, cmd in marked_processes(mark)),
@@ -237,14 +238,16 @@ def test_killing_prefloop_run_leaves_no_engine_behind(tmp_path, tiny_model_dir):
             "vLLM's EngineCore",
             proc,
         )
-        os.kill(proc.pid, signal.SIGKILL)
+        run = {pid: cmd for pid, cmd in marked_processes(mark) if pid != proc.pid}
+        assert any("EngineCore" in cmd for cmd in run.values()), run
+        os.kill(proc.pid, signal.SIGKILL)  # the `prefloop run` process alone
         proc.wait()
         deadline = time.time() + 10
-        while marked_processes(mark) and time.time() < deadline:
+        while alive(run) and time.time() < deadline:
             time.sleep(0.5)
-        assert marked_processes(mark) == []
+        assert alive(run) == [], {pid: run[pid] for pid in alive(run)}
     finally:
-        for pid, _ in marked_processes(mark):
+        for pid in alive(run):
             os.kill(pid, signal.SIGKILL)
 
 
