@@ -59,6 +59,7 @@ def _processes() -> list[dict]:
         found.append(
             {
                 "pid": int(entry.name),
+                "ppid": int(fields[1]),
                 "env": env,
                 "sid": int(fields[3]),
                 "start": boot + int(fields[19]) / ticks,
@@ -82,10 +83,19 @@ def marked_processes(mark: str = "", since: float | None = None) -> list[tuple[i
     return [
         (p["pid"], p["cmd"])
         for p in procs
-        if p["pid"] in marked
-        or p["sid"] in sessions
-        or (since is not None and p["cmd"].startswith("VLLM::") and p["start"] >= since)
+        if not _ends_with_this_process(p)
+        and (
+            p["pid"] in marked
+            or p["sid"] in sessions
+            or (since is not None and p["cmd"].startswith("VLLM::") and p["start"] >= since)
+        )
     ]
+
+
+def _ends_with_this_process(p: dict) -> bool:
+    """Python's multiprocessing resource tracker of this very process (vLLM starts it in
+    the test process): it exits when this process does, so it is no leftover."""
+    return p["ppid"] == os.getpid() and "multiprocessing.resource_tracker" in p["cmd"]
 
 
 def alive(pids) -> list[int]:
