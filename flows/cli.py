@@ -174,11 +174,12 @@ JudgeIdOpt = Annotated[
 ]
 
 
-def _judge_id(store, judge: str) -> str:
-    """A stored judge id as given, or the id a judge spec stores its judgments under."""
-    from pipeline.rejudge import judge_identity, judge_settings_from
+def _judge_id(store, run_id: str, round_: int, judge: str) -> str:
+    """A judge id of the round as given, or the id a judge spec stores its judgments
+    under."""
+    from pipeline.rejudge import METHOD, judge_identity, judge_settings_from
 
-    known = {j for (j,) in store.sql("SELECT DISTINCT judge_id FROM judgments")[1]}
+    known = store.round_judges(run_id, round_, METHOD)
     return judge if judge in known else judge_identity(judge_settings_from(judge))
 
 
@@ -205,9 +206,10 @@ def export(
     if judge is not None:
         from pipeline.rejudge import judge_pair_texts
 
+        run_id = run or cfg.name
         with Store(cfg.db_path, read_only=True) as store:
-            judge_id = _judge_id(store, judge)
-            rows = judge_pair_texts(store, run or cfg.name, round_, judge_id)
+            judge_id = _judge_id(store, run_id, round_, judge)
+            rows = judge_pair_texts(store, run_id, round_, judge_id)
         data = split_pairs(rows, cfg.training.heldout_fraction, cfg.seed)
         write_dataset(data, out, fmt)  # type: ignore[arg-type]
         typer.echo(
@@ -504,7 +506,8 @@ def pairs(
 
             if round_ is None:
                 raise PrefloopError("--judge needs --round: a judge's pairs are per round")
-            found = judge_pair_texts(store, run_id, round_, _judge_id(store, judge))
+            judge_id = _judge_id(store, run_id, round_, judge)
+            found = judge_pair_texts(store, run_id, round_, judge_id)
             rows = [{**r, "flagged": False, "flag_reason": None} for r in found][:limit]
         else:
             rows = store.pair_texts(run_id, round_, method, limit)

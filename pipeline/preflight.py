@@ -6,15 +6,16 @@ naming the file and the field, and the database is left as it was.
 """
 
 import json
+from collections.abc import Mapping
 from functools import lru_cache
 
 from pipeline.config import RunConfig
 from pipeline.engines import engine_kind, engine_problem, start_engine
 from pipeline.engines.base import continuation_tokens
 from pipeline.errors import ConfigError, EngineError, TemplateError
-from pipeline.judging import judge_model
+from pipeline.judging import JudgePlan
 from pipeline.models import ModelInfo, resolve_model
-from pipeline.rounds import RoundInputs, judge_settings, load_inputs, named_judge_models
+from pipeline.rounds import RoundInputs, judge_plans, load_inputs
 from pipeline.store import Store
 from pipeline.templates import ChoiceParser, ScoreParser, Template
 
@@ -27,7 +28,9 @@ def preflight(cfg: RunConfig, source: str = "config", *, ping: bool = True) -> R
     the loaded inputs."""
     inputs = load_inputs(cfg)
     model = resolve_model(cfg.model)
-    for other in (*named_judge_models(cfg), cfg.evaluation.judge_model):
+    # Each judge as a round before any reward model would use it (`latest`: its fallback).
+    plans = judge_plans(cfg, inputs, None)
+    for other in (*(p.model_path for p in plans.values()), cfg.evaluation.judge_model):
         if other is not None:
             resolve_model(other)
     for name, engine in (("engine", cfg.engine), ("evaluation.engine", cfg.evaluation.engine)):
@@ -38,7 +41,7 @@ def preflight(cfg: RunConfig, source: str = "config", *, ping: bool = True) -> R
             raise ConfigError(f"{source}: {name}.{problem}")
         if ping and engine.kind == "openai":  # a wrong URL fails here, at once
             _ping(model, engine, cfg.seed)
-    check_label_templates(cfg, inputs)
+    check_label_templates(cfg, inputs, plans)
     # Held by another process, or from a newer prefloop: fail here (a reader holding it
     # briefly is waited for, a few seconds at most).
     with Store(cfg.db_path, lock_timeout_s=min(cfg.db_lock_timeout_s, PREFLIGHT_WAIT_S)):
@@ -61,22 +64,18 @@ def _context_problem(engine, model: ModelInfo) -> str | None:
     return None
 
 
-def check_label_templates(cfg: RunConfig, inputs: RoundInputs) -> None:
+def check_label_templates(
+    cfg: RunConfig, inputs: RoundInputs, plans: Mapping[str, JudgePlan]
+) -> None:
     """Every template read from label probabilities (a prefilled score scale, an A/B
     question) is checked with the tokenizer of the model that will read it: each label
     must start where the prefix ends and none may read as the start of another. Only the
     tokenizer loads, so a bad scale fails in a second, before any engine starts."""
     judged: set[str] = set()
-    for method in cfg.enabled_methods():
-        settings = judge_settings(cfg, method)
-        loaded = inputs.judges.get(method)
-        while settings is not None:
-            if settings.kind == "template":
-                check_labels(loaded, judge_model(settings) or cfg.model)
-                judged.add(loaded.template_id)
-            elif isinstance(loaded, dict):
-                loaded = loaded.get("fallback")
-            settings = getattr(settings, "fallback", None)
+    for plan in plans.values():
+        if plan.settings.kind == "template":
+            check_labels(plan.loaded, plan.model_path or cfg.model)
+            judged.add(plan.loaded.template_id)
     if inputs.eval_judge is not None:  # read by the fixed evaluation judge's model
         check_labels(inputs.eval_judge, cfg.evaluation.judge_model or cfg.model)
         judged.add(inputs.eval_judge.template_id)

@@ -19,9 +19,8 @@ from pipeline.errors import PrefloopError
 from pipeline.evaluation.metrics import evaluation_row
 from pipeline.judging import JUDGES, Judge, build_judge, judge_candidates, judge_model, load_judge
 from pipeline.judging.compare import compare_scores
-from pipeline.judging.pairs import PairPolicy, select_pairs
-from pipeline.judging.parsing import OK
-from pipeline.models import MODELS_DIR, resolve_model
+from pipeline.judging.pairs import PairPolicy, score_summary, select_pairs
+from pipeline.models import MODELS_DIR, ModelInfo, resolve_model
 from pipeline.rounds import prompt_from_row
 from pipeline.rows import RoundContext, Rows
 from pipeline.store import Store
@@ -93,20 +92,11 @@ def rejudge_round(
             f"{store.path}: run {run_id!r} round {round_} is not finished; re-judge it after "
             "the round ends (`prefloop status` shows it)"
         )
-    loaded = load_judge(settings, library or TemplateLibrary())
-    kind = JUDGES[settings.kind]
-    model_name = judge_model(settings)
-    if model_name is not None:
-        model = resolve_model(model_name)
-        model_id, model_path = model.model_id, str(model.path)
-        store.write({"models": [model.record("judge")]})
-    else:
-        round_model = store.model(info["model_id"])
-        model_id, model_path = info["model_id"], round_model["path"]
-    role = "score" if kind.scorer else "generate"
-    engine = _Lazy(lambda: start_engine(model_path, role)) if kind.needs_engine else None
+    round_model = (info["model_id"], store.model(info["model_id"])["path"])
+    judge, engine, own_model = _open_judge(settings, library, round_model, start_engine)
+    if own_model is not None:
+        store.write({"models": [own_model.record("judge")]})
     try:
-        judge = build_judge(settings, loaded, engine, model_id if kind.needs_engine else None)
         candidates = store.round_candidates(run_id, round_, METHOD)
         done = store.judged_generations(run_id, round_, METHOD, judge.judge_id)
         todo = [c for c in candidates if c["generation_id"] not in done]
@@ -137,30 +127,47 @@ def _by_prompt_batches(candidates: Sequence[dict], prompts_per_batch: int) -> li
     ]
 
 
-def judge_identity(settings: Any, library: TemplateLibrary | None = None) -> str:
-    """The judge id a judge spec stores its judgments under, without starting anything."""
+def _open_judge(
+    settings: Any,
+    library: TemplateLibrary | None,
+    round_model: tuple[str | None, str | None],
+    start_engine: Callable[[str, str], Any],
+) -> tuple[Judge, _Lazy | None, ModelInfo | None]:
+    """The judge `settings` describe, on an engine started only when it is first used: on
+    its own model if the settings name one (returned, for registering), else on
+    `round_model` (id, path)."""
     loaded = load_judge(settings, library or TemplateLibrary())
     kind = JUDGES[settings.kind]
-    model = judge_model(settings)
-    # On the round's own model a template judge's id is its template id alone.
-    model_id = resolve_model(model).model_id if model else None
-    engine = _Lazy(lambda: None) if kind.needs_engine else None
-    judge: Judge = build_judge(settings, loaded, engine, model_id)
-    return judge.judge_id
+    name = judge_model(settings)
+    own = resolve_model(name) if name is not None else None
+    model_id, path = (own.model_id, str(own.path)) if own else round_model
+    role = "score" if kind.scorer else "generate"
+    engine = _Lazy(lambda: start_engine(path, role)) if kind.needs_engine else None
+    judge = build_judge(settings, loaded, engine, model_id if kind.needs_engine else None)
+    return judge, engine, own
 
 
-def round_policy(store: Store, run_id: str, round_: int) -> PairPolicy:
-    """The pair policy the round stored for Self-Rewarding."""
-    info = store.round_info(run_id, round_) or {}
+def judge_identity(settings: Any, library: TemplateLibrary | None = None) -> str:
+    """The judge id a judge spec stores its judgments under, without starting anything
+    (on the round's own model a template judge's id is its template id alone)."""
+    return _open_judge(settings, library, (None, None), lambda path, role: None)[0].judge_id
+
+
+def round_policy(info: dict[str, Any]) -> PairPolicy:
+    """The pair policy a round (its `rounds` row) stored for Self-Rewarding."""
     stored = json.loads(info.get("pair_policy_json") or "{}").get(METHOD, {})
     fields = {k: stored[k] for k in PairPolicy.__dataclass_fields__ if k in stored}
     return PairPolicy(**fields)
 
 
-def judge_pairs(store: Store, run_id: str, round_: int, judge_id: str) -> Rows:
-    """The pairs judge `judge_id` makes from its scores of the round's candidates, with the
-    round's pair policy, as the variant `<strategy>/judge=<id>` (not stored)."""
-    candidates = store.round_candidates(run_id, round_, METHOD)
+def judge_pairs(
+    store: Store, run_id: str, round_: int, judge_id: str, candidates: list[dict] | None = None
+) -> Rows:
+    """The pairs judge `judge_id` makes from its scores of the round's candidates (read
+    here unless given), with the round's pair policy, as the variant
+    `<strategy>/judge=<id>` (not stored)."""
+    if candidates is None:
+        candidates = store.round_candidates(run_id, round_, METHOD)
     judgments = store.judge_judgments(run_id, round_, METHOD, judge_id)
     if not judgments:
         known = ", ".join(store.round_judges(run_id, round_, METHOD)) or "none"
@@ -172,7 +179,7 @@ def judge_pairs(store: Store, run_id: str, round_: int, judge_id: str) -> Rows:
     prompts = [prompt_from_row(p) for p in store.prompts_by_id(run_id, prompt_ids)]
     info = store.round_info(run_id, round_)
     ctx = RoundContext(run_id, round_, info["model_id"], 0)
-    policy = round_policy(store, run_id, round_)
+    policy = round_policy(info)
     variant = f"{policy.strategy}/judge={judge_id}"
     return select_pairs(prompts, candidates, judgments, ctx, policy, METHOD, variant)
 
@@ -180,8 +187,9 @@ def judge_pairs(store: Store, run_id: str, round_: int, judge_id: str) -> Rows:
 def judge_pair_texts(store: Store, run_id: str, round_: int, judge_id: str) -> list[dict]:
     """`judge_pairs` with the prompt's messages and both texts, shaped as the training
     export reads pairs (pair_id order)."""
-    pairs = judge_pairs(store, run_id, round_, judge_id)["pairs"]
-    texts = {c["generation_id"]: c["text"] for c in store.round_candidates(run_id, round_, METHOD)}
+    candidates = store.round_candidates(run_id, round_, METHOD)
+    pairs = judge_pairs(store, run_id, round_, judge_id, candidates)["pairs"]
+    texts = {c["generation_id"]: c["text"] for c in candidates}
     prompts = {
         p["prompt_id"]: p for p in store.prompts_by_id(run_id, [p["prompt_id"] for p in pairs])
     }
@@ -215,7 +223,13 @@ def compare_judges(
             raise PrefloopError(
                 f"{store.path}: judge {judge_id!r} has not scored run {run_id!r} round {round_}"
             )
-        found.append(_scores(rows))
+        summary = score_summary(rows)
+        found.append(
+            (
+                {g: s["mean"] for g, s in summary.items()},
+                {g: (s["valid"], s["samples"]) for g, s in summary.items()},
+            )
+        )
     (scores_a, samples_a), (scores_b, samples_b) = found
     result = compare_scores(candidates, scores_a, scores_b, samples_a, samples_b)
     info = store.round_info(run_id, round_)
@@ -239,14 +253,3 @@ def compare_judges(
             )
         )
     return result, rows
-
-
-def _scores(rows: Sequence[dict]) -> tuple[dict[str, float | None], dict[str, tuple[int, int]]]:
-    values: dict[str, list[float]] = defaultdict(list)
-    total: dict[str, int] = defaultdict(int)
-    for r in rows:
-        total[r["generation_id"]] += 1
-        if r["parse_status"] == OK and r["score"] is not None:
-            values[r["generation_id"]].append(float(r["score"]))
-    means = {g: (sum(values[g]) / len(values[g]) if values[g] else None) for g in total}
-    return means, {g: (len(values[g]), n) for g, n in total.items()}

@@ -17,7 +17,7 @@ from pipeline.engines.base import Engine
 from pipeline.errors import ConfigError
 from pipeline.evaluation.stages import relabel_pairs
 from pipeline.hashing import row_id
-from pipeline.judging import JudgePlan, build_judge, judge_model, load_judge, plan_judge
+from pipeline.judging import JudgePlan, build_judge, load_judge, plan_judge
 from pipeline.judging.labels import PAIRWISE_VARS
 from pipeline.judging.parsing import choice_parser
 from pipeline.methods import METHODS
@@ -108,20 +108,6 @@ def judge_settings(cfg: RunConfig, method: str) -> Any | None:
     """The `judge:` settings of a method that scores answers with a judge, else None."""
     entry = METHODS[method]
     return entry.judge(cfg.method(method)) if entry.judge else None
-
-
-def named_judge_models(cfg: RunConfig) -> list[str]:
-    """Every model a judge of an enabled method names (a fallback judge's too), for the
-    pre-flight to check."""
-    out = []
-    for name in cfg.enabled_methods():
-        settings = judge_settings(cfg, name)
-        while settings is not None:
-            model = judge_model(settings)
-            if model is not None:
-                out.append(model)
-            settings = getattr(settings, "fallback", None)
-    return out
 
 
 def judge_plans(

@@ -20,14 +20,7 @@ class HfEngine(EngineBase):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = {
-            "auto": None,
-            "float32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "float16": torch.float16,
-        }[cfg.dtype]
-        if dtype is None:
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        dtype = torch_dtype(cfg.dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
@@ -120,6 +113,15 @@ class HfEngine(EngineBase):
         if self.model is not None:
             self.model = None
             gc.collect()
+
+
+def torch_dtype(name: str, device: str):
+    """The engine's `dtype` setting as a torch dtype; `auto` is bf16 on CUDA, else fp32."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def _as_list(value) -> list[int]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.engines.base import Conversation, TokenCounter
+from pipeline.engines.hf_engine import torch_dtype
 from pipeline.errors import EngineError, ModelError
 from pipeline.schema import EngineConfig
 
@@ -50,9 +51,7 @@ class RewardScorer:
 
         check_reward_model(model_path)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" and cfg.dtype == "auto" else torch.float32
-        if cfg.dtype in ("bfloat16", "float16"):
-            dtype = getattr(torch, cfg.dtype)
+        dtype = torch_dtype(cfg.dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=dtype)
         if model.config.pad_token_id is None:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import field_validator
 
 from pipeline.engines.scorer import check_reward_model
+from pipeline.errors import ConfigError
 from pipeline.judging.parsing import OK, JudgeItem, Sample
 from pipeline.models import resolve_model
 from pipeline.schema import StrictModel
@@ -54,8 +55,6 @@ def load(cfg: RewardModelJudgeConfig, library: TemplateLibrary) -> dict[str, Any
     if cfg.model != LATEST:
         check_reward_model(resolve_model(cfg.model).path)
     elif cfg.fallback is None:
-        from pipeline.errors import ConfigError
-
         raise ConfigError(
             "judge.fallback: `model: latest` needs a fallback judge for the rounds before a "
             "reward model is trained (e.g. {kind: template, template: ...})"
