@@ -183,22 +183,45 @@ def _judge_id(store, run_id: str, round_: int, judge: str) -> str:
     return judge if judge in known else judge_identity(judge_settings_from(judge))
 
 
+KindOpt = Annotated[
+    str | None,
+    typer.Option("--kind", help="A training kind (sft, dpo, kto, rm); default: the config's step."),
+]
+
+
+def _step_of(cfg, kind: str | None):
+    """The training step a command works on: the config's step of `kind` (the shared
+    settings as that kind when the config has none), or its only step."""
+    from pipeline.training.step import round_steps
+
+    if kind is not None:
+        return next(s for s in round_steps(cfg.training, kind) if s.kind == kind)
+    steps = cfg.training.step_list()
+    if len(steps) != 1:
+        have = ", ".join(s.kind for s in steps) or "none"
+        raise PrefloopError(f"training steps: {have}; choose one with --kind")
+    return steps[0]
+
+
 @app.command("export")
 def export(
     out: Annotated[Path, typer.Option("--out", help="Output directory.")],
     round_: RoundOpt,
     run: RunOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="jsonl | parquet | hf")] = "parquet",
+    kind: KindOpt = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     judge: JudgeIdOpt = None,
 ):
-    """Write a round's pairs in TRL's conversational format (train/test splits), filtered
-    by the config's training.methods / min_margin / exclude_flagged. With --judge, the
-    Self-Rewarding pairs that judge's scores make instead (see `prefloop judge`)."""
+    """Write what a training kind trains on, in TRL's own dataset format (train/test
+    splits): preference pairs (dpo, rm), `messages` (sft) or prompt/completion/label
+    (kto), filtered by the step's training settings and its data window. With --judge,
+    the Self-Rewarding pairs that judge's scores make instead (see `prefloop judge`)."""
     from pipeline.store import Store
     from pipeline.training.export import split_pairs, write_dataset
-    from pipeline.training.step import export_round
+    from pipeline.training.kinds import TRAINING_KINDS
+    from pipeline.training.step import export_step
 
     if fmt not in ("jsonl", "parquet", "hf"):
         raise PrefloopError(f"--format {fmt!r}: expected jsonl, parquet or hf")
@@ -217,11 +240,11 @@ def export(
             f"by judge {judge_id}"
         )
         return
-    if cfg.training.kind == "none":
-        raise PrefloopError("training.kind none: choose the kind whose data to export (--set)")
+    step = _step_of(cfg, kind)
     with Store(cfg.db_path, read_only=True) as store:
-        counts = export_round(store, cfg.training, run or cfg.name, round_, out, cfg.seed, fmt)
-    typer.echo(f"{out}: {counts['train']} train, {counts['test']} test pairs ({fmt})")
+        counts = export_step(store, step, run or cfg.name, round_, out, cfg.seed, fmt)
+    noun = "pairs" if "chosen" in TRAINING_KINDS[step.kind].features else "examples"
+    typer.echo(f"{out}: {counts['train']} train, {counts['test']} test {noun} ({fmt}, {step.kind})")
 
 
 @app.command("train")
@@ -229,28 +252,35 @@ def train(
     round_: RoundOpt,
     run: RunOpt = None,
     kind: Annotated[
-        str | None, typer.Option("--kind", help="A training kind (dpo, rm, ...)")
+        str | None,
+        typer.Option("--kind", help="Train this kind's step alone, again if stored."),
     ] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ):
-    """Train on a round's data (one training kind) and register the checkpoint."""
+    """Train a round's steps in order (those stored are skipped) and register each
+    checkpoint; --kind trains one step, from the policy the earlier steps made."""
     from pipeline.rounds import round_dir
     from pipeline.store import Store
-    from pipeline.training.kinds import TRAINING_KINDS
-    from pipeline.training.step import train_round
+    from pipeline.training.step import round_steps, train_round
 
     cfg = load_config(config, overrides)
-    kind = kind or cfg.training.kind
-    if kind not in TRAINING_KINDS:
-        raise PrefloopError(f"--kind {kind!r}: expected one of {', '.join(TRAINING_KINDS)}")
+    steps = round_steps(cfg.training, kind)  # an unknown --kind fails here, before the store
+    if not steps:
+        raise PrefloopError("training steps: none; choose one with --kind")
     run_id = run or cfg.name
     folder = round_dir(cfg.runs_dir, run_id, round_)
     # Not held while training: readers can open the database meanwhile.
     store = Store(cfg.db_path, lock_timeout_s=cfg.db_lock_timeout_s)
-    result = train_round(store, cfg.training, run_id, round_, folder, cfg.seed, kind)
-    typer.echo(f"model {result['model_id']} at {result['path']}")
-    typer.echo(json.dumps(result["metrics"], indent=2, sort_keys=True))
+
+    def show(result):
+        typer.echo(f"model {result['model_id']} at {result['path']}")
+        typer.echo(json.dumps(result["metrics"], indent=2, sort_keys=True))
+
+    done = train_round(store, cfg.training, run_id, round_, folder, cfg.seed, kind, show)
+    if not done["trained"]:
+        have = ", ".join(s.kind for s in steps)
+        typer.echo(f"round {round_}: every step is stored ({have}); --kind K trains one again")
 
 
 @app.command("judge")

@@ -1,11 +1,12 @@
 """Prefect flows: the loop over rounds, and one round.
 
 round t: prompts -> enabled methods on one shared engine, batch by batch -> stop the
-engine -> train on the round's data -> register the model that round t+1 generates with.
+engine -> the training steps on the round's data (`[dpo]`, `[sft, dpo]`, ...), each
+registered -> the last policy step's model is the one round t+1 generates with.
 
 Resume: every batch's rows and its `stage_metrics` row land in one transaction, so a
-batch is either done (skipped on re-run) or absent (redone). Training is skipped when
-its `training_runs` row exists. Only this process writes to DuckDB; a task gets what it
+batch is either done (skipped on re-run) or absent (redone). A training step is skipped
+when its `training_runs` row exists. Only this process writes to DuckDB; a task gets what it
 needs in its arguments (the round's loaded inputs, engine specs) and returns rows.
 """
 
@@ -35,7 +36,7 @@ from pipeline.preflight import preflight
 from pipeline.progress import plan_record, progress_bar
 from pipeline.rows import RoundContext, Rows, stage_metrics_row
 from pipeline.store import Store
-from pipeline.training.kinds import NO_TRAINING, produces_policy
+from pipeline.training.kinds import produces_policy
 from pipeline.training.step import train_round
 
 
@@ -152,8 +153,7 @@ class Round:
             stages.append(("agreement", 1))
         if self.win_rate:
             stages.append(("heldout", 1))
-        if cfg.training.kind != NO_TRAINING:
-            stages.append((f"train_{cfg.training.kind}", 1))
+        stages += [(f"train_{step.kind}", 1) for step in cfg.training.step_list()]
         if self.win_rate:
             stages += [("heldout_new", 1), ("win_rate", 1)]
         with self.clock():
@@ -207,7 +207,7 @@ class Round:
             self.done = self.store.done_batches(ctx.run_id, ctx.round)
             self.attempt = sum(stage == "flow" for stage, _ in self.done)  # resumed: 1, 2...
             self.seeds = rounds.round_prompts(self.inputs, cfg, ctx.round)
-        self.policy_trained = produces_policy(cfg.training.kind)
+        self.policy_trained = any(produces_policy(s.kind) for s in cfg.training.step_list())
         self.win_rate = (
             cfg.evaluation.enabled and self.policy_trained and bool(self.inputs.heldout_prompts)
         )
@@ -322,33 +322,30 @@ class Round:
         self.stage(stage, work, {"engine": spec}, len(self.inputs.heldout_prompts))
 
     def train(self) -> str:
-        """The round's training step (skipped when stored); returns the model the next
-        round generates with."""
+        """The round's training steps in order (those stored are skipped); returns the
+        model the next round generates with: the last policy step's, else the round's."""
         cfg, ctx = self.cfg, self.ctx
-        kind = cfg.training.kind
-        if kind == NO_TRAINING:
-            return ctx.model_id
-        output = self.store.finished_training(ctx.run_id, ctx.round, kind)
-        if output is None:
-            start = time.perf_counter()
-            result = train_round(
-                self.store, cfg.training, ctx.run_id, ctx.round, self.folder, cfg.seed
-            )
-            wall = time.perf_counter() - start
-            output, n = result["model_id"], result["pairs"]["train"]
-            trained = RoundContext(ctx.run_id, ctx.round, output, cfg.seed)
-            self.store.write(
-                {"stage_metrics": [stage_metrics_row(trained, f"train_{kind}", 0, n, wall)]}
-            )
+
+        def logged(result: dict[str, Any]) -> None:
             held = {
                 k: round(v, 3)
                 for k, v in result["metrics"].items()
                 if k.startswith("heldout_") and isinstance(v, float)
             }
             self.logger.info(
-                "round %d %s training: %d pairs, %.0fs, held-out %s", ctx.round, kind, n, wall, held
+                "round %d %s training: %d rows, %.0fs, held-out %s; model %s",
+                ctx.round,
+                result["step"],
+                result["rows"]["train"],
+                result["wall_s"],
+                held,
+                result["model_id"],
             )
-        return output if self.policy_trained else ctx.model_id
+
+        trained = train_round(
+            self.store, cfg.training, ctx.run_id, ctx.round, self.folder, cfg.seed, on_step=logged
+        )
+        return trained["policy"]
 
     def evaluate(self, new_model: str) -> None:
         """M_t+1's held-out answers against M_t's, by the fixed judge; then the round's pair
@@ -419,12 +416,13 @@ class Round:
         return next_model
 
     def next_model(self) -> str:
-        """The model a finished round hands on (its trained policy, if any)."""
-        kind = self.cfg.training.kind
-        if not produces_policy(kind):
-            return self.ctx.model_id
-        trained = self.store.finished_training(self.ctx.run_id, self.ctx.round, kind)
-        return trained or self.ctx.model_id
+        """The model a finished round hands on (its last policy step's, if any)."""
+        policy = self.ctx.model_id
+        for step in self.cfg.training.step_list():
+            trained = self.store.finished_training(self.ctx.run_id, self.ctx.round, step.kind)
+            if trained and produces_policy(step.kind):
+                policy = trained
+        return policy
 
 
 @flow(name="prefloop-round", flow_run_name="{run_id}-round-{round_}")

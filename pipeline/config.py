@@ -18,7 +18,9 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     create_model,
+    field_validator,
     model_validator,
 )
 
@@ -42,8 +44,8 @@ from pipeline.training.kinds import NO_TRAINING, TRAINING_KINDS
 __all__ = ["RunConfig", "load_config", "parse_config", "parse_overrides"]
 
 
-def _known_kind(kind: str) -> str:
-    if kind != NO_TRAINING and kind not in TRAINING_KINDS:
+def _known_kind(kind: str | None) -> str | None:
+    if kind is not None and kind != NO_TRAINING and kind not in TRAINING_KINDS:
         raise ValueError(
             f"unknown kind {kind!r} (known: {', '.join([*TRAINING_KINDS, NO_TRAINING])})"
         )
@@ -57,9 +59,81 @@ def _known_methods(methods: list[str] | None) -> list[str] | None:
     return methods
 
 
-class RunTrainingConfig(TrainingConfig):
-    kind: Annotated[str, AfterValidator(_known_kind)] = "dpo"
+def _known_step_kind(kind: str) -> str:
+    if kind not in TRAINING_KINDS:
+        raise ValueError(f"unknown kind {kind!r} (known: {', '.join(TRAINING_KINDS)})")
+    return kind
+
+
+def _kind_limits(step: TrainingConfig) -> None:
+    """Settings a kind's trainer would refuse only after its child started."""
+    if step.kind == "kto" and step.batch_size < 2 and step.loss_type != "apo_zero_unpaired":
+        raise ValueError(
+            "kto needs batch_size >= 2 (its KL estimate pairs each answer with another "
+            "prompt's in the same batch)"
+        )
+
+
+class RunStepConfig(TrainingConfig):
+    kind: Annotated[str, AfterValidator(_known_step_kind)]
     methods: Annotated[list[str] | None, AfterValidator(_known_methods)] = None
+
+    @model_validator(mode="after")
+    def _limits(self) -> "RunStepConfig":
+        _kind_limits(self)
+        return self
+
+
+class RunTrainingConfig(TrainingConfig):
+    # One step of this kind (dpo when neither it nor `steps` is set), or none.
+    kind: Annotated[str | None, AfterValidator(_known_kind)] = None
+    methods: Annotated[list[str] | None, AfterValidator(_known_methods)] = None
+    # The round's training steps in order, each `kind` plus the settings it overrides
+    # (`[sft, dpo]`, or `[{kind: sft, epochs: 2}, {kind: dpo, beta: 0.2}]`). A policy
+    # step starts from the previous policy step's model; None = one step of `kind`.
+    steps: list[RunStepConfig] | None = None
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps_inherit(cls, steps: Any, info: ValidationInfo) -> Any:
+        """Each step is the shared settings above it with its own on top (nested sections
+        merge key by key), so an error keeps its place: `training.steps.1.beta`."""
+        if not isinstance(steps, list):
+            return steps
+        shared = {
+            k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+            for k, v in info.data.items()
+            if k != "kind"
+        }
+        out = []
+        for step in steps:
+            if isinstance(step, str):
+                step = {"kind": step}
+            out.append(merge(shared, step) if isinstance(step, dict) else step)
+        return out
+
+    @model_validator(mode="after")
+    def _one_plan(self) -> "RunTrainingConfig":
+        if self.steps is None:
+            if self.kind != NO_TRAINING:
+                _kind_limits(self.step_list()[0])
+            return self
+        if self.kind is not None:
+            raise ValueError("set kind or steps, not both (steps: [sft, dpo] replaces kind)")
+        kinds = [s.kind for s in self.steps]
+        for kind in kinds:
+            if kinds.count(kind) > 1:
+                raise ValueError(f"steps: kind {kind!r} appears twice (a round trains a kind once)")
+        return self
+
+    def step_list(self) -> list[TrainingConfig]:
+        """The round's steps in order ([] = no training)."""
+        if self.steps is not None:
+            return list(self.steps)
+        if self.kind == NO_TRAINING:
+            return []
+        shared = self.model_dump(exclude={"steps"})
+        return [TrainingConfig.model_validate({**shared, "kind": self.kind or "dpo"})]
 
 
 class RunConfig(StrictModel):

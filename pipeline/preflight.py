@@ -18,6 +18,7 @@ from pipeline.models import ModelInfo, resolve_model
 from pipeline.rounds import RoundInputs, judge_plans, load_inputs
 from pipeline.store import Store
 from pipeline.templates import ChoiceParser, ScoreParser, Template
+from pipeline.training.kinds import TRAINING_KINDS
 
 PREFLIGHT_WAIT_S = 10.0
 
@@ -42,11 +43,33 @@ def preflight(cfg: RunConfig, source: str = "config", *, ping: bool = True) -> R
         if ping and engine.kind == "openai":  # a wrong URL fails here, at once
             _ping(model, engine, cfg.seed)
     check_label_templates(cfg, inputs, plans)
+    check_training_sources(cfg, source)
     # Held by another process, or from a newer prefloop: fail here (a reader holding it
     # briefly is waited for, a few seconds at most).
     with Store(cfg.db_path, lock_timeout_s=min(cfg.db_lock_timeout_s, PREFLIGHT_WAIT_S)):
         pass
     return inputs
+
+
+def check_training_sources(cfg: RunConfig, source: str = "config") -> None:
+    """Each training step has rows to train on: one of the methods it reads is enabled
+    (and kept by its `methods` filter); else it would fail only after a round's
+    generation."""
+    enabled = set(cfg.enabled_methods())
+    label = "training.steps" if cfg.training.steps is not None else "training"
+    for i, step in enumerate(cfg.training.step_list()):
+        where = f"{label}.{i}" if cfg.training.steps is not None else label
+        kept = enabled & set(step.methods if step.methods is not None else enabled)
+        wanted = TRAINING_KINDS[step.kind].sources(step)
+        usable = kept if wanted is None else kept & set(wanted)
+        if not usable:
+            reads = "any method's pairs" if wanted is None else ", ".join(wanted)
+            reads = reads or "nothing (its settings turn every source off)"
+            raise ConfigError(
+                f"{source}: {where}: {step.kind} has nothing to train on: it reads {reads}, "
+                f"and the enabled methods kept by training.methods are "
+                f"{', '.join(sorted(kept)) or 'none'}"
+            )
 
 
 def _context_problem(engine, model: ModelInfo) -> str | None:

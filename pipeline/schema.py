@@ -68,10 +68,38 @@ class LoraConfig(StrictModel):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class SftDataConfig(StrictModel):
+    """What an `sft` step trains on, as conversations (`messages`)."""
+
+    # Constitutional AI's critiqued-and-revised answers (the `sft_examples` rows): SL-CAI.
+    revisions: bool = True
+    # Each Self-Rewarding prompt's best candidate by the round's own judge, when its mean
+    # score is at least `min_score` (rejection-sampling fine-tuning, as in RAFT).
+    best_of_n: bool = False
+    min_score: float | None = None
+
+
+class KtoDataConfig(StrictModel):
+    """A `kto` step's unpaired examples: every training pair gives a desirable (chosen)
+    and an undesirable (rejected) answer; scored Self-Rewarding candidates add those whose
+    mean score is at least `desirable_min_score` or at most `undesirable_max_score`."""
+
+    desirable_min_score: float | None = None
+    undesirable_max_score: float | None = None
+    # KTOTrainer's weights of the two kinds of example (the paper balances them so that
+    # weight x count is about equal).
+    desirable_weight: float = Field(1.0, gt=0.0)
+    undesirable_weight: float = Field(1.0, gt=0.0)
+
+
 class TrainingConfig(StrictModel):
+    """One training step's settings. `training:` holds them for every step; each entry
+    of `training.steps` overrides them for its own step."""
+
     # A name in the training-kind registry (pipeline/training/kinds.py), or none.
     kind: str = "dpo"
-    loss_type: str = "sigmoid"
+    # None = the kind's own default (DPO: sigmoid; KTO: kto).
+    loss_type: str | None = None
     beta: float = Field(0.1, gt=0.0)
     learning_rate: float = Field(1e-6, gt=0.0)
     epochs: float = Field(1.0, gt=0.0)
@@ -79,14 +107,21 @@ class TrainingConfig(StrictModel):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=16)
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    # previous = the round's starting model (Self-Rewarding); initial = the run's first
+    # round = this round's rows; all = every round so far (accumulated data, as RLHFlow's
+    # iterative DPO trains), each row once.
+    data: Literal["round", "all"] = "round"
+    # The frozen reference of a step that has one (DPO, KTO). previous = the model the
+    # step starts from (the SFT model in [sft, dpo]; the round's model for a lone step, as
+    # in Self-Rewarding); round = the round's starting model; initial = the run's first
     # model (iterative DPO as in RLHFlow).
-    reference: Literal["previous", "initial"] = "previous"
+    reference: Literal["previous", "round", "initial"] = "previous"
     lora: LoraConfig | None = None
-    # Train on these methods' pairs only (names in the method registry); None = all.
+    # Train on these methods' rows only (names in the method registry); None = all.
     methods: list[str] | None = None
     min_margin: float | None = None
     exclude_flagged: bool = True
+    sft: SftDataConfig = SftDataConfig()
+    kto: KtoDataConfig = KtoDataConfig()
     accelerate_config: Path | None = None
 
 

@@ -266,6 +266,17 @@ MATRIX = [
         _config("self_reward:\n  judge: {kind: reward_model, model: latest}\n"),
         "self_reward.judge.fallback: `model: latest` needs a fallback judge",
     ),
+    (
+        "training step with nothing to train on",
+        _config("cai:\n  enabled: false\ntraining:\n  steps: [sft, dpo]\n"),
+        "c.yaml: training.steps.0: sft has nothing to train on: it reads cai, and the enabled "
+        "methods kept by training.methods are rlcd, self_reward",
+    ),
+    (
+        "kto with a batch of one",
+        _config("training:\n  kind: kto\n  batch_size: 1\n"),
+        "c.yaml (with --set): training: kto needs batch_size >= 2",
+    ),
     pytest.param(
         "engine setting the engine refuses",
         _config("engine:\n  kind: vllm\n  block_size: 48\n"),

@@ -110,7 +110,14 @@ def test_concurrent_runner_needs_remote_engine():
     "data, message",
     [
         ({"self_reward": {"judge": {"kind": "zz"}}}, "self_reward.judge: unknown kind 'zz'"),
-        ({"training": {"kind": "sft"}}, "training.kind: unknown kind 'sft' (known: dpo, rm"),
+        ({"training": {"kind": "ppo"}}, "training.kind: unknown kind 'ppo' (known: sft, dpo, kto"),
+        ({"training": {"steps": ["sft", "ppo"]}}, "training.steps.1.kind: unknown kind 'ppo'"),
+        ({"training": {"steps": [{"kind": "dpo", "beta": 0}]}}, "training.steps.0.beta: Input"),
+        ({"training": {"steps": [{"beta": 0.2}]}}, "training.steps.0.kind: Field required"),
+        ({"training": {"steps": ["dpo", "dpo"]}}, "training: steps: kind 'dpo' appears twice"),
+        ({"training": {"kind": "rm", "steps": ["dpo"]}}, "training: set kind or steps, not"),
+        ({"training": {"kind": "kto", "batch_size": 1}}, "training: kto needs batch_size >= 2"),
+        ({"training": {"steps": [{"kind": "kto", "batch_size": 1}]}}, "training.steps.0: kto"),
         ({"training": {"methods": ["nope"]}}, "training.methods: unknown method 'nope'"),
         ({"self_reward": {"judge": {"samples": 0}}}, "self_reward.judge.samples: Input should"),
     ],
@@ -121,3 +128,34 @@ def test_registry_names_are_checked_with_their_location(data, message):
     with pytest.raises(ConfigError) as err:
         parse_config(data, "c.yaml")
     assert str(err.value).startswith(f"c.yaml: {message}"), str(err.value)
+
+
+def test_training_steps_inherit_the_shared_settings():
+    from pipeline.config import parse_config
+
+    cfg = parse_config(
+        {
+            "training": {
+                "beta": 0.3,
+                "learning_rate": 2e-5,
+                "sft": {"min_score": 4},
+                "steps": ["sft", {"kind": "dpo", "beta": 0.2, "sft": {"best_of_n": True}}],
+            }
+        }
+    )
+    sft, dpo = cfg.training.step_list()
+    assert (sft.kind, sft.beta, sft.learning_rate) == ("sft", 0.3, 2e-5)
+    assert (dpo.kind, dpo.beta, dpo.learning_rate) == ("dpo", 0.2, 2e-5)
+    # Nested sections merge key by key: the step's best_of_n beside the shared min_score.
+    assert dpo.sft.best_of_n and dpo.sft.min_score == 4 and not sft.sft.best_of_n
+    # Without steps, `kind` is one step (dpo by default); none is no training.
+    assert [s.kind for s in parse_config({}).training.step_list()] == ["dpo"]
+    assert [s.kind for s in parse_config({"training": {"kind": "rm"}}).training.step_list()] == [
+        "rm"
+    ]
+    assert parse_config({"training": {"kind": "none"}}).training.step_list() == []
+    # The config round-trips through JSON (as the flow's tasks receive it).
+    again = parse_config(cfg.model_dump_json())
+    assert [s.model_dump() for s in again.training.step_list()] == [
+        s.model_dump() for s in cfg.training.step_list()
+    ]

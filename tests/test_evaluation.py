@@ -111,11 +111,11 @@ def test_training_metrics():
         "heldout_pairs": 4,
     }
     out = training_metrics(TRAINING_KINDS["dpo"].metrics, metrics)
-    assert out["implicit_reward_accuracy"] == (0.75, {"before": 0.5, "pairs": 4})
+    assert out["implicit_reward_accuracy"] == (0.75, {"before": 0.5, "pairs": 4, "examples": None})
     assert out["implicit_reward_margin"][0] == 0.1
     rm = TRAINING_KINDS["rm"].metrics
     assert training_metrics(rm, {"heldout_pairwise_accuracy": 0.6, "heldout_pairs": 2}) == {
-        "rm_pairwise_accuracy": (0.6, {"before": None, "pairs": 2})
+        "rm_pairwise_accuracy": (0.6, {"before": None, "pairs": 2, "examples": None})
     }
 
 

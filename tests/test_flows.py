@@ -137,7 +137,7 @@ def test_two_rounds(harness, tmp_path, tiny_model_dir, chromium):
     drawn = re.search(r'data-plots-rendered="([^"]*)"', dom).group(1).split()
     assert set(drawn) == {"win_rate", "scores", "length", "agreement", "time"}
     snap = Path(r1["snapshot_dir"])
-    assert (snap / "config.json").is_file() and (snap / "pairs" / "train.parquet").is_file()
+    assert (snap / "config.json").is_file() and (snap / "data-dpo" / "train.parquet").is_file()
 
     # Running again does nothing new.
     with Store(cfg["db_path"], read_only=True) as store:

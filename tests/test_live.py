@@ -269,3 +269,48 @@ def test_ctrl_c_stops_the_run_and_everything_it_started(tmp_path, tiny_model_dir
     assert again.returncode == 0, out[-3000:]
     with Store(db, read_only=True) as store:
         assert store.sql("SELECT status FROM rounds")[1] == [("finished",)]
+
+
+@pytest.mark.slow
+def test_kill_between_training_steps_resumes_the_missing_step(tmp_path, tiny_model_dir):
+    """`kill -9` of `prefloop run` once a round's SFT step is stored and its DPO step has
+    started: the same command then trains DPO alone (from the stored SFT model), and
+    the SFT step is neither trained nor stored again."""
+    cfg = config(
+        tmp_path,
+        tiny_model_dir,
+        rounds=1,
+        cai={"revisions": 1, "sampling": {"max_tokens": 12}, "feedback": False},
+        training={"steps": ["sft", "dpo"], "epochs": 1, "batch_size": 2, "max_length": 96},
+    )
+    db = Path(cfg["db_path"])
+
+    def sft_stored():
+        try:
+            with Store(db, read_only=True, lock_timeout_s=1) as store:
+                return store.query("SELECT * FROM training_runs WHERE kind = 'sft'")
+        except StoreError:
+            return []
+
+    proc, mark = start_run(cfg, tmp_path)
+    [sft] = wait_for(sft_stored, 400, "the SFT step's row", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 15
+    while marked_processes(mark) and time.time() < deadline:
+        time.sleep(0.5)
+    assert marked_processes(mark) == []
+    with Store(db, read_only=True) as store:
+        assert store.sql("SELECT kind FROM training_runs")[1] == [("sft",)]
+    again, _ = start_run(cfg, tmp_path)
+    out = finish(again)
+    assert again.returncode == 0, out[-3000:]
+    assert "dpo training" in out and "sft training" not in out
+    with Store(db, read_only=True) as store:
+        runs = {r["kind"]: r for r in store.query("SELECT * FROM training_runs")}
+        assert set(runs) == {"sft", "dpo"}
+        assert runs["sft"]["finished_at"] == sft["finished_at"]
+        assert runs["dpo"]["base_model_id"] == sft["output_model_id"]
+        [[n]] = store.sql("SELECT count(*) FROM stage_metrics WHERE stage = 'train_sft'")[1]
+        assert n == 1
+        assert store.sql("SELECT status FROM rounds")[1] == [("finished",)]

@@ -1,5 +1,6 @@
-"""Training hand-off: export round-trips, DPO (full and LoRA) and a reward model on the
-tiny model in a child process, registration, and a failing child."""
+"""Training hand-off: export round-trips, DPO (full and LoRA), a reward model, SFT and KTO
+on the tiny model in a child process, chained steps, the data window, registration, and
+a failing child."""
 
 import json
 
@@ -16,50 +17,80 @@ from pipeline.schema import EngineConfig
 from pipeline.seeds import load_prompts
 from pipeline.store import Store
 from pipeline.training.export import split_pairs, write_dataset
+from pipeline.training.kinds import TRAINING_KINDS
 from pipeline.training.launch import TrainingError
-from pipeline.training.step import export_round, train_round
+from pipeline.training.step import export_step, train_round, train_step
 
 RUN = "train-test"
 GOOD = "Sure! Here is a clear, friendly and complete answer to your question."
 BAD = "no"
 
 
-def _write_round(store: Store, model_dir, n: int = 24, soft: bool = False) -> None:
-    """Round 1 of a run: the tiny model, and an easy preference (the same good answer
-    over the same curt one) on the seed prompts."""
+REVISED = "Here is a careful, harmless and helpful answer, revised after a critique."
+
+
+def _write_round(
+    store: Store, model_dir, n: int = 24, soft: bool = False, round_: int = 1, cai: bool = False
+) -> None:
+    """A round of a run: the tiny model, and an easy preference (the same good answer
+    over the same curt one) on the seed prompts. With `cai`, each prompt also has a
+    stored CAI revision (an `sft_examples` row) and the two candidates are scored by the
+    round's judge (GOOD 5, BAD 1); a later re-judge scores them the other way round."""
     model = resolve_model(model_dir)
     store.write({"models": [model.record("base")]})
-    store.upsert_round(RUN, 1, model.model_id)
+    if store.round_info(RUN, round_) is None:
+        store.upsert_round(RUN, round_, model.model_id)
     prompts = (
         load_prompts("data/prompts/helpful.jsonl") + load_prompts("data/prompts/red_team.jsonl")
     )[:n]
-    rows = {"prompts": [], "generations": [], "pairs": []}
+    rows = {"prompts": [], "generations": [], "pairs": [], "sft_examples": [], "judgments": []}
+    rejudged = []
+
+    def generation(p, method, role, idx, text):
+        gid = row_id(RUN, round_, p.prompt_id, method, idx)
+        rows["generations"].append(
+            {
+                "generation_id": gid,
+                "run_id": RUN,
+                "round": round_,
+                "method": method,
+                "prompt_id": p.prompt_id,
+                "model_id": model.model_id,
+                "role": role,
+                "sample_idx": idx,
+                "text": text,
+                "sampling_json": "{}",
+                "seed": 0,
+            }
+        )
+        return gid
+
+    def judgment(gid, judge, score):
+        return {
+            "judgment_id": row_id(gid, judge),
+            "run_id": RUN,
+            "round": round_,
+            "method": "self_reward",
+            "generation_id": gid,
+            "sample_idx": 0,
+            "model_id": model.model_id,
+            "template_id": judge,
+            "judge_id": judge,
+            "raw_output": "",
+            "score": score,
+            "parse_status": "ok",
+            "sampling_json": "{}",
+            "seed": 0,
+        }
+
     for i, p in enumerate(prompts):
-        rows["prompts"].append(p.record(RUN, 1))
-        ids = []
-        for role, text in (("candidate", GOOD), ("candidate", BAD)):
-            gid = row_id(RUN, p.prompt_id, len(ids))
-            ids.append(gid)
-            rows["generations"].append(
-                {
-                    "generation_id": gid,
-                    "run_id": RUN,
-                    "round": 1,
-                    "method": "self_reward",
-                    "prompt_id": p.prompt_id,
-                    "model_id": model.model_id,
-                    "role": role,
-                    "sample_idx": len(ids) - 1,
-                    "text": text,
-                    "sampling_json": "{}",
-                    "seed": 0,
-                }
-            )
+        rows["prompts"].append(p.record(RUN, round_))
+        ids = [generation(p, "self_reward", "candidate", k, t) for k, t in enumerate((GOOD, BAD))]
         rows["pairs"].append(
             {
-                "pair_id": row_id(RUN, "pair", p.prompt_id),
+                "pair_id": row_id(RUN, round_, "pair", p.prompt_id),
                 "run_id": RUN,
-                "round": 1,
+                "round": round_,
                 "method": "rlcd" if soft else "self_reward",
                 "variant": "test",
                 "prompt_id": p.prompt_id,
@@ -72,7 +103,23 @@ def _write_round(store: Store, model_dir, n: int = 24, soft: bool = False) -> No
                 "model_id": model.model_id,
             }
         )
+        if cai:
+            rid = generation(p, "cai", "revision", 0, REVISED)
+            rows["sft_examples"].append(
+                {
+                    "sft_id": row_id(rid, "sft"),
+                    "run_id": RUN,
+                    "round": round_,
+                    "method": "cai",
+                    "prompt_id": p.prompt_id,
+                    "generation_id": rid,
+                }
+            )
+            rows["judgments"] += [judgment(ids[0], "own", 5.0), judgment(ids[1], "own", 1.0)]
+            rejudged += [judgment(ids[0], "later", 0.0), judgment(ids[1], "later", 9.0)]
     store.write(rows)
+    if rejudged:
+        store.write({"judgments": rejudged})
 
 
 def _cfg(tmp_path, **training) -> RunConfig:
@@ -92,8 +139,12 @@ def _cfg(tmp_path, **training) -> RunConfig:
 
 
 def _train(store: Store, cfg: RunConfig, kind: str | None = None) -> dict:
+    """One step of `kind` (default: the config's only step) on round 1."""
     folder = round_dir(cfg.runs_dir, RUN, 1)
-    return train_round(store, cfg.training, RUN, 1, folder, cfg.seed, kind)
+    [step] = [s for s in cfg.training.step_list() if kind is None or s.kind == kind] or [
+        cfg.training.step_list()[0].model_copy(update={"kind": kind})
+    ]
+    return train_step(store, step, RUN, 1, folder, cfg.seed)
 
 
 def test_export_round_trips(tmp_path, tiny_model_dir, tiny_engine):
@@ -154,7 +205,7 @@ def test_dpo_full_learns_and_registers(tmp_path, tiny_model_dir):
         assert model["parent_model_id"] == store.round_info(RUN, 1)["model_id"]
         assert model["round"] == 1 and model["kind"] == "policy"
     # The snapshot training read is in the round folder, next to the checkpoint.
-    assert (tmp_path / "runs" / RUN / "round-1" / "pairs" / "train.parquet").is_file()
+    assert (tmp_path / "runs" / RUN / "round-1" / "data-dpo" / "train.parquet").is_file()
     # The next round's engine serves the checkpoint.
     assert resolve_model(model["path"]).sha256 == model["sha256"]
     with start_engine(model["path"], EngineConfig(kind="hf"), seed=0) as engine:
@@ -205,7 +256,8 @@ def test_export_counts(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, heldout_fraction=0.0)
     with Store(cfg.db_path) as store:
         _write_round(store, tiny_model_dir, n=5)
-        assert export_round(store, cfg.training, RUN, 1, tmp_path / "x", cfg.seed, "jsonl") == {
+        [step] = cfg.training.step_list()
+        assert export_step(store, step, RUN, 1, tmp_path / "x", cfg.seed, "jsonl") == {
             "train": 4,
             "test": 0,
         }
@@ -252,12 +304,153 @@ def test_cli_export_status_pairs_train(tmp_path, tiny_model_dir):
         assert out.returncode == 0, out.stderr[-2000:]
         return out.stdout
 
-    assert "6 train, 1 test pairs (jsonl)" in cli(
+    assert "5 train, 2 test pairs (jsonl, dpo)" in cli(
         "export", "--round", "1", "--format", "jsonl", "--out", str(tmp_path / "x")
     )
-    assert len(load_dataset(str(tmp_path / "x"))["train"]) == 6
+    assert len(load_dataset(str(tmp_path / "x"))["train"]) == 5
     shown = cli("pairs", "--round", "1", "--limit", "2")
     assert shown.count("chosen:   " + GOOD) == 2 and "rejected: no" in shown
     assert "model train-test-r1-dpo@" in cli("train", "--round", "1", "--kind", "dpo")
     status = cli("status")
     assert "train-test-r1-dpo@" in status and "self_reward:8" in status
+
+
+def test_sft_data_revisions_and_best_of_n(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, steps=[{"kind": "sft", "sft": {"best_of_n": True, "min_score": 4}}])
+    [step] = cfg.training.step_list()
+    with Store(cfg.db_path) as store:
+        _write_round(store, tiny_model_dir, n=6, cai=True)
+        data = export_step(store, step, RUN, 1, tmp_path / "sft", cfg.seed, "jsonl")
+        assert data["train"] + data["test"] == 12  # 6 revisions + 6 best candidates
+        back = load_dataset(str(tmp_path / "sft"))
+        rows = back["train"].to_list() + back["test"].to_list()
+        answers = {r["source"]: r["messages"][-1]["content"] for r in rows}
+        # The round's own judge picks the best (GOOD); the later re-judge does not count.
+        assert answers == {"revision": REVISED, "best_of_n": GOOD}
+        assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+        assert all(r["messages"][-2]["role"] == "user" for r in rows)
+        # A threshold above every best score leaves the revisions only.
+        high = step.model_copy(update={"sft": step.sft.model_copy(update={"min_score": 6})})
+        assert sum(export_step(store, high, RUN, 1, tmp_path / "h", 0).values()) == 6
+
+
+def test_sft_step_lowers_heldout_loss(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, steps=["sft"], epochs=2)
+    with Store(cfg.db_path) as store:
+        _write_round(store, tiny_model_dir, n=12, cai=True)
+        result = _train(store, cfg)
+        m = result["metrics"]
+        assert m["heldout_examples"] >= 1 and m["train_examples"] + m["heldout_examples"] == 12
+        assert m["heldout_loss"] < m["heldout_loss_before"]
+        model = store.model(result["model_id"])
+        assert model["kind"] == "policy" and result["model_id"].startswith(f"{RUN}-r1-sft@")
+    with start_engine(model["path"], EngineConfig(kind="hf"), seed=0) as engine:
+        [[out]] = engine.generate([[{"role": "user", "content": "Hi"}]], Sampling(max_tokens=4))
+        assert out.n_tokens > 0
+
+
+def test_kto_data_and_step(tmp_path, tiny_model_dir):
+    cfg = _cfg(
+        tmp_path,
+        steps=[{"kind": "kto", "kto": {"desirable_min_score": 5, "undesirable_max_score": 1}}],
+    )
+    [step] = cfg.training.step_list()
+    with Store(cfg.db_path) as store:
+        _write_round(store, tiny_model_dir, n=12, cai=True)
+        data = TRAINING_KINDS["kto"].data(store, step, RUN, 1, cfg.seed)
+        rows = data["train"].to_list() + data["test"].to_list()
+        # 11 unflagged pairs give 22 answers; the flagged pair's two candidates come back
+        # as scored candidates (5 desirable, 1 not); each answer once.
+        assert len(rows) == 24 and len({r["example_id"] for r in rows}) == 24
+        assert sum(r["label"] for r in rows) == 12
+        assert {r["source"] for r in rows} == {"pair", "scored"}
+        # A pair's two answers share a split.
+        for split in ("train", "test"):
+            pairs = [r["pair_id"] for r in data[split].to_list() if r["pair_id"]]
+            assert all(pairs.count(p) == 2 for p in pairs)
+        assert data["test"].num_rows >= 2
+        result = _train(store, cfg)
+        m = result["metrics"]
+        assert m["desirable"] + m["undesirable"] == m["train_examples"]
+        assert 0.0 <= m["heldout_reward_accuracy"] <= 1.0 and m["heldout_pairs"] >= 1
+        assert m["heldout_loss"] is not None and m["steps"] > 0
+        [run] = store.query("SELECT * FROM training_runs")
+        assert run["kind"] == "kto" and run["reference_model_id"] == run["base_model_id"]
+        assert store.model(result["model_id"])["kind"] == "policy"
+
+
+def test_steps_chain_and_resume_after_a_failed_step(tmp_path, tiny_model_dir):
+    """[sft, dpo, rm]: SFT from the round's model, DPO from (and against) the SFT model,
+    the reward model beside them. A failing DPO step leaves SFT stored and nothing of
+    itself; the rerun trains DPO and RM only."""
+    bad = _cfg(tmp_path, steps=["sft", {"kind": "dpo", "loss_type": "no-such-loss"}, "rm"])
+    good = _cfg(tmp_path, steps=["sft", "dpo", "rm"], epochs=1)
+    folder = round_dir(bad.runs_dir, RUN, 1)
+    with Store(bad.db_path) as store:
+        _write_round(store, tiny_model_dir, n=8, cai=True)
+        base = store.round_info(RUN, 1)["model_id"]
+        with pytest.raises(TrainingError, match="no-such-loss"):
+            train_round(store, bad.training, RUN, 1, folder, bad.seed)
+        [sft] = store.query("SELECT * FROM training_runs")
+        assert sft["kind"] == "sft" and sft["step"] == 0 and sft["base_model_id"] == base
+        assert not (folder / "model-dpo").exists() and not (folder / "model-dpo.partial").exists()
+        assert {r["stage"] for r in store.query("SELECT stage FROM stage_metrics")} == {"train_sft"}
+
+        done = train_round(store, good.training, RUN, 1, folder, good.seed)
+        assert [r["step"] for r in done["trained"]] == ["dpo", "rm"]
+        runs = {r["kind"]: r for r in store.query("SELECT * FROM training_runs")}
+        assert [runs[k]["step"] for k in ("sft", "dpo", "rm")] == [0, 1, 2]
+        sft_model = runs["sft"]["output_model_id"]
+        assert runs["dpo"]["base_model_id"] == sft_model
+        assert runs["dpo"]["reference_model_id"] == sft_model
+        assert store.model(runs["dpo"]["output_model_id"])["parent_model_id"] == sft_model
+        assert runs["rm"]["base_model_id"] == runs["dpo"]["output_model_id"]
+        assert store.model(runs["rm"]["output_model_id"])["kind"] == "reward"
+        # The scorer does not move the policy: the next round gets the DPO model.
+        assert done["policy"] == runs["dpo"]["output_model_id"]
+        assert train_round(store, good.training, RUN, 1, folder, good.seed)["trained"] == []
+        for kind in ("sft", "dpo", "rm"):
+            assert (folder / f"data-{kind}" / "train.parquet").is_file()
+
+
+def test_reference_round_and_initial(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, steps=["sft", {"kind": "dpo", "reference": "round"}], epochs=1)
+    with Store(cfg.db_path) as store:
+        _write_round(store, tiny_model_dir, n=6, cai=True)
+        train_round(store, cfg.training, RUN, 1, round_dir(cfg.runs_dir, RUN, 1), cfg.seed)
+        runs = {r["kind"]: r for r in store.query("SELECT * FROM training_runs")}
+        assert runs["dpo"]["base_model_id"] == runs["sft"]["output_model_id"]
+        assert runs["dpo"]["reference_model_id"] == store.round_info(RUN, 1)["model_id"]
+        spec = json.loads(runs["dpo"]["config_json"])
+        assert spec["reference_model"] == store.model(runs["sft"]["base_model_id"])["path"]
+
+
+def test_data_window_all_rounds_each_pair_once(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, data="all", heldout_fraction=0.2)
+    [step] = cfg.training.step_list()
+    one = step.model_copy(update={"data": "round"})
+    with Store(cfg.db_path) as store:
+        _write_round(store, tiny_model_dir, n=10, round_=1)
+        _write_round(store, tiny_model_dir, n=10, round_=2)
+        per_round = {
+            r: set(TRAINING_KINDS["dpo"].data(store, one, RUN, r, 0)["train"]["pair_id"])
+            | set(TRAINING_KINDS["dpo"].data(store, one, RUN, r, 0)["test"]["pair_id"])
+            for r in (1, 2)
+        }
+        data = TRAINING_KINDS["dpo"].data(store, step, RUN, 2, 0)
+        ids = list(data["train"]["pair_id"]) + list(data["test"]["pair_id"])
+        assert len(ids) == len(set(ids)) == 18  # 9 unflagged pairs per round
+        assert set(ids) == per_round[1] | per_round[2]
+        # A pair keeps its split when later rounds join the window.
+        r1 = TRAINING_KINDS["dpo"].data(store, one, RUN, 1, 0)
+        assert set(r1["test"]["pair_id"]) <= set(data["test"]["pair_id"])
+        # Round 1 with `all` is round 1 alone.
+        assert sum(export_step(store, step, RUN, 1, tmp_path / "w", 0).values()) == 9
+        # Round 2's step trains on the union, and its snapshot holds exactly that.
+        folder = round_dir(cfg.runs_dir, RUN, 2)
+        result = train_step(store, step, RUN, 2, folder, cfg.seed)
+        assert result["metrics"]["train_pairs"] + result["metrics"]["heldout_pairs"] == 18
+        snap = load_dataset(str(folder / "data-dpo"))
+        assert sorted([*snap["train"]["pair_id"], *snap["test"]["pair_id"]]) == sorted(ids)
+        [run] = store.query("SELECT config_json FROM training_runs")
+        assert json.loads(run["config_json"])["extra"]["rounds"] == [1, 2]

@@ -144,7 +144,11 @@ def training_metrics(
             before = metrics.get(f"{key}_before")
             out[name] = (
                 float(metrics[key]),
-                {"before": before, "pairs": metrics.get("heldout_pairs")},
+                {
+                    "before": before,
+                    "pairs": metrics.get("heldout_pairs"),
+                    "examples": metrics.get("heldout_examples"),
+                },
             )
     return out
 

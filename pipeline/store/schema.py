@@ -262,6 +262,12 @@ MIGRATIONS: list[list[str]] = [
     [
         "ALTER TABLE rounds ADD COLUMN plan_json VARCHAR",
     ],
+    # v6: a round trains several steps in order (`training.steps`); `step` is the place
+    # of a training run in its round's list (earlier runs were their round's only step).
+    [
+        "ALTER TABLE training_runs ADD COLUMN step INTEGER",
+        "UPDATE training_runs SET step = 0",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,4 +1,4 @@
-"""What the DPO and reward-model jobs share (runs inside the training child process)."""
+"""What the training jobs share (runs inside the training child process)."""
 
 import json
 import shutil
@@ -6,19 +6,31 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.training.export import read_dataset
 
 
 def load_splits(data_dir: str):
-    data = read_dataset(Path(data_dir))
+    """The step's snapshot (parquet, so its columns come with it): train and test (None
+    when nothing is held out)."""
+    data = read_dataset(Path(data_dir), features=None)
     train, test = data["train"], data.get("test")
     if len(train) == 0:
-        raise ValueError(f"{data_dir}: no training pairs (check the round's filters)")
+        raise ValueError(f"{data_dir}: no training rows (check the round's filters)")
     return train, (test if test is not None and len(test) > 0 else None)
 
 
+def load_policy(path: str, cuda: bool):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16 if cuda else torch.float32
+    )
+
+
 def trainer_args(spec, out: Path) -> dict[str, Any]:
-    """TrainingArguments shared by DPOConfig and RewardConfig."""
+    """TrainingArguments shared by every kind's TRL config."""
     t = spec["training"]
     cuda = spec["device"] == "cuda"
     return {

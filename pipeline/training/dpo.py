@@ -1,14 +1,21 @@
-"""DPO with TRL's DPOTrainer (child process). The policy starts from the round's model;
-the reference is that model (Self-Rewarding) or the run's initial model (iterative DPO)."""
+"""DPO with TRL's DPOTrainer (child process). The policy starts from the step's model (the
+round's, or the previous step's); the reference is that model unless the spec names
+another (`training.reference`)."""
 
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
-from pipeline.training.common import fit, load_splits, lora_config, save, trainer_args
+from pipeline.training.common import (
+    fit,
+    load_policy,
+    load_splits,
+    lora_config,
+    save,
+    trainer_args,
+)
 
 # Held-out metrics DPOTrainer reports, as stored in training_runs.metrics_json.
 EVAL_KEYS = {
@@ -18,20 +25,16 @@ EVAL_KEYS = {
 }
 
 
-def _load(path: str, cuda: bool):
-    dtype = torch.bfloat16 if cuda else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-
-
 def train_dpo(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     t = spec["training"]
     cuda = spec["device"] == "cuda"
     train, test = load_splits(spec["data_dir"])
     tokenizer = AutoTokenizer.from_pretrained(spec["base_model"])
-    model = _load(spec["base_model"], cuda)
+    model = load_policy(spec["base_model"], cuda)
     ref = spec.get("reference_model")
-    ref_model = _load(ref, cuda) if ref and ref != spec["base_model"] else None
-    args = DPOConfig(**trainer_args(spec, out), beta=t["beta"], loss_type=[t["loss_type"]])
+    ref_model = load_policy(ref, cuda) if ref and ref != spec["base_model"] else None
+    loss_type = t["loss_type"] or "sigmoid"
+    args = DPOConfig(**trainer_args(spec, out), beta=t["beta"], loss_type=[loss_type])
     trainer = DPOTrainer(
         model=model,
         ref_model=ref_model,

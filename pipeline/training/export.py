@@ -1,9 +1,16 @@
-"""A round's pairs as a `datasets.DatasetDict` in TRL's conversational preference format.
+"""What each training kind trains on, as a `datasets.DatasetDict` in TRL's own formats.
 
-Columns: prompt (the conversation up to the user's last turn), chosen and rejected (one
-assistant message each), plus pair_id, method, variant, margin and soft_label. TRL's
-trainers read the files this writes with no glue, and apply the tokenizer's own chat
-template, the one the engines render with.
+- Preference pairs (dpo, rm): prompt (the conversation up to the user's last turn), chosen
+  and rejected (one assistant message each), plus pair_id, method, variant, margin and
+  soft_label.
+- Conversations (sft): messages (the prompt's conversation and the answer), plus its id,
+  round, method and source.
+- Unpaired answers (kto): prompt, completion (one assistant message) and label (desirable
+  or not), plus the answer's id, its pair and source.
+
+The data window is one round or every round so far (`training.data`); every row appears
+once. TRL's trainers read the files this writes with no glue, and apply the tokenizer's
+own chat template, the one the engines render with.
 """
 
 import json
@@ -45,27 +52,41 @@ def to_example(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def is_heldout(pair_id: str, fraction: float, seed: int) -> bool:
-    """A pair's split depends only on its id and the seed: adding pairs never moves one."""
-    return int(row_id("heldout", seed, pair_id), 16) / 16**32 < fraction
+def is_heldout(key: str, fraction: float, seed: int) -> bool:
+    """A row's split depends only on its id and the seed: adding rows never moves one."""
+    return int(row_id("heldout", seed, key), 16) / 16**32 < fraction
+
+
+def split_examples(
+    examples: Sequence[dict[str, Any]],
+    features: Features,
+    fraction: float,
+    seed: int,
+    group: str,
+) -> DatasetDict:
+    """train/test by a hash of each example's `group` column (a pair's two KTO examples
+    go together). With a fraction above 0 and at least two groups, at least one is held
+    out (so held-out metrics always exist)."""
+    groups = sorted({e[group] for e in examples})
+    test_groups = {g for g in groups if is_heldout(g, fraction, seed)}
+    if fraction > 0 and not test_groups and len(groups) >= 2:
+        test_groups = {min(groups, key=lambda g: row_id("heldout", seed, g))}
+    test = [e for e in examples if e[group] in test_groups]
+    train = [e for e in examples if e[group] not in test_groups]
+    return DatasetDict({"train": _dataset(train, features), "test": _dataset(test, features)})
 
 
 def split_pairs(rows: Sequence[dict[str, Any]], fraction: float, seed: int) -> DatasetDict:
-    """train/test by a hash of the pair id. With a fraction above 0 and at least two
-    pairs, at least one is held out (so held-out metrics always exist)."""
-    examples = [to_example(r) for r in rows]
-    test = [e for e in examples if is_heldout(e["pair_id"], fraction, seed)]
-    if fraction > 0 and not test and len(examples) >= 2:
-        test = [min(examples, key=lambda e: row_id("heldout", seed, e["pair_id"]))]
-    test_ids = {e["pair_id"] for e in test}
-    train = [e for e in examples if e["pair_id"] not in test_ids]
-    return DatasetDict({"train": _dataset(train), "test": _dataset(test)})
+    """Pairs as TRL preference examples, train/test by pair id; each pair once."""
+    unique = {r["pair_id"]: r for r in rows}
+    examples = [to_example(r) for r in unique.values()]
+    return split_examples(examples, FEATURES, fraction, seed, group="pair_id")
 
 
-def _dataset(examples: list[dict[str, Any]]) -> Dataset:
+def _dataset(examples: list[dict[str, Any]], features: Features) -> Dataset:
     # from_list drops the schema of an empty list; from_dict keeps it.
-    columns = {name: [e[name] for e in examples] for name in FEATURES}
-    return Dataset.from_dict(columns, features=FEATURES)
+    columns = {name: [e[name] for e in examples] for name in features}
+    return Dataset.from_dict(columns, features=features)
 
 
 def write_dataset(data: DatasetDict, out: Path, fmt: Format) -> list[Path]:
@@ -85,8 +106,9 @@ def write_dataset(data: DatasetDict, out: Path, fmt: Format) -> list[Path]:
     return paths
 
 
-def read_dataset(path: Path) -> DatasetDict:
-    """What `write_dataset` wrote, in any of its formats."""
+def read_dataset(path: Path, features: Features | None = FEATURES) -> DatasetDict:
+    """What `write_dataset` wrote, in any of its formats (`features`: the kind's columns,
+    which an empty JSON Lines split cannot tell)."""
     path = Path(path)
     if (path / "dataset_dict.json").is_file():
         from datasets import load_from_disk
@@ -99,16 +121,146 @@ def read_dataset(path: Path) -> DatasetDict:
             if (path / f"{s}.{ext}").is_file()
         }
         if files:
-            return load_dataset(builder, data_files=files, features=FEATURES)
+            return load_dataset(builder, data_files=files, features=features)
     raise PrefloopError(
-        f"{path}: no exported pairs here (train.parquet, train.jsonl or a saved dataset)"
+        f"{path}: no exported data here (train.parquet, train.jsonl or a saved dataset)"
     )
+
+
+def first_round(training: Any, round_: int) -> int:
+    """The first round a step's data window covers (`training.data`)."""
+    return 1 if training.data == "all" else round_
 
 
 def preference_pairs(store: Any, training: Any, run_id: str, round_: int, seed: int) -> DatasetDict:
-    """A round's pairs, filtered as the training settings say (methods, min_margin,
+    """The window's pairs, filtered as the training settings say (methods, min_margin,
     exclude_flagged), split train/test by pair id."""
     rows = store.training_pairs(
-        run_id, round_, training.methods, training.min_margin, training.exclude_flagged
+        run_id,
+        round_,
+        training.methods,
+        training.min_margin,
+        training.exclude_flagged,
+        since=first_round(training, round_),
     )
     return split_pairs(rows, training.heldout_fraction, seed)
+
+
+# -- SFT: conversations (TRL's conversational language-modelling format) ---------------------
+
+SFT_FEATURES = Features(
+    {
+        "example_id": Value("string"),  # the answer's generation id
+        "round": Value("int64"),
+        "method": Value("string"),
+        "source": Value("string"),  # revision | best_of_n
+        "messages": List(_MESSAGE),
+    }
+)
+
+
+def _conversation(messages_json: str, answer: str) -> list[dict[str, str]]:
+    return [*json.loads(messages_json), {"role": "assistant", "content": answer}]
+
+
+def sft_conversations(
+    store: Any, training: Any, run_id: str, round_: int, seed: int
+) -> DatasetDict:
+    """The window's CAI revisions and, with `sft.best_of_n`, each Self-Rewarding prompt's
+    best-scored candidate (ties: the lowest generation id) when it clears `sft.min_score`;
+    each answer once, split by its id."""
+    since, settings = first_round(training, round_), training.sft
+    examples: dict[str, dict[str, Any]] = {}
+    if settings.revisions:
+        for r in store.sft_revisions(run_id, round_, since, training.methods):
+            examples[r["generation_id"]] = {
+                "example_id": r["generation_id"],
+                "round": r["round"],
+                "method": r["method"],
+                "source": "revision",
+                "messages": _conversation(r["messages_json"], r["completion"]),
+            }
+    if settings.best_of_n and (training.methods is None or "self_reward" in training.methods):
+        best: dict[tuple[int, str], dict[str, Any]] = {}
+        for c in store.scored_candidates(run_id, round_, since):
+            key = (c["round"], c["prompt_id"])
+            if key not in best or c["mean_score"] > best[key]["mean_score"]:
+                best[key] = c  # rows come in generation-id order: ties keep the first
+        for c in best.values():
+            if settings.min_score is None or c["mean_score"] >= settings.min_score:
+                examples.setdefault(
+                    c["generation_id"],
+                    {
+                        "example_id": c["generation_id"],
+                        "round": c["round"],
+                        "method": "self_reward",
+                        "source": "best_of_n",
+                        "messages": _conversation(c["messages_json"], c["text"]),
+                    },
+                )
+    rows = sorted(examples.values(), key=lambda e: e["example_id"])
+    return split_examples(rows, SFT_FEATURES, training.heldout_fraction, seed, "example_id")
+
+
+# -- KTO: unpaired desirable / undesirable answers ------------------------------------------
+
+KTO_FEATURES = Features(
+    {
+        "example_id": Value("string"),  # the answer's generation id
+        "group_id": Value("string"),  # its pair's id (the split keeps a pair together)
+        "pair_id": Value("string"),  # None for a scored candidate outside any pair
+        "method": Value("string"),
+        "source": Value("string"),  # pair | scored
+        "prompt": List(_MESSAGE),
+        "completion": List(_MESSAGE),
+        "label": Value("bool"),
+    }
+)
+
+
+def unpaired_examples(
+    store: Any, training: Any, run_id: str, round_: int, seed: int
+) -> DatasetDict:
+    """Each training pair's chosen answer as desirable and its rejected one as
+    undesirable; then scored Self-Rewarding candidates in no pair, by the `kto`
+    thresholds. Each answer once; a pair's two examples share a split."""
+    since, settings = first_round(training, round_), training.kto
+    examples: dict[str, dict[str, Any]] = {}
+
+    def add(gid, group, pair_id, method, source, messages_json, text, label):
+        examples.setdefault(
+            gid,
+            {
+                "example_id": gid,
+                "group_id": group,
+                "pair_id": pair_id,
+                "method": method,
+                "source": source,
+                "prompt": json.loads(messages_json),
+                "completion": [{"role": "assistant", "content": text}],
+                "label": label,
+            },
+        )
+
+    pairs = store.training_pairs(
+        run_id, round_, training.methods, training.min_margin, training.exclude_flagged, since
+    )
+    for p in pairs:
+        pid, msgs = p["pair_id"], p["messages_json"]
+        add(p["chosen_generation_id"], pid, pid, p["method"], "pair", msgs, p["chosen"], True)
+        add(p["rejected_generation_id"], pid, pid, p["method"], "pair", msgs, p["rejected"], False)
+    low, high = settings.undesirable_max_score, settings.desirable_min_score
+    if (low is not None or high is not None) and (
+        training.methods is None or "self_reward" in training.methods
+    ):
+        for c in store.scored_candidates(run_id, round_, since):
+            score, label = c["mean_score"], None
+            if high is not None and score >= high:
+                label = True
+            elif low is not None and score <= low:
+                label = False
+            if label is not None:
+                gid = c["generation_id"]
+                add(gid, gid, None, "self_reward", "scored", c["messages_json"], c["text"], label)
+    rows = sorted(examples.values(), key=lambda e: e["example_id"])
+    return split_examples(rows, KTO_FEATURES, training.heldout_fraction, seed, "group_id")

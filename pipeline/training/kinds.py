@@ -1,17 +1,18 @@
 """The training kinds and their registry, `TRAINING_KINDS`.
 
-An entry says what a kind trains on (a dataset builder over the round's rows), what it
-produces (the next policy, or a scorer for the judges), which of its trainer's metrics are
-copied into `evaluations`, and the function that trains it in the child process, named
-`module:function` so the child imports only that (TRL stays out of the flow's process).
-Adding a kind is one trainer module and one entry here; `training.kind` takes its name.
+An entry says what a kind trains on (a dataset builder over the round's rows, and its
+columns), what it produces (the next policy, or a scorer for the judges), which of its
+trainer's metrics are copied into `evaluations`, and the function that trains it in the
+child process, named `module:function` so the child imports only that (TRL stays out of
+the flow's process). Adding a kind is one trainer module and one entry here;
+`training.kind` and `training.steps` take its name.
 """
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from datasets import DatasetDict
+from datasets import DatasetDict, Features
 
 from pipeline.training import export
 
@@ -26,12 +27,25 @@ class TrainingKind:
     # policy: the next round generates with what it trained; scorer: a model that scores
     # answers (registered for the judges), the policy stays.
     produces: Literal["policy", "scorer"]
+    # The columns `data` makes (default: preference pairs).
+    features: Features = field(default_factory=lambda: export.FEATURES)
     # metrics.json key -> evaluations metric, each with its "<key>_before" where measured.
     metrics: Mapping[str, str] = field(default_factory=dict)
-    uses_reference: bool = False  # trains against a frozen reference model (DPO)
+    uses_reference: bool = False  # trains against a frozen reference model (DPO, KTO)
+    # The methods whose rows it can train on, given the step's settings (None: any
+    # method's pairs); the pre-flight refuses a step none of whose sources is enabled.
+    sources: Callable[[Any], tuple[str, ...] | None] = lambda step: None
 
 
 TRAINING_KINDS: dict[str, TrainingKind] = {
+    "sft": TrainingKind(
+        trainer="pipeline.training.sft:train_sft",
+        data=export.sft_conversations,
+        features=export.SFT_FEATURES,
+        produces="policy",
+        metrics={"heldout_loss": "sft_heldout_loss"},
+        sources=lambda step: ("cai",) * step.sft.revisions + ("self_reward",) * step.sft.best_of_n,
+    ),
     "dpo": TrainingKind(
         trainer="pipeline.training.dpo:train_dpo",
         data=export.preference_pairs,
@@ -39,6 +53,17 @@ TRAINING_KINDS: dict[str, TrainingKind] = {
         metrics={
             "heldout_reward_accuracy": "implicit_reward_accuracy",
             "heldout_reward_margin": "implicit_reward_margin",
+        },
+        uses_reference=True,
+    ),
+    "kto": TrainingKind(
+        trainer="pipeline.training.kto:train_kto",
+        data=export.unpaired_examples,
+        features=export.KTO_FEATURES,
+        produces="policy",
+        metrics={
+            "heldout_reward_accuracy": "kto_implicit_reward_accuracy",
+            "heldout_reward_margin": "kto_implicit_reward_margin",
         },
         uses_reference=True,
     ),

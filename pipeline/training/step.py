@@ -1,6 +1,12 @@
-"""One training step of a round: snapshot its data, train in a child, register the model."""
+"""A round's training steps: for each, snapshot its data in the round's folder, train in a
+child process, register the model with its parent. Policy steps chain (`[sft, dpo]`: DPO
+starts from the SFT model); a scorer step (`rm`) leaves the policy as it is. A step whose
+`training_runs` row exists is not trained again, so a run killed between two steps
+resumes at the missing one."""
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -9,78 +15,89 @@ from typing import Any
 from pipeline.errors import PrefloopError
 from pipeline.hashing import row_id, sha256_dir
 from pipeline.models import MANIFEST, NOT_HASHED
+from pipeline.rows import RoundContext, stage_metrics_row
 from pipeline.schema import TrainingConfig
 from pipeline.store import Store
-from pipeline.training.export import write_dataset
+from pipeline.training.export import first_round, write_dataset
 from pipeline.training.kinds import TRAINING_KINDS
 from pipeline.training.launch import TrainSpec, cuda_available, run_training
 
 
-def export_round(
+def export_step(
     store: Store,
-    training: TrainingConfig,
+    step: TrainingConfig,
     run_id: str,
     round_: int,
     out: Path,
     seed: int,
     fmt: str = "parquet",
-    kind: str | None = None,
 ) -> dict[str, int]:
-    """What the training kind trains on from round `round_`, written under `out` in its
-    trainer's dataset format; rows per split."""
-    data = TRAINING_KINDS[kind or training.kind].data(store, training, run_id, round_, seed)
+    """What the step's kind trains on in its data window ending at `round_`, written
+    under `out` in its trainer's dataset format; rows per split."""
+    data = TRAINING_KINDS[step.kind].data(store, step, run_id, round_, seed)
     write_dataset(data, out, fmt)  # type: ignore[arg-type]
     return {split: len(ds) for split, ds in data.items()}
 
 
-def train_round(
+def _reference(store: Store, step: TrainingConfig, run_id: str, round_: int, start: str):
+    """The model id of the step's frozen reference (`training.reference`)."""
+    if step.reference == "initial":
+        return store.first_round_model(run_id) or start
+    if step.reference == "round":
+        return store.round_info(run_id, round_)["model_id"]
+    return start
+
+
+def train_step(
     store: Store,
-    training: TrainingConfig,
+    step: TrainingConfig,
     run_id: str,
     round_: int,
     folder: Path,
     seed: int,
-    kind: str | None = None,
+    start_model_id: str | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """Train on round `round_`'s data from the round's model, in a child process; register
-    and return the new model's row. `folder` is the round's snapshot folder (the exported
-    data and the checkpoint go there). Nothing is stored unless training succeeded."""
-    name = kind or training.kind
+    """Train one step on round `round_`'s data window from `start_model_id` (None: the
+    round's model), in a child process; register and return the new model's row. The
+    data snapshot and the checkpoint go in `folder`. Nothing is stored unless training
+    succeeded."""
+    name = step.kind
     entry = TRAINING_KINDS[name]
     info = store.round_info(run_id, round_)
     if info is None:
         raise PrefloopError(f"{store.path}: run {run_id!r} has no round {round_}")
-    base = store.model(info["model_id"])
+    start_id = start_model_id or info["model_id"]
+    base = store.model(start_id)
     if base is None:
-        raise PrefloopError(
-            f"{store.path}: model {info['model_id']} of round {round_} is not registered"
-        )
-    reference = None
-    if entry.uses_reference and training.reference == "initial":
-        first = store.model(store.first_round_model(run_id) or "")
-        reference = first["path"] if first else None
+        raise PrefloopError(f"{store.path}: model {start_id} of round {round_} is not registered")
+    reference_id = None
+    if entry.uses_reference:
+        reference_id = _reference(store, step, run_id, round_, start_id)
+    reference = store.model(reference_id) if reference_id not in (None, start_id) else None
 
-    data_dir = folder / "pairs"
-    counts = export_round(store, training, run_id, round_, data_dir, seed, kind=name)
+    begin = time.perf_counter()
+    data_dir = folder / f"data-{name}"
+    counts = export_step(store, step, run_id, round_, data_dir, seed)
     if counts["train"] == 0:
         raise PrefloopError(
             f"run {run_id!r} round {round_}: nothing to train {name} on after the training "
-            f"filters (methods={training.methods}, min_margin={training.min_margin}, "
-            f"exclude_flagged={training.exclude_flagged})"
+            f"filters (data={step.data}, methods={step.methods}, min_margin={step.min_margin}, "
+            f"exclude_flagged={step.exclude_flagged})"
         )
-    device = "cuda" if cuda_available() else "cpu"
     spec = TrainSpec(
         kind=name,
         trainer=entry.trainer,
         base_model=base["path"],
         data_dir=str(data_dir),
         output_dir=str(folder / f"model-{name}"),
-        training=training.model_dump(mode="json"),
-        reference_model=reference,
+        training=step.model_dump(mode="json"),
+        reference_model=reference["path"] if reference else None,
         seed=seed + round_,
-        device=device,
+        device="cuda" if cuda_available() else "cpu",
+        extra={"rounds": [first_round(step, round_), round_]},
     )
-    metrics = run_training(spec, training.accelerate_config)
+    metrics = run_training(spec, step.accelerate_config)
 
     out = Path(spec.output_dir)
     sha = sha256_dir(out, exclude=NOT_HASHED)
@@ -97,6 +114,8 @@ def train_round(
         "run_id": run_id,
         "round": round_,
     }
+    wall = time.perf_counter() - begin
+    trained = RoundContext(run_id, round_, model_id, seed)
     store.write(
         {
             "models": [model_row],
@@ -105,13 +124,10 @@ def train_round(
                     "training_run_id": row_id(run_id, round_, name, sha),
                     "run_id": run_id,
                     "round": round_,
+                    "step": index,
                     "kind": name,
                     "base_model_id": base["model_id"],
-                    "reference_model_id": (
-                        store.first_round_model(run_id) if reference else base["model_id"]
-                    )
-                    if entry.uses_reference
-                    else None,
+                    "reference_model_id": reference_id,
                     "output_model_id": model_id,
                     "config_json": json.dumps(asdict(spec), sort_keys=True, default=str),
                     "metrics_json": json.dumps(metrics, sort_keys=True),
@@ -119,6 +135,55 @@ def train_round(
                     "finished_at": datetime.now(UTC).replace(tzinfo=None),
                 }
             ],
+            # One transaction with its training row: the step is done or it is not.
+            "stage_metrics": [
+                stage_metrics_row(trained, f"train_{name}", 0, counts["train"], wall)
+            ],
         }
     )
-    return {**model_row, "metrics": metrics, "pairs": counts}
+    return {**model_row, "step": name, "metrics": metrics, "rows": counts, "wall_s": wall}
+
+
+def round_steps(training: Any, only: str | None = None) -> list[TrainingConfig]:
+    """The round's steps; with `only`, the step of that kind (the shared settings as one
+    step of that kind when the config has none)."""
+    steps = training.step_list()
+    if only is None:
+        return steps
+    if only not in TRAINING_KINDS:
+        raise PrefloopError(f"--kind {only!r}: expected one of {', '.join(TRAINING_KINDS)}")
+    if any(s.kind == only for s in steps):
+        return steps
+    shared = training.model_dump(exclude={"steps"})
+    return [TrainingConfig.model_validate({**shared, "kind": only})]
+
+
+def train_round(
+    store: Store,
+    training: Any,
+    run_id: str,
+    round_: int,
+    folder: Path,
+    seed: int,
+    only: str | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train the round's steps in order (`training.step_list()`), each policy step from
+    the previous one's model; a step already stored is skipped. With `only`, train that
+    kind's step alone (again, if stored), from the policy the earlier stored steps made.
+    Returns the policy the next round generates with and the steps trained now."""
+    info = store.round_info(run_id, round_)
+    if info is None:
+        raise PrefloopError(f"{store.path}: run {run_id!r} has no round {round_}")
+    policy, trained = info["model_id"], []
+    for index, step in enumerate(round_steps(training, only)):
+        output = store.finished_training(run_id, round_, step.kind)
+        if (only is None and output is None) or step.kind == only:
+            result = train_step(store, step, run_id, round_, folder, seed, policy, index)
+            output = result["model_id"]
+            trained.append(result)
+            if on_step is not None:
+                on_step(result)
+        if output is not None and TRAINING_KINDS[step.kind].produces == "policy":
+            policy = output
+    return {"policy": policy, "trained": trained}
