@@ -357,7 +357,51 @@ def build(data: Mapping[str, Any], run_id: str, db_path: str) -> dict[str, Any]:
         "split": split,
         "plots": plots,
         "judge_comparisons": comparisons,
+        "training": training_steps(data.get("training", [])),
     }
+
+
+# A step's held-out numbers, as the report shows them: (label, metrics.json key).
+HELDOUT = (
+    ("held-out loss", "heldout_loss"),
+    ("implicit-reward accuracy", "heldout_reward_accuracy"),
+    ("implicit-reward margin", "heldout_reward_margin"),
+    ("RM pairwise accuracy", "heldout_pairwise_accuracy"),
+)
+
+
+def training_steps(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per training step: its models (lineage) and held-out numbers, before ->
+    after where the trainer measured both."""
+    rows = []
+    for r in runs:
+        m = json.loads(r["metrics_json"] or "{}")
+        held = []
+        for label, key in HELDOUT:
+            if m.get(key) is None:
+                continue
+            before = m.get(f"{key}_before")
+            value = _number(m[key])
+            held.append(
+                f"{label} {_number(before)} -> {value}"
+                if before is not None
+                else f"{label} {value}"
+            )
+        rows.append(
+            {
+                "round": r["round"],
+                "step": r["step"],
+                "kind": r["kind"],
+                "base": r["base_model_id"],
+                "reference": r["reference_model_id"],
+                "output": r["output_model_id"],
+                "rows": m.get("train_pairs", m.get("train_examples")),
+                "heldout_rows": m.get("heldout_pairs", m.get("heldout_examples")),
+                "seconds": m.get("train_seconds"),
+                "heldout": "; ".join(held) or "-",
+            }
+        )
+    return rows
 
 
 def judge_comparisons(evaluations: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

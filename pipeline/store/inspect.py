@@ -45,7 +45,8 @@ class InspectQueries(Connection):
         ]
 
     def run_status(self, run_id: str | None = None) -> list[dict[str, Any]]:
-        """Per run and round: status, model, stages done (batches), pairs per method."""
+        """Per run and round: status, model, stages done (batches), pairs per method, the
+        models its training steps made (in step order)."""
         return self.query(
             "SELECT r.run_id, r.round, r.status, r.model_id, "
             "(SELECT string_agg(stage || ':' || n, ' ' ORDER BY stage) FROM (SELECT stage, "
@@ -54,8 +55,9 @@ class InspectQueries(Connection):
             "(SELECT string_agg(method || ':' || n, ' ' ORDER BY method) FROM (SELECT method, "
             " count(*) AS n FROM pairs p WHERE p.run_id = r.run_id AND p.round = r.round "
             " GROUP BY method)) AS pairs, "
-            "(SELECT output_model_id FROM training_runs t WHERE t.run_id = r.run_id "
-            " AND t.round = r.round AND t.status = 'finished' LIMIT 1) AS trained_model "
+            "(SELECT string_agg(output_model_id, ' ' ORDER BY step, finished_at) "
+            " FROM training_runs t WHERE t.run_id = r.run_id AND t.round = r.round "
+            " AND t.status = 'finished') AS trained "
             "FROM rounds r WHERE ? IS NULL OR r.run_id = ? ORDER BY r.run_id, r.round",
             [run_id, run_id],
         )
@@ -93,6 +95,12 @@ class InspectQueries(Connection):
                 "SELECT round, method, count(*) AS n, avg(margin) AS margin, "
                 "avg(soft_label) AS soft_label, count(*) FILTER (WHERE flagged) AS flagged "
                 "FROM pairs WHERE run_id = ? GROUP BY ALL ORDER BY round, method",
+                [run_id],
+            ),
+            "training": self.query(
+                "SELECT round, step, kind, base_model_id, reference_model_id, "
+                "output_model_id, metrics_json FROM training_runs "
+                "WHERE run_id = ? AND status = 'finished' ORDER BY round, step, finished_at",
                 [run_id],
             ),
             "stages": self.query(
