@@ -16,7 +16,7 @@ from pipeline.rounds import round_dir
 from pipeline.schema import EngineConfig
 from pipeline.seeds import load_prompts
 from pipeline.store import Store
-from pipeline.training.export import split_pairs, write_dataset
+from pipeline.training.export import FEATURES, read_dataset, split_pairs, write_dataset
 from pipeline.training.kinds import TRAINING_KINDS
 from pipeline.training.launch import TrainingError
 from pipeline.training.step import export_step, train_round, train_step
@@ -261,6 +261,14 @@ def test_export_counts(tmp_path, tiny_model_dir):
             "train": 4,
             "test": 0,
         }
+        # Nothing held out: the empty split reads back empty, in both formats, and a step
+        # trains on it (the child reads its parquet snapshot without known columns).
+        for fmt, features in (("jsonl", FEATURES), ("parquet", None)):
+            export_step(store, step, RUN, 1, tmp_path / fmt, cfg.seed, fmt)
+            back = read_dataset(tmp_path / fmt, features)
+            assert (len(back["train"]), len(back["test"])) == (4, 0), fmt
+        result = _train(store, cfg.model_copy(update={}), "dpo")
+        assert result["metrics"]["heldout_pairs"] == 0 and result["metrics"]["steps"] > 0
 
 
 def test_launcher_uses_accelerate_on_cuda(tmp_path):

@@ -106,9 +106,19 @@ def write_dataset(data: DatasetDict, out: Path, fmt: Format) -> list[Path]:
     return paths
 
 
+def _rows_in(path: Path) -> int:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_metadata(path).num_rows
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
 def read_dataset(path: Path, features: Features | None = FEATURES) -> DatasetDict:
     """What `write_dataset` wrote, in any of its formats (`features`: the kind's columns,
-    which an empty JSON Lines split cannot tell)."""
+    which an empty JSON Lines split cannot tell; None reads them from the files). An empty
+    split (nothing held out) comes back empty, or absent when its columns are unknown:
+    `datasets` cannot build a split from a file with no rows."""
     path = Path(path)
     if (path / "dataset_dict.json").is_file():
         from datasets import load_from_disk
@@ -116,12 +126,22 @@ def read_dataset(path: Path, features: Features | None = FEATURES) -> DatasetDic
         return load_from_disk(path)
     for ext, builder in (("parquet", "parquet"), ("jsonl", "json")):
         files = {
-            s: str(path / f"{s}.{ext}")
-            for s in ("train", "test")
-            if (path / f"{s}.{ext}").is_file()
+            s: path / f"{s}.{ext}" for s in ("train", "test") if (path / f"{s}.{ext}").is_file()
         }
-        if files:
-            return load_dataset(builder, data_files=files, features=features)
+        if not files:
+            continue
+        full = {s: str(f) for s, f in files.items() if _rows_in(f) > 0}
+        data = load_dataset(builder, data_files=full, features=features) if full else DatasetDict()
+        for split, f in files.items():
+            if split in data:
+                continue
+            if features is None and ext == "parquet":
+                import pyarrow.parquet as pq
+
+                data[split] = Dataset(pq.read_table(f))
+            elif features is not None:
+                data[split] = _dataset([], features)
+        return data
     raise PrefloopError(
         f"{path}: no exported data here (train.parquet, train.jsonl or a saved dataset)"
     )
