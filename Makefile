@@ -33,6 +33,7 @@ bench: $(STAMP) $(MODEL)
 	$(PY) bench/vllm_cpu.py
 	$(PY) bench/judges.py
 	$(PY) bench/readers.py
+	$(PY) bench/training.py
 	$(PY) bench/orchestration.py
 
 lint: $(STAMP)
