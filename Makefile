@@ -24,7 +24,8 @@ test: $(STAMP) $(MODEL) $(CHROMIUM)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Side-by-side benchmarks, each printing its ratios: every bench the README quotes. About
-# 50 minutes on 2 cores; orchestration.py reads the demo's database when `make run` has
+# 65 minutes on 2 cores (bench/improvement.py, about 90 more, runs on its own);
+# orchestration.py reads the demo's database when `make run` has
 # filled it.
 bench: $(STAMP) $(MODEL)
 	$(PY) bench/engines.py

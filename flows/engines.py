@@ -37,9 +37,9 @@ def get_engine(spec: EngineSpec) -> EngineBase | RewardScorer:
         return _ENGINES[spec]
 
 
-def close_engines() -> None:
-    """Free every engine's memory (before training, and at the end of a run)."""
+def close_engines(keep: EngineSpec | None = None) -> None:
+    """Free every engine's memory (before training, and at the end of a run); `keep`: an
+    engine that stays up (the next stage's, when it is running already)."""
     with _LOCK:
-        while _ENGINES:
-            _, engine = _ENGINES.popitem()
-            engine.close()
+        for spec in [s for s in _ENGINES if s != keep]:
+            _ENGINES.pop(spec).close()

@@ -30,6 +30,7 @@ from pipeline.config import RunConfig, load_config, parse_config
 from pipeline.errors import PrefloopError, TransientEngineError
 from pipeline.evaluation.metrics import round_statistics
 from pipeline.evaluation.stages import compare_models, heldout_answers
+from pipeline.evaluation.yardstick import instruction_following
 from pipeline.hashing import sha256_text
 from pipeline.models import resolve_model
 from pipeline.preflight import preflight
@@ -151,11 +152,17 @@ class Round:
             stages.append((method, -(-n // cfg.engine.batch_size)))
         if cfg.evaluation.enabled and cfg.evaluation.agreement:
             stages.append(("agreement", 1))
+        if self.inputs.yardstick and self.ctx.round == 1:
+            stages.append(("yardstick_base", 1))
         if self.win_rate:
             stages.append(("heldout", 1))
         stages += [(f"train_{step.kind}", 1) for step in cfg.training.step_list()]
         if self.win_rate:
-            stages += [("heldout_new", 1), ("win_rate", 1)]
+            stages.append(("heldout_new", 1))
+        if self.inputs.yardstick:
+            stages.append(("yardstick", 1))
+        if self.win_rate:
+            stages.append(("win_rate", 1))
         with self.clock():
             self.store.upsert_round(
                 self.ctx.run_id,
@@ -169,9 +176,10 @@ class Round:
         if (name, 0) not in self.done:
             self.write(run_stage(name, 0, n, self.ctx, work, engines), name)
 
-    def stop_engines(self) -> None:
+    def stop_engines(self, keep: EngineSpec | None = None) -> None:
+        """Close the engines (all, or all but `keep`: the next stage's own)."""
         with self.clock():  # a vLLM shutdown takes seconds: the flow's own time
-            close_engines()
+            close_engines(keep)
 
     def spec(self, model_id: str, evaluation: bool = False) -> EngineSpec:
         model = self.store.model(model_id)
@@ -305,13 +313,43 @@ class Round:
         )
         self.stage("agreement", work, self._engines(judged), len(pairs))
 
+    def measure(self, stage: str, model_id: str, round_: int) -> None:
+        """The yardstick: `model_id`'s held-out instruction-following accuracy, stored as
+        round `round_`'s (0: the run's initial model). On the evaluation engine; the
+        round's engine is reused when that is the same one."""
+        if not self.inputs.yardstick or (stage, 0) in self.done:
+            return
+        spec = self.spec(model_id, evaluation=True)
+        self.stop_engines(keep=spec)  # local engines run one at a time
+        ctx = RoundContext(self.ctx.run_id, round_, model_id, self.ctx.seed)
+        work = partial(
+            instruction_following,
+            prompts=self.inputs.yardstick,
+            ctx=ctx,
+            model_id=model_id,
+            cfg=self.cfg.evaluation.yardstick,
+        )
+        rows = run_stage(stage, 0, len(self.inputs.yardstick), self.ctx, work, {"engine": spec})
+        self.write(rows, stage)
+        [row] = [r for r in rows["evaluations"] if r["metric"] == "ifeval_prompt_strict"]
+        d = json.loads(row["details_json"])
+        self.logger.info(
+            "yardstick of %s (M_%d): strict prompt-level accuracy %.3f, 95%% CI [%.3f, %.3f], "
+            "%d prompts",
+            model_id,
+            round_,
+            row["value"],
+            *d["ci95"],
+            d["n"],
+        )
+
     def answer_heldout(self, stage: str = "heldout", model_id: str | None = None) -> None:
         """A model answers the held-out prompts on the evaluation engine: the round's model
         before training, the trained one after."""
         if not self.win_rate:
             return
-        self.stop_engines()
         spec = self.spec(model_id or self.ctx.model_id, evaluation=True)
+        self.stop_engines(keep=spec)
         work = partial(
             heldout_answers,
             prompts=self.inputs.heldout_prompts,
@@ -348,15 +386,17 @@ class Round:
         return trained["policy"]
 
     def evaluate(self, new_model: str) -> None:
-        """M_t+1's held-out answers against M_t's, by the fixed judge; then the round's pair
-        statistics and trainer metrics."""
+        """M_t+1's held-out answers against M_t's, by the fixed judge; M_t+1 on the
+        yardstick; then the round's pair statistics and trainer metrics."""
         cfg, ctx = self.cfg, self.ctx
-        if self.win_rate:
-            try:
+        try:
+            if self.win_rate:
                 self.answer_heldout("heldout_new", new_model)
+            self.measure("yardstick", new_model, ctx.round)
+            if self.win_rate:
                 self._compare(new_model)
-            finally:
-                self.stop_engines()
+        finally:
+            self.stop_engines()
         if cfg.evaluation.enabled:
             with self.clock():
                 labels = self.store.round_labels(ctx.run_id, ctx.round, rounds.tie_reasons())
@@ -434,6 +474,8 @@ def round_flow(config_json: str, run_id: str, round_: int, model_id: str) -> str
     try:
         r.generate()
         r.relabel()
+        if round_ == 1:  # M_0, once per run, while its engine may still be up
+            r.measure("yardstick_base", model_id, 0)
         r.answer_heldout()
     finally:
         r.stop_engines()  # training needs the memory; a crash must not leak it either

@@ -113,8 +113,10 @@ def line_chart(
     y_label: str,
     y_range: tuple[float, float] | None = None,
     reference: float | None = None,
+    intervals: Mapping[str, Sequence[tuple[int, float, float]]] | None = None,
 ) -> Markup:
-    """One line per series over rounds; points are drawn so a single round shows."""
+    """One line per series over rounds; points are drawn so a single round shows.
+    `intervals`: per series, (round, low, high) drawn as error bars."""
     xs = sorted({x for points in series.values() for x, _ in points}) or [1]
     values = [v for points in series.values() for _, v in points]
     y_min, y_max = y_range or _range(values)
@@ -138,6 +140,14 @@ def line_chart(
             path = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
             body.append(
                 f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>'
+            )
+        for x_round, lo, hi in (intervals or {}).get(label, []):
+            x = px(x_round)
+            y_lo, y_hi = _y(lo, y_min, y_max), _y(hi, y_min, y_max)
+            body.append(
+                f'<line x1="{x:.1f}" y1="{y_lo:.1f}" x2="{x:.1f}" y2="{y_hi:.1f}" '
+                f'stroke="{color}" stroke-width="1.5"><title>{escape(label)}: 95% interval '
+                f"{_fmt(lo)} to {_fmt(hi)}</title></line>"
             )
         for (x, y), (_, v) in zip(coords, sorted(points), strict=True):
             body.append(
@@ -255,6 +265,22 @@ def build(data: Mapping[str, Any], run_id: str, db_path: str) -> dict[str, Any]:
             reference=0.5,
         ),
     }
+    stick: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    bars: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for metric, label in YARDSTICK:
+        for r, e in _by_round(evals, metric).items():
+            lo, hi = json.loads(e["details_json"])["ci95"]
+            stick[label].append((r, e["value"]))
+            bars[label].append((r, lo, hi))
+    if stick:
+        plots["yardstick"] = line_chart(
+            "yardstick",
+            "Held-out instruction-following accuracy of M_t (checked by code; 95% intervals)",
+            stick,
+            "accuracy",
+            (0.0, 1.0),
+            intervals=bars,
+        )
     scores: dict[str, list[float]] = defaultdict(list)
     for s in data["scores"]:
         scores[f"round {s['round']}"].append(s["mean_score"])
@@ -342,6 +368,15 @@ def build(data: Mapping[str, Any], run_id: str, db_path: str) -> dict[str, Any]:
         if n in split and r["wall_s"]:
             row["orchestration_share"] = split[n]["orchestration"] / r["wall_s"]
         table.append(row)
+    strict = _by_round(evals, "ifeval_prompt_strict")
+    for row in table:
+        row["ifeval"] = strict.get(row["round"], {}).get("value")
+    base = strict.get(0)
+    if base is not None and table:  # the initial model's, as round 0
+        first = dict.fromkeys(set(table[0]) - {"orchestration_share"}, None)
+        first.update(round=0, status="initial", pairs="-", ifeval=base["value"])
+        first["model"] = json.loads(base["details_json"])["model"]
+        table.insert(0, first)
     per_method: dict[tuple[int, str], dict[str, Mapping[str, Any]]] = defaultdict(dict)
     for e in evals:
         if e["method"] is not None and not e["metric"].startswith("judge_"):
@@ -360,6 +395,14 @@ def build(data: Mapping[str, Any], run_id: str, db_path: str) -> dict[str, Any]:
         "training": training_steps(data.get("training", [])),
     }
 
+
+# The yardstick's metrics and their labels (round 0 is the run's initial model).
+YARDSTICK = (
+    ("ifeval_prompt_strict", "prompt-level strict"),
+    ("ifeval_prompt_loose", "prompt-level loose"),
+    ("ifeval_instruction_strict", "instruction-level strict"),
+    ("ifeval_instruction_loose", "instruction-level loose"),
+)
 
 # A step's held-out numbers, as the report shows them: (label, metrics.json key).
 HELDOUT = (

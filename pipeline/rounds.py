@@ -27,6 +27,7 @@ from pipeline.self_instruct import SelfInstructConfig, write_new_prompts
 from pipeline.self_instruct import load as load_self_instruct
 from pipeline.templates import Template, TemplateLibrary
 from pipeline.training.kinds import TRAINING_KINDS
+from pipeline.verifiable.prompts import load_checked
 
 
 @dataclass
@@ -41,6 +42,8 @@ class RoundInputs:
     judges: dict[str, Any] = field(default_factory=dict)  # name -> its judge's loaded files
     self_instruct: Template | None = None
     eval_judge: Template | None = None
+    # The yardstick's prompts with their check specs (evaluation.yardstick).
+    yardstick: list[tuple[Prompt, list[dict]]] = field(default_factory=list)
 
     def templates(self) -> list[Template]:
         """Every template the round uses (for the snapshot and provenance)."""
@@ -101,6 +104,9 @@ def load_inputs(cfg: RunConfig) -> RoundInputs:
         inputs.eval_judge = library.get(cfg.evaluation.judge_template)
         choice_parser(inputs.eval_judge)
         inputs.eval_judge.expect("pairwise judge", PAIRWISE_VARS)
+        stick = cfg.evaluation.yardstick
+        if stick.enabled:
+            inputs.yardstick = load_checked(stick.prompts, stick.limit)
     return inputs
 
 

@@ -136,9 +136,21 @@ class RunnerConfig(StrictModel):
     ray_address: str | None = None
 
 
+class YardstickConfig(StrictModel):
+    """The judge-free yardstick: held-out instruction-following accuracy (verifiable
+    instructions checked by code) of the run's initial model and of every round's model,
+    greedy. Its prompts are a JSON Lines file of {"prompt": ..., "checks": [...]}."""
+
+    enabled: bool = False
+    prompts: Path = Path("data/prompts/verifiable_heldout.jsonl")
+    limit: int | None = Field(None, ge=1)  # the file's first N prompts (None = all)
+    sampling: SamplingConfig = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=256)
+
+
 class EvaluationConfig(StrictModel):
     """After each round: M_t+1 against M_t on the held-out prompts, judged pairwise by a
-    fixed judge (both orders), plus pair statistics and cross-method agreement."""
+    fixed judge (both orders), plus pair statistics, cross-method agreement and, when
+    enabled, the yardstick."""
 
     enabled: bool = True
     judge_template: str = "judge_pairwise"
@@ -155,6 +167,8 @@ class EvaluationConfig(StrictModel):
     # models' answers come from the same engine kind, so greedy decoding compares models,
     # not engines. A few held-out prompts on CPU: `kind: hf` starts in ~2 s, vLLM in ~45 s.
     engine: EngineConfig | None = None
+    # The judge-free yardstick (off by default; data/configs/verifiable.yaml turns it on).
+    yardstick: YardstickConfig = YardstickConfig()
 
 
 class PromptsConfig(StrictModel):

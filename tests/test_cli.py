@@ -192,6 +192,14 @@ def _prompts(content: bytes):
     return lambda tmp: ["--set", f"prompts.files=[{_file('p.jsonl', content)(tmp)}]"]
 
 
+def _yardstick(content: str):
+    def make(tmp):
+        path = _file("y.jsonl", content)(tmp)
+        return _config(f"evaluation:\n  yardstick:\n    enabled: true\n    prompts: {path}\n")(tmp)
+
+    return make
+
+
 def _model(tmp):
     (tmp / "m").mkdir()
     return ["--set", f"model={tmp / 'm'}"]
@@ -276,6 +284,16 @@ MATRIX = [
         "kto with a batch of one",
         _config("training:\n  kind: kto\n  batch_size: 1\n"),
         "c.yaml (with --set): training: kto needs batch_size >= 2",
+    ),
+    (
+        "yardstick prompt with an unknown check",
+        _yardstick('{"prompt": "Hi", "checks": [{"type": "rhymes"}]}\n'),
+        "y.jsonl:1: checks[0].type: expected one of word_count, bullet_count",
+    ),
+    (
+        "yardstick check missing an argument",
+        _yardstick('{"prompt": "Hi", "checks": [{"type": "bullet_count"}]}\n'),
+        "y.jsonl:1: checks[0]: bullet_count() missing 1 required positional argument: 'n'",
     ),
     pytest.param(
         "engine setting the engine refuses",

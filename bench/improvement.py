@@ -1,0 +1,126 @@
+"""Does the loop improve the model? Both verifiable-instruction loops, side by side.
+
+    .venv/bin/python bench/improvement.py [--seeds 0 1] [--loops function selfjudge]
+        [--rounds 3] [--set key=value ...] [--out results.jsonl]
+
+- function:  data/configs/verifiable.yaml, Self-Rewarding candidates scored by the
+  checkers (the `function` judge), best vs worst -> DPO;
+- selfjudge: data/configs/verifiable_selfjudge.yaml, the same prompts judged by the
+  model's own LLM judge.
+
+Each (loop, seed) is a real `prefloop run` in its own database. The yardstick is the same
+for both: held-out strict prompt-level instruction-following accuracy of M_0..M_T,
+greedy, with 95% Wilson intervals. Printed per round: accuracy and interval, the change
+against M_0, pairs, training time; then whether M_T beats M_0 with intervals that do not
+overlap. `--set` overrides apply to every run (the settings being tuned), and `--out`
+appends one JSON line per run with its settings and results, so every setting tried is
+kept with what it gave.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.store import Store  # noqa: E402
+
+LOOPS = {
+    "function": ROOT / "data" / "configs" / "verifiable.yaml",
+    "selfjudge": ROOT / "data" / "configs" / "verifiable_selfjudge.yaml",
+}
+METRIC = "ifeval_prompt_strict"
+
+
+def run_loop(config: Path, name: str, seed: int, rounds: int, sets: list[str], tmp: Path):
+    db = tmp / f"{name}.duckdb"
+    args = ["--set", f"name={name}", "--set", f"seed={seed}", "--set", f"db_path={db}"]
+    args += ["--set", f"runs_dir={tmp / 'runs'}", "--rounds", str(rounds)]
+    for s in sets:
+        args += ["--set", s]
+    start = time.perf_counter()
+    out = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "prefloop"), "run", "--config", str(config), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"},
+    )
+    wall = time.perf_counter() - start
+    if out.returncode != 0:
+        raise SystemExit(f"{name}: prefloop run failed:\n{out.stderr[-3000:]}")
+    with Store(db, read_only=True) as store:
+        evals = [e for e in store.evaluations(name) if e["metric"] == METRIC]
+        stages = store.report_data(name)["stages"]
+        rounds_run = sorted({s["round"] for s in stages})
+        pairs = {t: sum(store.pair_counts(name, t).values()) for t in rounds_run}
+        train: dict[int, float] = {}
+        for s in stages:
+            if s["stage"].startswith("train_"):
+                train[s["round"]] = train.get(s["round"], 0.0) + s["wall_s"]
+    per_round = {}
+    for e in evals:
+        d = json.loads(e["details_json"])
+        per_round[e["round"]] = {
+            "accuracy": e["value"],
+            "ci95": d["ci95"],
+            "n": d["n"],
+            "pairs": pairs.get(e["round"]),
+            "train_s": train.get(e["round"]),
+        }
+    return {"wall_s": round(wall, 1), "rounds": dict(sorted(per_round.items()))}
+
+
+def show(loop: str, seed: int, result: dict) -> None:
+    rounds = result["rounds"]
+    base = rounds[0]["accuracy"]
+    print(f"\n{loop}, seed {seed} ({result['wall_s'] / 60:.1f} min)")
+    print(
+        f"   {'model':<6} {'strict prompt acc':>17} {'95% interval':>16} {'vs M_0':>8} "
+        f"{'pairs':>6} {'train s':>8}"
+    )
+    for t, r in rounds.items():
+        lo, hi = r["ci95"]
+        pairs = "-" if r["pairs"] is None else r["pairs"]
+        train = "-" if r["train_s"] is None else f"{r['train_s']:.0f}"
+        print(
+            f"   M_{t:<4} {r['accuracy']:>17.3f} {f'[{lo:.3f}, {hi:.3f}]':>16} "
+            f"{100 * (r['accuracy'] - base):>+7.1f}pt {pairs:>6} {train:>8}"
+        )
+    last = rounds[max(rounds)]
+    apart = last["ci95"][0] > rounds[0]["ci95"][1]
+    gain = 100 * (last["accuracy"] - base)
+    print(
+        f"   M_{max(rounds)} - M_0: {gain:+.1f} points; intervals "
+        f"{'do not overlap' if apart else 'overlap'}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--loops", nargs="+", default=list(LOOPS), choices=list(LOOPS))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        for loop in args.loops:
+            for seed in args.seeds:
+                name = f"improve-{loop}-s{seed}"
+                result = run_loop(LOOPS[loop], name, seed, args.rounds, args.sets, Path(tmp))
+                show(loop, seed, result)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        record = {"loop": loop, "seed": seed, "settings": args.sets, **result}
+                        f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()

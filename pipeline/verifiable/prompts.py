@@ -1,0 +1,207 @@
+"""The verifiable-instruction prompt set, written for prefloop: requests on everyday topics,
+each with one or two instructions code can check, and the check spec of each. The wording
+(topics, request forms, each instruction's phrasing) is in prompts/verifiable.yaml.
+
+    .venv/bin/python -m pipeline.verifiable.prompts     # (re)writes the two files below
+
+Built from instruction types x topics x request forms with a fixed seed, so the files are
+reproducible (a test regenerates them and compares). A fixed share of the prompts, chosen
+by a hash of each prompt's text, is the held-out set: data/prompts/verifiable_heldout.jsonl
+is the yardstick, data/prompts/verifiable_train.jsonl the pool the loop generates on.
+Each line is {"prompt": text, "checks": [{"type": ..., **args}, ...]}.
+"""
+
+import json
+import random
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+from pipeline.hashing import row_id
+from pipeline.paths import DATA_DIR, PROMPTS_DIR
+from pipeline.seeds import Prompt, load_prompts
+from pipeline.verifiable.checks import CHECKS, check
+
+SEED = 20231114  # IFEval's arXiv date; any fixed number would do
+PROMPTS = 800
+TWO_INSTRUCTIONS = 0.3  # share of prompts that combine two instructions
+HELDOUT = 0.4
+TRAIN_FILE = DATA_DIR / "prompts" / "verifiable_train.jsonl"
+HELDOUT_FILE = DATA_DIR / "prompts" / "verifiable_heldout.jsonl"
+
+WORDING = PROMPTS_DIR / "verifiable.yaml"
+
+Instruction = tuple[str, dict[str, Any]]
+
+
+@lru_cache(maxsize=1)
+def wording() -> dict[str, Any]:
+    """Topics, request forms, word lists and each instruction's wording."""
+    return yaml.safe_load(WORDING.read_text(encoding="utf-8"))
+
+
+def _plural(n: int) -> str:
+    return "s" if n > 1 else ""
+
+
+def _sample(kind: str, rng: random.Random) -> Instruction:
+    """One instruction of a type: its wording (from prompts/verifiable.yaml) and its
+    check spec, with the parameters drawn by `rng`."""
+    w = wording()
+    say = w["instructions"]
+    if kind == "word_count":
+        if rng.random() < 0.5:
+            n = rng.choice([30, 40, 50, 60])
+            return say["word_count_max"].format(n=n), {"type": kind, "max": n - 1}
+        n = rng.choice([50, 80, 100])
+        return say["word_count_min"].format(n=n), {"type": kind, "min": n}
+    if kind in ("bullet_count", "paragraphs", "placeholders", "highlights"):
+        n = rng.choice({"bullet_count": [2, 3, 4, 5], "paragraphs": [2, 3]}.get(kind, [1, 2, 3]))
+        return say[kind].format(n=n, s=_plural(n)), {"type": kind, "n": n}
+    if kind == "keywords":
+        chosen = rng.sample(w["keywords"], rng.choice([1, 2]))
+        quoted = " and ".join(f'"{x}"' for x in chosen)
+        return say[kind].format(words=quoted, s=_plural(len(chosen))), {
+            "type": kind,
+            "words": chosen,
+        }
+    if kind == "forbidden_words":
+        first, second = rng.sample(w["forbidden_words"], 2)
+        return say[kind].format(first=first, second=second), {
+            "type": kind,
+            "words": [first, second],
+        }
+    if kind == "ending":
+        phrase = rng.choice(w["endings"])
+        return say[kind].format(phrase=phrase), {"type": kind, "phrase": phrase}
+    if kind == "starts_with":
+        word = rng.choice(w["first_words"])
+        return say[kind].format(word=word), {"type": kind, "word": word}
+    if kind == "postscript":
+        return say[kind], {"type": kind, "marker": "P.S."}
+    return say[kind], {"type": kind}
+
+
+TYPES = [
+    "word_count", "bullet_count", "lowercase", "uppercase", "no_commas", "keywords",
+    "forbidden_words", "ending", "starts_with", "title", "paragraphs", "json_format",
+    "ascii_only", "quotation", "postscript", "placeholders", "highlights",
+]  # fmt: skip
+
+# Pairs that cannot both hold (or make each other's check meaningless).
+CONFLICTS = {
+    frozenset(p)
+    for p in [
+        ("lowercase", "uppercase"),
+        ("json_format", "bullet_count"),
+        ("json_format", "paragraphs"),
+        ("json_format", "title"),
+        ("json_format", "quotation"),
+        ("json_format", "ending"),
+        ("json_format", "starts_with"),
+        ("json_format", "postscript"),
+        ("json_format", "highlights"),
+        ("quotation", "ending"),
+        ("quotation", "starts_with"),
+        ("quotation", "postscript"),
+        ("ending", "postscript"),
+        ("bullet_count", "paragraphs"),
+        ("uppercase", "keywords"),
+        ("uppercase", "starts_with"),
+        ("uppercase", "postscript"),
+        ("lowercase", "starts_with"),
+        ("lowercase", "postscript"),
+        ("lowercase", "ending"),
+        ("uppercase", "ending"),
+        ("title", "starts_with"),
+        ("title", "quotation"),
+    ]
+}
+
+
+def build(n: int = PROMPTS, seed: int = SEED) -> list[dict[str, Any]]:
+    """n prompts, each instruction type used about equally often (types cycle in a
+    shuffled order), topics and request forms drawn by the seed; each text once."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    order: list[str] = []
+    while len(rows) < n:
+        if not order:
+            order = TYPES[:]
+            rng.shuffle(order)
+        first = order.pop()
+        kinds = [first]
+        if rng.random() < TWO_INSTRUCTIONS:
+            others = [t for t in TYPES if t != first and frozenset((first, t)) not in CONFLICTS]
+            kinds.append(rng.choice(others))
+        topic = rng.choice(wording()["topics"])
+        request = rng.choice(wording()["requests"]).format(topic=topic)
+        if "json_format" in kinds:
+            request = wording()["instructions"]["json_request"].format(topic=topic)
+        parts = [_sample(k, rng) for k in kinds]
+        text = " ".join([request, *(wording for wording, _ in parts)])
+        if text in seen:
+            continue
+        seen.add(text)
+        rows.append({"prompt": text, "checks": [spec for _, spec in parts]})
+    return rows
+
+
+def is_heldout(text: str) -> bool:
+    return int(row_id("verifiable-heldout", SEED, text), 16) / 16**32 < HELDOUT
+
+
+def write(rows: list[dict[str, Any]], train: Path = TRAIN_FILE, heldout: Path = HELDOUT_FILE):
+    for path, keep in ((train, False), (heldout, True)):
+        lines = [json.dumps(r, ensure_ascii=False) for r in rows if is_heldout(r["prompt"]) == keep]
+        path.write_text("\n".join(lines) + "\n")
+
+
+def load_checked(path: Path, limit: int | None = None) -> list[tuple[Prompt, list[dict]]]:
+    """A file of prompts with their check specs, each spec checked now (a known type, the
+    arguments its checker takes): an error names the file, the line and the field."""
+    prompts = load_prompts(path)[:limit]
+    lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    out = []
+    for lineno, (prompt, line) in enumerate(zip(prompts, lines, strict=False), start=1):
+        specs = json.loads(line).get("checks")
+        where = f"{path}:{lineno}: checks"
+        if not isinstance(specs, list) or not specs:
+            raise ConfigError(f"{where}: expected a non-empty list of {{type, ...}} objects")
+        for i, spec in enumerate(specs):
+            if not isinstance(spec, dict) or spec.get("type") not in CHECKS:
+                raise ConfigError(
+                    f"{where}[{i}].type: expected one of {', '.join(CHECKS)}, got "
+                    f"{spec.get('type') if isinstance(spec, dict) else spec!r}"
+                )
+            try:
+                check("", spec)
+            except TypeError as e:
+                raise ConfigError(f"{where}[{i}]: {e}") from None
+        out.append((prompt, specs))
+    return out
+
+
+def read(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """prompt text -> its check spec, for every prompt of a file."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out[row["prompt"]] = row["checks"]
+    return out
+
+
+def main(make: Callable[[], list[dict[str, Any]]] = build) -> None:
+    rows = make()
+    write(rows)
+    held = sum(is_heldout(r["prompt"]) for r in rows)
+    print(f"{len(rows)} prompts: {len(rows) - held} in {TRAIN_FILE}, {held} in {HELDOUT_FILE}")
+
+
+if __name__ == "__main__":
+    main()

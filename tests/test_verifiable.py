@@ -1,0 +1,253 @@
+"""Verifiable instructions: every checker accepts a compliant answer and rejects a
+violating one, strictly and loosely; the loose reading forgives a preamble, a sign-off
+and markdown emphasis, as IFEval's does; the prompt set is reproducible and splits by a
+fixed seed; the judge function scores by the checks."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.verifiable import prompts
+from pipeline.verifiable.checks import CHECKS, check, follows
+from pipeline.verifiable.judge import score, strict
+
+PREAMBLE = "Sure! Here is my answer:\n"
+SIGNOFF = "\nHope This Helps, Friend!"
+
+# type: (spec, compliant, violating, compliant only after a preamble or sign-off is cut)
+CASES = {
+    "word_count": (
+        {"type": "word_count", "max": 5},
+        "Bees make honey from nectar.",
+        "Bees make honey from the nectar of flowers.",
+        "Bees make honey.\nThat is all I will say about bees.",
+    ),
+    "word_count_min": (
+        {"type": "word_count", "min": 6},
+        "Bees make honey from flower nectar daily.",
+        "Bees make honey.",
+        None,
+    ),
+    "bullet_count": (
+        {"type": "bullet_count", "n": 2},
+        "* first point\n* second point",
+        "* first point\nand nothing more",
+        "Here you go:\n* first point\n* second point\n* a stray third",
+    ),
+    "lowercase": (
+        {"type": "lowercase"},
+        "bees make honey from nectar.",
+        "Bees make honey from nectar.",
+        PREAMBLE + "bees make honey from nectar.",
+    ),
+    "uppercase": (
+        {"type": "uppercase"},
+        "BEES MAKE HONEY.",
+        "BEES make honey.",
+        PREAMBLE + "BEES MAKE HONEY.",
+    ),
+    "no_commas": (
+        {"type": "no_commas"},
+        "Bees make honey and wax.",
+        "Bees make honey, wax and more.",
+        "Well, here it is.\nBees make honey and wax.",
+    ),
+    "keywords": (
+        {"type": "keywords", "words": ["quiet", "simple"]},
+        "A Quiet life is a simple one.",
+        "A quiet life is an easy one.",
+        None,
+    ),
+    "forbidden_words": (
+        {"type": "forbidden_words", "words": ["very", "nice"]},
+        "It was a pleasant day.",
+        "It was a very pleasant day.",
+        "It was a pleasant day.\nVery nice of you to ask!",
+    ),
+    "ending": (
+        {"type": "ending", "phrase": "Thank you."},
+        "Bees make honey. Thank you.",
+        "Thank you. Bees make honey.",
+        "Bees make honey. Thank you." + SIGNOFF,
+    ),
+    "starts_with": (
+        {"type": "starts_with", "word": "Imagine"},
+        "Imagine a hive full of bees.",
+        "Picture a hive full of bees.",
+        PREAMBLE + "Imagine a hive full of bees.",
+    ),
+    "title": (
+        {"type": "title"},
+        "<<The Busy Hive>>\nBees make honey.",
+        "The Busy Hive\nBees make honey.",
+        None,
+    ),
+    "paragraphs": (
+        {"type": "paragraphs", "n": 2},
+        "Bees make honey.\n\nThey also make wax.",
+        "Bees make honey. They also make wax.",
+        "Bees make honey.\n\nThey also make wax.\n\nBye.",
+    ),
+    "json_format": (
+        {"type": "json_format"},
+        '```json\n{"insect": "bee", "makes": ["honey", "wax"]}\n```',
+        'The insect is a bee: {"makes": "honey"}',
+        PREAMBLE + '{"insect": "bee"}',
+    ),
+    "ascii_only": (
+        {"type": "ascii_only"},
+        "Bees make honey.",
+        "Bees make honey \u2014 caf\u00e9 style \U0001f41d",
+        "Bees make honey.\n\U0001f41d",
+    ),
+    "quotation": (
+        {"type": "quotation"},
+        '"Bees make honey."',
+        "Bees make honey.",
+        PREAMBLE + '"Bees make honey."',
+    ),
+    "postscript": (
+        {"type": "postscript", "marker": "P.S."},
+        "Bees make honey.\nP.S. They also dance.",
+        "Bees make honey. They also dance.",
+        None,
+    ),
+    "placeholders": (
+        {"type": "placeholders", "n": 2},
+        "Dear [name], the hive at [address] is ready.",
+        "Dear [name], the hive is ready.",
+        None,
+    ),
+    "highlights": (
+        {"type": "highlights", "n": 1},
+        "Bees make *honey* from nectar.",
+        "Bees make honey from nectar.",
+        None,
+    ),
+}
+
+
+def test_every_type_has_a_case():
+    assert {spec["type"] for spec, *_ in CASES.values()} == set(CHECKS)
+    assert len(CHECKS) >= 12
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_checker_accepts_compliant_and_rejects_violating(name):
+    spec, good, bad, loose_only = CASES[name]
+    for loose in (False, True):
+        assert check(good, spec, loose), (name, loose, good)
+        assert not check(bad, spec, loose), (name, loose, bad)
+    if loose_only is not None:
+        assert not check(loose_only, spec), (name, "strict should refuse", loose_only)
+        assert check(loose_only, spec, loose=True), (name, "loose should accept", loose_only)
+
+
+def test_loose_forgives_markdown_emphasis_and_follows_lists():
+    spec = {"type": "starts_with", "word": "Imagine"}
+    assert not check("**Note:**\nImagine this.", spec) and check(
+        "**Note:**\nImagine this.", spec, True
+    )
+    assert follows("bees, honey", [{"type": "lowercase"}, {"type": "no_commas"}]) == [True, False]
+
+
+def test_prompt_set_is_reproducible_and_split_by_a_fixed_seed():
+    rows = prompts.build()
+    assert len(rows) >= 400 and len({r["prompt"] for r in rows}) == len(rows)
+    assert rows == prompts.build()  # the seed fixes it
+    types = [s["type"] for r in rows for s in r["checks"]]
+    assert set(types) == set(CHECKS) and min(types.count(t) for t in CHECKS) >= 20
+    assert sum(len(r["checks"]) == 2 for r in rows) >= 100  # some combine two
+    for r in rows:
+        if len(r["checks"]) == 2:
+            pair = frozenset(s["type"] for s in r["checks"])
+            assert pair not in prompts.CONFLICTS and len(pair) == 2
+    # The shipped files are exactly the generator's output, split by the fixed seed.
+    shipped = {
+        path: [json.loads(line) for line in path.read_text().splitlines()]
+        for path in (prompts.TRAIN_FILE, prompts.HELDOUT_FILE)
+    }
+    train, held = shipped[prompts.TRAIN_FILE], shipped[prompts.HELDOUT_FILE]
+    assert sorted(train + held, key=lambda r: r["prompt"]) == sorted(
+        rows, key=lambda r: r["prompt"]
+    )
+    assert all(prompts.is_heldout(r["prompt"]) for r in held)
+    assert not any(prompts.is_heldout(r["prompt"]) for r in train)
+    assert 250 <= len(held) <= 400
+
+
+def test_judge_function_scores_by_the_checks():
+    row = next(r for r in prompts.build() if [s["type"] for s in r["checks"]] == ["lowercase"])
+    assert score(row["prompt"], "all lower case here.") == 1.0
+    assert score(row["prompt"], "Sure!\nall lower case here.") == 0.5  # loose only
+    assert score(row["prompt"], "Not Lower.") == 0.0
+    assert strict(row["prompt"], "all lower.") is True
+    assert score("a prompt that is not in the set", "x") is None
+
+
+def test_loop_with_function_judge_and_yardstick(tmp_path, tiny_model_dir):
+    """Two tiny rounds on the verifiable prompts, Self-Rewarding judged by the checkers:
+    candidates scored by the function judge, pairs, and the yardstick of M_0, M_1 and M_2
+    in `evaluations` (four accuracies each, with counts and intervals) and the report."""
+    from prefect.testing.utilities import prefect_test_harness
+    from test_flows import tiny_config
+
+    from flows.loop import loop_flow
+    from pipeline.store import Store
+
+    cfg = tiny_config(
+        tmp_path,
+        tiny_model_dir,
+        name="verifiable",
+        prompts={"files": [str(prompts.TRAIN_FILE)], "per_round": 12, "heldout": 0},
+        self_reward={
+            "n_candidates": 4,
+            "sampling": {"temperature": 1.0, "max_tokens": 12},
+            "judge": {"kind": "function", "function": "pipeline.verifiable.judge:score"},
+            "self_instruct": {"enabled": False},
+        },
+        rlcd={"enabled": False},
+        cai={"enabled": False},
+        training={"data": "all"},  # round 2 may find no pair of its own in gibberish
+        evaluation={
+            "agreement": False,
+            "yardstick": {"enabled": True, "limit": 6, "sampling": {"max_tokens": 12}},
+        },
+    )
+    cfg["self_reward"].pop("judge_template")  # tiny_config's judge, replaced by `judge`
+    with prefect_test_harness(server_startup_timeout=120):
+        result = loop_flow(cfg)
+    with Store(cfg["db_path"], read_only=True) as store:
+        [[judged, scores]] = store.sql(
+            "SELECT count(*), count(DISTINCT score) FROM judgments "
+            "WHERE judge_id LIKE 'pipeline.verifiable.judge:score@%'"
+        )[1]
+        assert judged == 2 * 12 * 4 and scores >= 2
+        assert store.pair_counts("verifiable", 1)["self_reward"] >= 1
+        evals = {
+            (e["round"], e["metric"]): e
+            for e in store.evaluations("verifiable")
+            if e["metric"].startswith("ifeval_")
+        }
+        models = {0: store.round_info("verifiable", 1)["model_id"]}
+        models[1] = store.round_info("verifiable", 2)["model_id"]
+        models[2] = result["final_model"]
+        for t in (0, 1, 2):
+            for metric in (
+                "ifeval_prompt_strict",
+                "ifeval_prompt_loose",
+                "ifeval_instruction_strict",
+                "ifeval_instruction_loose",
+            ):
+                e = evals[(t, metric)]
+                d = json.loads(e["details_json"])
+                assert d["model"] == models[t], (t, metric)
+                assert 0.0 <= d["ci95"][0] <= e["value"] <= d["ci95"][1] <= 1.0
+                assert d["n"] >= 6 and d["followed"] == round(e["value"] * d["n"])
+            strict_p = evals[(t, "ifeval_prompt_strict")]["value"]
+            assert strict_p <= evals[(t, "ifeval_prompt_loose")]["value"]
+        [[answers]] = store.sql("SELECT count(*) FROM generations WHERE role = 'yardstick'")[1]
+        assert answers == 3 * 6
+    page = Path(result["report"]).read_text()
+    assert 'data-plot="yardstick"' in page and "instruction following" in page
