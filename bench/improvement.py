@@ -109,13 +109,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--dir", type=Path, default=None, help="keep the runs here (default: temp)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.dir is not None:
+            args.dir.mkdir(parents=True, exist_ok=True)
+            tmp = args.dir
         for loop in args.loops:
             for seed in args.seeds:
                 name = f"improve-{loop}-s{seed}"
                 result = run_loop(LOOPS[loop], name, seed, args.rounds, args.sets, Path(tmp))
                 show(loop, seed, result)
+                sys.stdout.flush()
                 if args.out:
                     with open(args.out, "a") as f:
                         record = {"loop": loop, "seed": seed, "settings": args.sets, **result}

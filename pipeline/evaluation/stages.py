@@ -34,15 +34,17 @@ from pipeline.seeds import Prompt
 from pipeline.templates import Template
 
 
-def heldout_answers(
+def greedy_answers(
     engine: Engine,
     prompts: Sequence[Prompt],
     ctx: RoundContext,
     model_id: str,
-    cfg: EvaluationConfig,
+    sampling: Any,
+    role: str,
 ) -> Rows:
-    """One greedy answer per held-out prompt from `model_id` (the engine's model)."""
-    params = sampling_from(cfg.sampling)
+    """One answer per prompt from `model_id` (the engine's model), as generations rows of
+    the evaluation with this role."""
+    params = sampling_from(sampling)
     outputs = engine.generate([p.conversation for p in prompts], params)
     rows = Rows()
     for prompt, completions in zip(prompts, outputs, strict=True):
@@ -52,7 +54,7 @@ def heldout_answers(
                 ctx,
                 METHOD,
                 prompt.prompt_id,
-                "heldout",
+                role,
                 0,
                 completions[0],
                 params,
@@ -61,6 +63,17 @@ def heldout_answers(
             ),
         )
     return rows
+
+
+def heldout_answers(
+    engine: Engine,
+    prompts: Sequence[Prompt],
+    ctx: RoundContext,
+    model_id: str,
+    cfg: EvaluationConfig,
+) -> Rows:
+    """One greedy answer per held-out prompt from `model_id` (the engine's model)."""
+    return greedy_answers(engine, prompts, ctx, model_id, cfg.sampling, "heldout")
 
 
 def _ask_pairwise(

@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipeline.engines.base import Engine
-from pipeline.evaluation.metrics import METHOD, evaluation_row
-from pipeline.rows import RoundContext, Rows, generation_row, sampling_from
+from pipeline.evaluation.metrics import evaluation_row
+from pipeline.evaluation.stages import greedy_answers
+from pipeline.rows import RoundContext, Rows
 from pipeline.seeds import Prompt
 from pipeline.verifiable.checks import follows
 
@@ -77,27 +78,10 @@ def instruction_following(
     """`model_id` (the engine's model) answers every yardstick prompt greedily; its
     answers and the four accuracies, stored under `ctx.round` (the round whose model it
     is: 0 for the run's initial model)."""
-    params = sampling_from(cfg.sampling)
-    outputs = engine.generate([p.conversation for p, _ in prompts], params)
-    rows = Rows()
-    answers = []
-    for (prompt, _), completions in zip(prompts, outputs, strict=True):
+    rows = greedy_answers(engine, [p for p, _ in prompts], ctx, model_id, cfg.sampling, "yardstick")
+    for prompt, _ in prompts:
         rows.add("prompts", prompt.record(ctx.run_id, ctx.round, split="yardstick"))
-        rows.add(
-            "generations",
-            generation_row(
-                ctx,
-                METHOD,
-                prompt.prompt_id,
-                "yardstick",
-                0,
-                completions[0],
-                params,
-                key=(model_id,),
-                model_id=model_id,
-            ),
-        )
-        answers.append(completions[0].text)
+    answers = [g["text"] for g in rows["generations"]]
     for metric, (value, details) in accuracy(answers, [s for _, s in prompts]).items():
         rows.add(
             "evaluations",
