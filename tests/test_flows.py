@@ -508,7 +508,7 @@ def test_served_deployment_runs(tmp_path, tiny_model_dir, free_port):
 @pytest.mark.slow
 def test_end_to_end_smollm2_on_vllm(tmp_path, default_model_dir):
     """`prefloop run` as a user runs it: SmolLM2 through the vLLM engine, every method,
-    DPO, one round (small sizes to keep the suite short)."""
+    the demo's SFT then DPO, one round (small sizes to keep the suite short)."""
     pytest.importorskip("vllm")
     path = tmp_path / "e2e.yaml"
     cfg = yaml.safe_load((ROOT / "data/configs/demo.yaml").read_text())
@@ -527,8 +527,11 @@ def test_end_to_end_smollm2_on_vllm(tmp_path, default_model_dir):
         assert set(store.pair_counts("demo", 1)) == {"self_reward", "rlcd", "cai"}
         [judged] = store.query("SELECT count(*) AS n, count(score) AS scored FROM judgments")
         assert judged["n"] > 0 and judged["scored"] == judged["n"]  # prefilled judge
-        [tr] = store.query("SELECT metrics_json FROM training_runs")
-        assert json.loads(tr["metrics_json"])["steps"] > 0
+        # The demo's CAI recipe: SFT, then DPO from the SFT model.
+        sft, dpo = store.query("SELECT * FROM training_runs ORDER BY step")
+        assert (sft["kind"], dpo["kind"]) == ("sft", "dpo")
+        assert dpo["base_model_id"] == sft["output_model_id"]
+        assert all(json.loads(t["metrics_json"])["steps"] > 0 for t in (sft, dpo))
 
 
 def test_only_transient_faults_are_retried():
