@@ -38,7 +38,7 @@ from pipeline.progress import plan_record, progress_bar
 from pipeline.rows import RoundContext, Rows, stage_metrics_row
 from pipeline.store import Store
 from pipeline.training.kinds import produces_policy
-from pipeline.training.step import train_round
+from pipeline.training.step import stored_policy, train_round
 
 
 def _transient(task, task_run, state) -> bool:
@@ -457,12 +457,8 @@ class Round:
 
     def next_model(self) -> str:
         """The model a finished round hands on (its last policy step's, if any)."""
-        policy = self.ctx.model_id
-        for step in self.cfg.training.step_list():
-            trained = self.store.finished_training(self.ctx.run_id, self.ctx.round, step.kind)
-            if trained and produces_policy(step.kind):
-                policy = trained
-        return policy
+        ctx = self.ctx
+        return stored_policy(self.store, self.cfg.training, ctx.run_id, ctx.round, ctx.model_id)
 
 
 @flow(name="prefloop-round", flow_run_name="{run_id}-round-{round_}")

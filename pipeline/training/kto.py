@@ -98,7 +98,11 @@ def train_kto(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     if test is not None:
         after = trainer.evaluate()
         metrics.update(heldout_loss=after.get("eval_loss"), heldout_kl=after.get("eval_kl"))
-        reference = load_policy(ref_path, cuda).to(trainer.model.device)
+        # TRL's own frozen reference when it kept one (not with LoRA, nor after
+        # precomputing reference log-probs): loaded once, not twice.
+        reference = trainer.ref_model
+        if reference is None:
+            reference = load_policy(ref_path, cuda).to(trainer.model.device)
         metrics.update(
             pair_rewards(trainer.model, reference, tokenizer, test, t["beta"], t["max_length"])
         )

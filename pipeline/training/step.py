@@ -158,6 +158,17 @@ def round_steps(training: Any, only: str | None = None) -> list[TrainingConfig]:
     return [TrainingConfig.model_validate({**shared, "kind": only})]
 
 
+def stored_policy(store: Store, training: Any, run_id: str, round_: int, start: str) -> str:
+    """The policy a round's stored steps hand on: the last stored policy step's model,
+    else `start` (the round's model)."""
+    policy = start
+    for step in training.step_list():
+        output = store.finished_training(run_id, round_, step.kind)
+        if output is not None and TRAINING_KINDS[step.kind].produces == "policy":
+            policy = output
+    return policy
+
+
 def train_round(
     store: Store,
     training: Any,
