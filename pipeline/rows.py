@@ -165,9 +165,11 @@ def stage_metrics_row(
     prompt_tokens: int = 0,
     completion_tokens: int = 0,
     setup: float = 0.0,
+    servers: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A stage_metrics row: the work's wall time and tokens; `setup` is the time spent
-    before the work (starting an engine), kept apart so tokens/s stays the engine's."""
+    before the work (starting an engine), kept apart so tokens/s stays the engine's;
+    `servers`: per server of a remote engine, what it did."""
     return {
         "run_id": ctx.run_id,
         "round": ctx.round,
@@ -179,4 +181,5 @@ def stage_metrics_row(
         "completion_tokens": completion_tokens,
         "tokens_per_s": (prompt_tokens + completion_tokens) / wall if wall > 0 else None,
         "setup_s": setup,
+        "servers_json": json.dumps(servers) if servers else None,
     }

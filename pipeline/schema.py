@@ -6,12 +6,21 @@ from the registries (methods, judge kinds, training kinds).
 Unknown keys are rejected everywhere so a typo never silently falls back to a default.
 """
 
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 
@@ -52,13 +61,31 @@ class EngineConfig(StrictModel):
     # 2-core reference machine 0 gives 1.8x the generated tokens/s (bench/vllm_cpu.py).
     # None leaves vLLM's default (or VLLM_CPU_NUM_OF_RESERVED_CPU) alone.
     cpu_reserved_cores: int | None = Field(0, ge=0)
-    # OpenAI-compatible servers (e.g. `vllm serve` on GPU nodes).
-    base_url: str | None = None
+    # OpenAI-compatible servers (e.g. `vllm serve` on GPU nodes): one URL or a list of
+    # servers of the same model, spread by load, a dead one left out until it answers.
+    base_url: str | list[str] | None = None
     served_model_name: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
+    # Requests in flight per server.
     max_concurrency: int = Field(16, ge=1)
     timeout_s: float = Field(120.0, gt=0.0)
     max_retries: int = Field(4, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _urls(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty list names no server")
+            if len(set(v)) != len(v):
+                raise ValueError("a server is listed twice")
+        return v
+
+    def base_urls(self) -> list[str]:
+        """The servers, as a list (empty when none is set)."""
+        if self.base_url is None:
+            return []
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
 
 
 class LoraConfig(StrictModel):
@@ -125,15 +152,62 @@ class TrainingConfig(StrictModel):
     accelerate_config: Path | None = None
 
 
+class RayResources(StrictModel):
+    """What one Ray task asks of its node (`ray.remote` options): Ray places it on a node
+    that has them. `resources` names custom node resources (`ray start --resources`)."""
+
+    num_cpus: float | None = Field(None, ge=0)
+    num_gpus: float | None = Field(None, ge=0)
+    memory_gib: float | None = Field(None, gt=0)
+    resources: dict[str, float] = {}
+
+    def remote_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.num_cpus is not None:
+            options["num_cpus"] = self.num_cpus
+        if self.num_gpus is not None:
+            options["num_gpus"] = self.num_gpus
+        if self.memory_gib is not None:
+            options["memory"] = int(self.memory_gib * 2**30)
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        return options
+
+
 class RunnerConfig(StrictModel):
     """Where the flow's batch tasks run. Local engines (vllm, hf) are one per process and
     not thread-safe, so their batches run one at a time; with `engine.kind: openai` the
-    batches can run concurrently against remote servers (`workers`), or on a Ray cluster
-    (`kind: ray`, needs `pip install prefect-ray`)."""
+    batches can run concurrently against remote servers (`workers` threads), or as Ray
+    tasks (`kind: ray`, the `ray` extra: `pip install -e ".[ray]"`)."""
 
     kind: Literal["threads", "ray"] = "threads"
     workers: int = Field(1, ge=1)
-    ray_address: str | None = None
+    # Ray: None = start a Ray instance for the run on this machine (bound to 127.0.0.1,
+    # stopped when the run ends); "auto" = join the cluster `ray start` made on this
+    # machine; "host:port" (its GCS) or "ray://host:10001" (Ray Client) = join that one.
+    address: str | None = None
+    # Each generation batch's Ray task.
+    generate: RayResources = RayResources(num_cpus=1)
+    # The training step as a Ray task with these resources (e.g. {num_gpus: 1}), its
+    # checkpoint written under runs_dir, which that node must see at the same path (a
+    # shared filesystem). None = train in a child of the flow's process.
+    train: RayResources | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "ray_address" in data:  # its name before 0.1
+            data = {**data}
+            old = data.pop("ray_address")
+            data.setdefault("address", old)
+        return data
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is None or v == "auto" or re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", v):
+            return v
+        raise ValueError(f"{v!r}: expected auto, host:port or ray://host:port")
 
 
 class YardstickConfig(StrictModel):

@@ -45,8 +45,12 @@ def engine_problem(cfg: EngineConfig) -> str | None:
     return block_size_problem(cfg, torch.cuda.is_available())
 
 
-def start_engine(model_path: Path, cfg: EngineConfig, seed: int) -> EngineBase:
-    """Start the configured engine; use it as a context manager to release it."""
+def start_engine(
+    model_path: Path, cfg: EngineConfig, seed: int, tokenizer_dir: Path | None = None
+) -> EngineBase:
+    """Start the configured engine; use it as a context manager to release it.
+    `tokenizer_dir`: a remote engine's tokenizer files, when `model_path` is not on this
+    machine."""
     kind = engine_kind(cfg)
     if kind == "vllm":
         from pipeline.engines.vllm_engine import VllmEngine
@@ -58,4 +62,4 @@ def start_engine(model_path: Path, cfg: EngineConfig, seed: int) -> EngineBase:
         return HfEngine.start(model_path, cfg, seed)
     from pipeline.engines.openai_engine import OpenAIEngine
 
-    return OpenAIEngine.start(model_path, cfg, seed)
+    return OpenAIEngine.start(model_path, cfg, seed, tokenizer_dir)

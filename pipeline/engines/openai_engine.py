@@ -2,37 +2,39 @@
 
 Prompts are rendered here with the local copy of the model's tokenizer and sent as token
 ids to the completions API, so a remote server sees exactly what a local engine would.
+`engine.base_url` may list several servers of the same model: requests are spread by
+load and a server that stops answering is left out until it answers again
+(pipeline/engines/servers.py).
 """
 
+import contextvars
 import os
-import random
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from pipeline.engines.base import Completion, EngineBase, Sampling
-from pipeline.errors import EngineError, TransientEngineError
+from pipeline.engines.servers import ServerPool
+from pipeline.errors import EngineError
 from pipeline.schema import EngineConfig
-
-_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 @dataclass
 class OpenAIEngine(EngineBase):
-    base_url: str = ""
+    pool: ServerPool | None = None
     served_model: str = ""
-    client: httpx.Client | None = None
-    max_concurrency: int = 16
-    max_retries: int = 4
+    max_concurrency: int = 16  # requests in flight per server
 
     @classmethod
-    def start(cls, model_path: Path, cfg: EngineConfig, seed: int) -> "OpenAIEngine":
+    def start(
+        cls, model_path: Path, cfg: EngineConfig, seed: int, tokenizer_dir: Path | None = None
+    ) -> "OpenAIEngine":
+        """`tokenizer_dir`: where the model's tokenizer files are, when not in
+        `model_path` (a task on a machine without the model: flows/engines.py)."""
         from transformers import AutoTokenizer
 
-        if not cfg.base_url:
+        urls = cfg.base_urls()
+        if not urls:
             raise EngineError(
                 "engine.base_url: required for engine.kind openai (e.g. http://127.0.0.1:8000/v1)"
             )
@@ -40,67 +42,36 @@ class OpenAIEngine(EngineBase):
         key = os.environ.get(cfg.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        client = httpx.Client(
-            base_url=cfg.base_url.rstrip("/"),
-            timeout=cfg.timeout_s,
-            headers=headers,
-            limits=httpx.Limits(max_connections=cfg.max_concurrency),
-        )
+        pool = ServerPool.open(urls, headers, cfg.timeout_s, cfg.max_concurrency, cfg.max_retries)
         return cls(
             model_path=model_path,
             seed=seed,
             max_model_len=cfg.max_model_len,
-            tokenizer=AutoTokenizer.from_pretrained(model_path),
-            base_url=cfg.base_url,
+            tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir or model_path),
+            pool=pool,
             served_model=cfg.served_model_name or str(model_path),
-            client=client,
             max_concurrency=cfg.max_concurrency,
-            max_retries=cfg.max_retries,
         )
 
+    @property
+    def base_url(self) -> str:
+        return ", ".join(self.pool.urls)
+
     def ping(self) -> None:
-        """Fail at once, with one line, when nothing answers at `base_url`."""
-        try:
-            self.client.get("/models", timeout=10.0).raise_for_status()
-        except httpx.HTTPError as e:
-            raise EngineError(
-                f"engine.base_url: {self.base_url} does not answer ({e}); is the server running?"
-            ) from None
+        """Fail at once, with one line, when a server in `base_url` does not answer."""
+        self.pool.ping()
+
+    def server_stats(self) -> dict[str, dict]:
+        return self.pool.snapshot()
 
     def _post(self, body: dict) -> dict:
-        """POST /completions; retries timeouts, dropped connections, 429 and 5xx with
-        jittered backoff."""
-        for attempt in range(self.max_retries + 1):
-            last = attempt == self.max_retries
-            try:
-                response = self.client.post("/completions", json=body)
-            except httpx.TransportError as e:
-                # Mid-run, a refused or dropped connection is a server restarting or gone:
-                # retried here and by the flow. A wrong URL is caught before the run (`ping`).
-                if last:
-                    raise TransientEngineError(
-                        f"{self.base_url}: {_transport_failure(e)} after "
-                        f"{self.max_retries + 1} tries ({e}); "
-                        "is the server running?"
-                    ) from None
-            else:
-                if response.status_code < 400:
-                    return response.json()
-                if response.status_code not in _RETRY_STATUS or last:
-                    kind = (
-                        TransientEngineError
-                        if response.status_code in _RETRY_STATUS
-                        else EngineError
-                    )
-                    raise kind(
-                        f"{self.base_url}: HTTP {response.status_code}: {response.text[:200]}"
-                    )
-            time.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
-        raise AssertionError("unreachable")
+        return self.pool.post("/completions", body)
 
     def _map(self, fn, items: list) -> list:
-        with ThreadPoolExecutor(self.max_concurrency) as pool:
-            return list(pool.map(fn, items))
+        # Each request runs in a copy of the caller's context: its stage's tally counts it.
+        with ThreadPoolExecutor(self.max_concurrency * len(self.pool.servers)) as pool:
+            futures = [pool.submit(contextvars.copy_context().run, fn, x) for x in items]
+            return [f.result() for f in futures]
 
     def _generate_ids(self, prompts: list[list[int]], params: Sampling) -> list[list[Completion]]:
         def one(indexed: tuple[int, list[int]]) -> list[Completion]:
@@ -121,7 +92,7 @@ class OpenAIEngine(EngineBase):
             if params.stop:
                 body["stop"] = list(params.stop)
             choices = sorted(self._post(body)["choices"], key=lambda c: c["index"])
-            return [
+            completions = [
                 Completion(
                     c["text"],
                     _n_tokens(c) or len(self.encode(c["text"])),
@@ -129,6 +100,7 @@ class OpenAIEngine(EngineBase):
                 )
                 for c in choices
             ]
+            return completions
 
         return self._map(one, list(enumerate(prompts)))
 
@@ -153,19 +125,11 @@ class OpenAIEngine(EngineBase):
         return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
 
     def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
 
 def _n_tokens(choice: dict) -> int | None:
     tokens = (choice.get("logprobs") or {}).get("tokens")
     return len(tokens) if tokens is not None else None
-
-
-def _transport_failure(e: httpx.TransportError) -> str:
-    if isinstance(e, httpx.TimeoutException):
-        return "timed out"
-    if isinstance(e, httpx.ConnectError):
-        return "cannot connect"
-    return "lost the connection"

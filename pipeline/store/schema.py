@@ -268,6 +268,11 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE training_runs ADD COLUMN step INTEGER",
         "UPDATE training_runs SET step = 0",
     ],
+    # v7: per server of an engine with several (engine.base_url as a list), what each did
+    # in the stage: requests, failures, completion tokens and tokens/s.
+    [
+        "ALTER TABLE stage_metrics ADD COLUMN servers_json VARCHAR",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
