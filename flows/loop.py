@@ -24,9 +24,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from flows.engines import EngineSpec, close_engines, get_engine
+from flows.cluster import placed, ray_session, task_runner, training_launcher
+from flows.engines import EngineSpec, close_engines, engine_spec, get_engine
 from pipeline import report, rounds
 from pipeline.config import RunConfig, load_config, parse_config
+from pipeline.engines.servers import server_rows, tally
 from pipeline.errors import PrefloopError, TransientEngineError
 from pipeline.evaluation.metrics import round_statistics
 from pipeline.evaluation.stages import compare_models, heldout_answers
@@ -73,15 +75,23 @@ def run_stage(
     distinct = list({id(e): e for e in started.values()}.values())
     before = [(e.counter.prompt_tokens, e.counter.completion_tokens) for e in distinct]
     start = time.perf_counter()
-    rows = work(**started)
+    with tally() as counts:  # per server, this batch's requests only
+        rows = work(**started)
     wall = time.perf_counter() - start
+    up = {
+        url: stats["up"]
+        for e in distinct
+        if hasattr(e, "server_stats")
+        for url, stats in e.server_stats().items()
+    }
+    servers = server_rows(counts, up, wall) if up else None
     prompt = sum(e.counter.prompt_tokens - b[0] for e, b in zip(distinct, before, strict=True))
     completion = sum(
         e.counter.completion_tokens - b[1] for e, b in zip(distinct, before, strict=True)
     )
     rows.add(
         "stage_metrics",
-        stage_metrics_row(ctx, stage, batch, n_items, wall, prompt, completion, setup),
+        stage_metrics_row(ctx, stage, batch, n_items, wall, prompt, completion, setup, servers),
     )
     return rows
 
@@ -184,7 +194,7 @@ class Round:
     def spec(self, model_id: str, evaluation: bool = False) -> EngineSpec:
         model = self.store.model(model_id)
         engine = (self.cfg.evaluation.engine if evaluation else None) or self.cfg.engine
-        return EngineSpec(model_id, model["path"], engine.model_dump_json(), self.ctx.seed)
+        return engine_spec(model_id, model["path"], engine, self.ctx.seed)
 
     # -- the steps of a round -----------------------------------------------------------
 
@@ -240,9 +250,7 @@ class Round:
                 model_id, path = judge.model_id, str(judge.path)
                 self.plans[method] = replace(plan, model_id=model_id)
             role = "score" if plan.scorer else "generate"
-            self.judges[method] = EngineSpec(
-                model_id, path, cfg.engine.model_dump_json(), ctx.seed, role
-            )
+            self.judges[method] = engine_spec(model_id, path, cfg.engine, ctx.seed, role)
 
     def _engines(self, method: str | None) -> dict[str, EngineSpec]:
         engines = {"engine": self.model}
@@ -289,7 +297,10 @@ class Round:
                     ctx=ctx,
                     cfg=cfg,
                 )
-                future = run_stage.submit(method, b, len(batch), ctx, work, self._engines(method))
+                with placed(cfg, cfg.runner.generate):
+                    future = run_stage.submit(
+                        method, b, len(batch), ctx, work, self._engines(method)
+                    )
                 submitted.append((method, b, len(batches), future))
         for method, b, total, future in submitted:
             self.write(future.result(), method, b, total)
@@ -381,7 +392,14 @@ class Round:
             )
 
         trained = train_round(
-            self.store, cfg.training, ctx.run_id, ctx.round, self.folder, cfg.seed, on_step=logged
+            self.store,
+            cfg.training,
+            ctx.run_id,
+            ctx.round,
+            self.folder,
+            cfg.seed,
+            on_step=logged,
+            launch=training_launcher(cfg),
         )
         return trained["policy"]
 
@@ -522,21 +540,6 @@ def _same_config(stored: dict[str, Any], cfg: RunConfig) -> bool:
         return False
 
 
-def task_runner(cfg: RunConfig):
-    """Threads by default (one worker for local engines), Ray on request."""
-    if cfg.runner.kind == "ray":
-        try:
-            from prefect_ray import RayTaskRunner
-        except ImportError:
-            raise PrefloopError(
-                "runner.kind ray needs prefect-ray: .venv/bin/pip install prefect-ray"
-            ) from None
-        return RayTaskRunner(address=cfg.runner.ray_address)
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    return ThreadPoolTaskRunner(max_workers=cfg.runner.workers)
-
-
 def _resolve_config(config: str | dict[str, Any], overrides: list[str] | None) -> RunConfig:
     if isinstance(config, dict):
         return parse_config(config)
@@ -564,14 +567,15 @@ def loop_flow(
             first = store.last_finished_round(cfg.name) + 1
     model_id = run["model_id"]
     started = time.perf_counter()
-    for t in range(1, first + n):
-        with Store(cfg.db_path, lock_timeout_s=cfg.db_lock_timeout_s) as store:
-            existing = store.round_info(cfg.name, t)
-        if existing is not None:
-            model_id = existing["model_id"]
-        model_id = round_flow.with_options(task_runner=task_runner(cfg))(
-            run["config_json"], cfg.name, t, model_id
-        )
+    with ray_session(cfg):  # one Ray connection for every round (threads: nothing)
+        for t in range(1, first + n):
+            with Store(cfg.db_path, lock_timeout_s=cfg.db_lock_timeout_s) as store:
+                existing = store.round_info(cfg.name, t)
+            if existing is not None:
+                model_id = existing["model_id"]
+            model_id = round_flow.with_options(task_runner=task_runner(cfg))(
+                run["config_json"], cfg.name, t, model_id
+            )
     page = report.write_report(cfg.db_path, cfg.name, report.report_path(cfg.runs_dir, cfg.name))
     logger.info(
         "run %s: rounds %d-%d in %.0fs; database %s; report %s",

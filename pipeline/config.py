@@ -182,6 +182,10 @@ class RunConfig(StrictModel):
                 "runner.workers > 1 and runner.kind ray need engine.kind openai (local engines "
                 "are one per process)"
             )
+        if self.runner.train is not None and self.runner.kind != "ray":
+            raise ValueError(
+                "runner.train: places the training step on a Ray node; needs runner.kind ray"
+            )
         if not self.enabled_methods():
             raise ValueError(f"enable at least one of {', '.join(METHODS)}")
         return self

@@ -10,9 +10,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ class TrainSpec:
     training: dict[str, Any]  # TrainingConfig.model_dump()
     reference_model: str | None = None  # None = the base model (TRL's default)
     seed: int = 0
-    device: str = "cpu"  # cpu | cuda
+    device: str = "cpu"  # cpu | cuda | auto (cuda where the child runs has it)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -83,6 +84,8 @@ def run_training(
 ) -> dict:
     """Train in a child process; returns the child's metrics. The checkpoint appears at
     `spec.output_dir` only when the child finished."""
+    if spec.device == "auto":  # decided on the machine that trains (a Ray node, maybe)
+        spec = replace(spec, device="cuda" if cuda_available() else "cpu")
     out = Path(spec.output_dir)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -121,4 +124,5 @@ def run_training(
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
-    return json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {**metrics, "device": spec.device, "host": socket.gethostname()}

@@ -20,7 +20,7 @@ from pipeline.schema import TrainingConfig
 from pipeline.store import Store
 from pipeline.training.export import first_round, write_dataset
 from pipeline.training.kinds import TRAINING_KINDS
-from pipeline.training.launch import TrainSpec, cuda_available, run_training
+from pipeline.training.launch import TrainSpec, run_training
 
 
 def export_step(
@@ -57,11 +57,12 @@ def train_step(
     seed: int,
     start_model_id: str | None = None,
     index: int = 0,
+    launch: Callable[[TrainSpec, Path | None], dict] = run_training,
 ) -> dict[str, Any]:
     """Train one step on round `round_`'s data window from `start_model_id` (None: the
-    round's model), in a child process; register and return the new model's row. The
-    data snapshot and the checkpoint go in `folder`. Nothing is stored unless training
-    succeeded."""
+    round's model), in a child process (`launch`: here, or a Ray task on another node);
+    register and return the new model's row. The data snapshot and the checkpoint go in
+    `folder`. Nothing is stored unless training succeeded."""
     name = step.kind
     entry = TRAINING_KINDS[name]
     info = store.round_info(run_id, round_)
@@ -94,10 +95,10 @@ def train_step(
         training=step.model_dump(mode="json"),
         reference_model=reference["path"] if reference else None,
         seed=seed + round_,
-        device="cuda" if cuda_available() else "cpu",
+        device="auto",  # where the child runs: cuda if that machine has it
         extra={"rounds": [first_round(step, round_), round_]},
     )
-    metrics = run_training(spec, step.accelerate_config)
+    metrics = launch(spec, step.accelerate_config)
 
     out = Path(spec.output_dir)
     sha = sha256_dir(out, exclude=NOT_HASHED)
@@ -178,6 +179,7 @@ def train_round(
     seed: int,
     only: str | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    launch: Callable[[TrainSpec, Path | None], dict] = run_training,
 ) -> dict[str, Any]:
     """Train the round's steps in order (`training.step_list()`), each policy step from
     the previous one's model; a step already stored is skipped. With `only`, train that
@@ -190,7 +192,7 @@ def train_round(
     for index, step in enumerate(round_steps(training, only)):
         output = store.finished_training(run_id, round_, step.kind)
         if (only is None and output is None) or step.kind == only:
-            result = train_step(store, step, run_id, round_, folder, seed, policy, index)
+            result = train_step(store, step, run_id, round_, folder, seed, policy, index, launch)
             output = result["model_id"]
             trained.append(result)
             if on_step is not None:
