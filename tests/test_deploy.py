@@ -1,0 +1,189 @@
+"""Deployments on a real Prefect server on loopback: `prefloop serve`, and the shipped
+prefect.yaml through `prefect deploy` and a process worker (`prefect worker start`). A
+bad config fails the deploy in its pre-flight and never reaches the work pool."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_flows import ROOT, tiny_config
+
+from pipeline.store import Store
+
+pytestmark = pytest.mark.slow
+
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited: {proc.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} not up after {timeout}s")
+
+
+def _end(proc: subprocess.Popen | None) -> None:
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on a free loopback port; yields the environment that points
+    a client at it."""
+    import socket
+
+    home = tmp_path_factory.mktemp("prefect")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api}
+    server = subprocess.Popen(
+        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_http(f"{api}/health", 180, server)
+        yield {"api": api, "env": env}
+    finally:
+        _end(server)
+
+
+def _wait_final(api: str, run_id, proc: subprocess.Popen, timeout: float = 600):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as c:
+        deadline = time.monotonic() + timeout
+        while not c.read_flow_run(run_id).state.is_final():
+            assert time.monotonic() < deadline, "flow run did not finish"
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(2)
+        return c.read_flow_run(run_id).state
+
+
+def _config(tmp_path: Path, tiny_model_dir: Path, name: str) -> tuple[Path, dict]:
+    cfg = tiny_config(tmp_path, tiny_model_dir, name=name, rounds=1, training={"kind": "none"})
+    cfg["self_reward"]["self_instruct"]["enabled"] = False
+    path = tmp_path / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path, cfg
+
+
+def test_served_deployment_runs(prefect_server, tmp_path, tiny_model_dir):
+    """`prefloop serve` registers the deployment; a triggered run completes and leaves its
+    rounds in the store."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    path, cfg = _config(tmp_path, tiny_model_dir, "served")
+    served = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--config", str(path)]
+        + ["--cron", "0 0 1 1 *", "--name", "test"],
+        cwd=ROOT,
+        env=prefect_server["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server["api"]}):
+            deadline = time.monotonic() + 120
+            while True:  # the deployment appears once `serve` has registered it
+                try:
+                    run = run_deployment("prefloop-loop/test", timeout=0)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline or served.poll() is not None:
+                        raise
+                    time.sleep(2)
+        state = _wait_final(prefect_server["api"], run.id, served)
+        assert state.is_completed(), state
+        with Store(cfg["db_path"], read_only=True) as store:
+            assert store.last_finished_round("served") == 1
+            assert set(store.pair_counts("served", 1)) == {"self_reward", "rlcd", "cai"}
+    finally:
+        _end(served)
+
+
+def _prefect(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*PREFECT, "--no-prompt", *args],
+        cwd=ROOT,  # where prefect.yaml is
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_process_worker_runs_the_deployed_round(prefect_server, tmp_path, tiny_model_dir):
+    """The shipped prefect.yaml: `prefect deploy` runs the pre-flight first (a config with
+    a bad field fails the deploy with prefloop's one line and registers nothing); a good
+    one is deployed to a process work pool, and `prefect worker start --pool` picks up the
+    triggered run and completes the round."""
+    env = {**prefect_server["env"], "PREFLOOP_HOME": str(ROOT)}
+    pool = "prefloop-test"
+    made = _prefect(["work-pool", "create", pool, "--type", "process"], env)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+
+    bad, bad_cfg = _config(tmp_path / "bad", tiny_model_dir, "bad")
+    bad_cfg["self_reward"]["n_candidates"] = 1
+    bad.write_text(yaml.safe_dump(bad_cfg))
+    deploy = ["deploy", "--name", "nightly", "--pool", pool, "--param", "rounds=1"]
+    refused = _prefect(deploy, {**env, "PREFLOOP_CONFIG": str(bad)})
+    out = refused.stdout + refused.stderr
+    assert refused.returncode != 0, out[-3000:]
+    assert "self_reward.n_candidates" in out and str(bad) in out, out[-3000:]
+    listed = _prefect(["deployment", "ls"], env)
+    assert "nightly" not in listed.stdout, listed.stdout  # nothing reached the pool
+
+    path, cfg = _config(tmp_path / "good", tiny_model_dir, "worker")
+    deployed = _prefect(deploy, {**env, "PREFLOOP_CONFIG": str(path)})
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    triggered = _prefect(["deployment", "run", "prefloop-loop/nightly"], env)
+    assert triggered.returncode == 0, triggered.stdout[-2000:] + triggered.stderr[-2000:]
+    run_id = next(
+        line.split("UUID:")[1].strip().strip("'\"")
+        for line in triggered.stdout.splitlines()
+        if "UUID:" in line
+    )
+    worker = subprocess.Popen(
+        [*PREFECT, "worker", "start", "--pool", pool, "--limit", "1"],
+        cwd=tmp_path,  # the pull step moves the run into PREFLOOP_HOME
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        state = _wait_final(prefect_server["api"], run_id, worker)
+        assert state.is_completed(), state
+    finally:
+        _end(worker)
+    with Store(cfg["db_path"], read_only=True) as store:
+        assert store.last_finished_round("worker") == 1
+        assert set(store.pair_counts("worker", 1)) == {"self_reward", "rlcd", "cai"}
