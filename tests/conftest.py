@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -80,16 +81,38 @@ def marked_processes(mark: str = "", since: float | None = None) -> list[tuple[i
         p["pid"] for p in procs if any(e == wanted or e.startswith(wanted + b"/") for e in p["env"])
     }
     sessions = {p["sid"] for p in procs if p["pid"] in marked} - {os.getsid(0)}
+    by_pid = {p["pid"]: p for p in procs}
+
+    def started_here(p: dict) -> bool:
+        """A vLLM process started since `since` that is an orphan or descends from this
+        suite; one whose parent chain leads to another live program (a benchmark running
+        beside the suite) is that program's."""
+        if since is None or not p["cmd"].startswith("VLLM::") or p["start"] < since:
+            return False
+        while p["cmd"].startswith("VLLM::"):
+            parent = p["ppid"]
+            if parent <= 1 or parent == os.getpid() or parent not in by_pid:
+                return True  # an orphan, or this process's own child
+            p = by_pid[parent]
+        return p["pid"] in marked or _descends(p, by_pid)
+
     return [
         (p["pid"], p["cmd"])
         for p in procs
         if not _ends_with_this_process(p)
-        and (
-            p["pid"] in marked
-            or p["sid"] in sessions
-            or (since is not None and p["cmd"].startswith("VLLM::") and p["start"] >= since)
-        )
+        and (p["pid"] in marked or p["sid"] in sessions or started_here(p))
     ]
+
+
+def _descends(p: dict, by_pid: dict[int, dict]) -> bool:
+    """Whether this test process is among `p`'s ancestors."""
+    seen = set()
+    while p["ppid"] in by_pid and p["pid"] not in seen:
+        seen.add(p["pid"])
+        if p["ppid"] == os.getpid():
+            return True
+        p = by_pid[p["ppid"]]
+    return p["ppid"] == os.getpid()
 
 
 def _ends_with_this_process(p: dict) -> bool:
@@ -268,30 +291,12 @@ def chromium():
     return render
 
 
-@pytest.fixture(scope="session")
-def vllm_serve():
-    """Start `vllm serve` for a model: `proc, url = vllm_serve(model_dir)`. Every server
-    started is stopped at the end of the session, if a test has not stopped it already."""
-    procs = []
-
-    def start(model_dir: Path):
-        proc, url = _start_vllm_server(model_dir)
-        procs.append(proc)
-        return proc, url
-
-    yield start
-    for proc in procs:
-        _stop(proc)
-
-
-def _start_vllm_server(model_dir: Path, served_name: str = "tiny"):
-    """`vllm serve` (the OpenAI-compatible server) on a free loopback port; returns the
-    process and the API's base URL once it answers."""
+def launch_vllm_server(model_dir: Path, served_name: str = "tiny"):
+    """Start `vllm serve` on a free loopback port without waiting for it (several start
+    side by side); `wait_vllm_server` waits."""
     import subprocess
     import sys
-    import time
 
-    import httpx
     import torch
 
     with socket.socket() as s:
@@ -308,29 +313,36 @@ def _start_vllm_server(model_dir: Path, served_name: str = "tiny"):
     if not torch.cuda.is_available():
         cmd += ["--kv-cache-memory-bytes", str(512 << 20)]
     # Its own process group: vLLM's EngineCore outlives a server killed alone (a test kills
-    # it mid-round on purpose), and `_stop` ends the whole group.
+    # it mid-round on purpose), and `stop_server` ends the whole group.
+    # Its log goes to a file: a pipe nobody reads fills up and stalls a long-lived server.
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (closed with the process)
     proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+        cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 400
+    proc.log = log
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def wait_vllm_server(proc, url: str, timeout: float = 400) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"vllm serve exited: {proc.stderr.read()[-2000:]}")
+            proc.log.seek(0)
+            pytest.fail(f"vllm serve exited: {proc.log.read()[-2000:]}")
         try:
             if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                return proc, url
+                return
         except httpx.HTTPError:
             time.sleep(2)
-    _stop(proc)
-    pytest.fail("vllm serve did not come up in 400 s")
+    stop_server(proc)
+    pytest.fail(f"vllm serve did not come up in {timeout:.0f} s")
 
 
-def _stop(proc) -> None:
+def stop_server(proc) -> None:
     """End the server and everything in its process group (EngineCore, workers)."""
     import signal
     import subprocess

@@ -106,6 +106,23 @@ def test_concurrent_runner_needs_remote_engine():
     assert cfg.runner.workers == 4
 
 
+def test_runner_and_server_list_settings():
+    remote = ["engine.kind=openai", "engine.base_url=[http://a:8000/v1, http://b:8000/v1]"]
+    cfg = load_config(None, [*remote, "runner.kind=ray", "runner.train={num_gpus: 1}"])
+    assert cfg.engine.base_urls() == ["http://a:8000/v1", "http://b:8000/v1"]
+    assert cfg.runner.address is None  # a Ray instance of the run's own
+    assert cfg.runner.generate.remote_options() == {"num_cpus": 1}
+    assert cfg.runner.train.remote_options() == {"num_gpus": 1}
+    old = load_config(None, [*remote, "runner.kind=ray", "runner.ray_address=auto"])
+    assert old.runner.address == "auto"  # the field's earlier name still reads
+    with pytest.raises(ConfigError, match="runner.train: places the training step on a Ray"):
+        load_config(None, [*remote, "runner.train={num_gpus: 1}"])
+    with pytest.raises(ConfigError, match="runner.address: .*expected auto, host:port"):
+        load_config(None, [*remote, "runner.kind=ray", "runner.address=somewhere"])
+    with pytest.raises(ConfigError, match="engine.base_url: .*listed twice"):
+        load_config(None, ["engine.kind=openai", "engine.base_url=[http://a/v1, http://a/v1]"])
+
+
 @pytest.mark.parametrize(
     "data, message",
     [

@@ -160,27 +160,6 @@ def test_openai_retries_5xx_then_succeeds(tiny_model_dir, free_port):
         server.shutdown()
 
 
-@pytest.fixture(scope="module")
-def vllm_server(tiny_model_dir, vllm_serve):
-    proc, url = vllm_serve(tiny_model_dir)
-    yield url
-    proc.terminate()
-
-
-@pytest.mark.slow
-def test_openai_engine_against_vllm_serve(tiny_model_dir, vllm_server, hf_engine):
-    cfg = EngineConfig(
-        kind="openai", base_url=vllm_server, served_model_name="tiny", max_model_len=512
-    )
-    with start_engine(tiny_model_dir, cfg, seed=0) as engine:
-        results = engine.generate(CONVERSATIONS, Sampling(n=2, temperature=1.0, max_tokens=8))
-        _check_completions(results, n=2, max_tokens=8)
-        probs = engine.choice_probs(CHOICE[:2], ["A", "B"], prefix="(")
-    reference = hf_engine.choice_probs(CHOICE[:2], ["A", "B"], prefix="(")
-    for got, want in zip(probs, reference, strict=True):
-        assert got[0] == pytest.approx(want[0], abs=2e-3)
-
-
 @pytest.mark.slow
 def test_default_model_answers_through_vllm(default_model_dir):
     cfg = EngineConfig(kind="vllm", max_model_len=1024, cpu_kv_cache_gib=1)
