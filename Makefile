@@ -36,6 +36,7 @@ bench: $(STAMP) $(MODEL)
 	$(PY) bench/readers.py
 	$(PY) bench/training.py
 	$(PY) bench/orchestration.py
+	$(PY) bench/cluster.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline flows tests bench
