@@ -48,6 +48,7 @@ def init_kwargs(cfg: RunConfig) -> dict[str, Any]:
     if address is None:
         return {
             **kwargs,
+            "address": "local",  # a new instance, even where `ray start` made a cluster
             "include_dashboard": False,
             "_node_ip_address": "127.0.0.1",
             "configure_logging": False,
