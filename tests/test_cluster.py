@@ -189,8 +189,9 @@ def test_round_on_ray_equals_the_thread_runner(
         env={**os.environ, "A": ray_cluster["address"]},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # a Ray worker's first start is slow on a loaded 2-core machine
     )
+    assert cwd.returncode == 0 and cwd.stdout.strip(), cwd.stdout[-1000:] + cwd.stderr[-2000:]
     assert Path(cwd.stdout.strip().splitlines()[-1]) == ray_cluster["cwd"], cwd.stderr[-2000:]
 
     runner = {
