@@ -50,6 +50,11 @@ def ray_cluster(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # Ray 2.60 turns token authentication on for `ray start` and finds the token in
+    # ~/.ray, which other Ray processes on the machine rewrite: the loopback test cluster
+    # runs without it, and so does every client of it (the flow runs inherit this).
+    before = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     start = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port)]
     start += ["--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"]
@@ -59,6 +64,10 @@ def ray_cluster(tmp_path_factory):
         yield {"address": f"127.0.0.1:{port}", "cwd": elsewhere}
     finally:
         subprocess.run([RAY, "stop", "--force"], cwd=elsewhere, env=env, capture_output=True)
+        if before is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = before
 
 
 def _config(tmp_path: Path, model: Path, name: str, urls: list[str], runner: dict) -> Path:
