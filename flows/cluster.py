@@ -21,6 +21,8 @@ from pipeline.schema import RayResources
 from pipeline.training.launch import TrainSpec, run_training
 
 RAY_MISSING = 'runner.kind ray needs the ray extra: .venv/bin/pip install -e ".[ray]"'
+# What a Ray worker takes from the flow's environment.
+_WORKER_ENV = ("PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PREFECT_API_URL")
 
 
 def _ray():
@@ -54,9 +56,6 @@ def init_kwargs(cfg: RunConfig) -> dict[str, Any]:
             "configure_logging": False,
         }
     return {**kwargs, "address": address}
-
-
-_WORKER_ENV = ("PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PREFECT_API_URL")
 
 
 @contextlib.contextmanager

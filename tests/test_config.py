@@ -176,3 +176,20 @@ def test_training_steps_inherit_the_shared_settings():
     assert [s.model_dump() for s in again.training.step_list()] == [
         s.model_dump() for s in cfg.training.step_list()
     ]
+
+
+def test_deploy_preflight_refuses_before_registering(tmp_path):
+    """prefect.yaml's build step: one line for a missing PREFLOOP_HOME, a folder that is
+    not a checkout, and a config with a bad field (file and field named)."""
+    from flows.deploy import preflight
+    from pipeline.errors import PrefloopError
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(PrefloopError, match="PREFLOOP_HOME is not set"):
+        preflight(home=None)
+    with pytest.raises(PrefloopError, match="is not a prefloop checkout"):
+        preflight(home=str(tmp_path))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("self_reward: {n_candidates: 1}\n")
+    with pytest.raises(ConfigError, match=rf"{bad}: self_reward.n_candidates"):
+        preflight(home=str(root), config=str(bad))

@@ -53,10 +53,6 @@ class OpenAIEngine(EngineBase):
             max_concurrency=cfg.max_concurrency,
         )
 
-    @property
-    def base_url(self) -> str:
-        return ", ".join(self.pool.urls)
-
     def ping(self) -> None:
         """Fail at once, with one line, when a server in `base_url` does not answer."""
         self.pool.ping()
@@ -92,7 +88,7 @@ class OpenAIEngine(EngineBase):
             if params.stop:
                 body["stop"] = list(params.stop)
             choices = sorted(self._post(body)["choices"], key=lambda c: c["index"])
-            completions = [
+            return [
                 Completion(
                     c["text"],
                     _n_tokens(c) or len(self.encode(c["text"])),
@@ -100,7 +96,6 @@ class OpenAIEngine(EngineBase):
                 )
                 for c in choices
             ]
-            return completions
 
         return self._map(one, list(enumerate(prompts)))
 

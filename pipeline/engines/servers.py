@@ -41,7 +41,7 @@ class Server:
     probe_at: float = 0.0
     pause: float = 0.0  # 0 = up; the pause before the next probe while it is down
     last_error: str = ""
-    # Counters since the engine started (a stage diffs two snapshots).
+    # Counters since the engine started (COUNTERS; a stage's own are its `tally`).
     requests: int = 0
     failures: int = 0
     completion_tokens: int = 0
@@ -124,9 +124,7 @@ class ServerPool:
             with self.lock:
                 s.pause = min(PROBE_MAX_S, s.pause * 2)
             return
-        with self.lock:
-            s.up, s.pause = True, 0.0
-        log.warning("server %s answers again; it takes requests", s.url)
+        self._up(s)
 
     def _count(self, s: Server, **counts: float) -> None:
         """Add to the server's counters and to the calling context's tally."""
@@ -233,13 +231,7 @@ class ServerPool:
         concurrent requests), and whether it answers now."""
         with self.lock:
             return {
-                s.url: {
-                    "requests": s.requests,
-                    "failures": s.failures,
-                    "completion_tokens": s.completion_tokens,
-                    "busy_s": s.busy_s,
-                    "up": s.up,
-                }
+                s.url: {**{key: getattr(s, key) for key in COUNTERS}, "up": s.up}
                 for s in self.servers
             }
 
