@@ -8,9 +8,11 @@ started itself (`runner.address` unset) stops with it; a cluster it joined keeps
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from prefect import task
 from prefect.cache_policies import NONE
@@ -40,12 +42,28 @@ def check_runner(cfg: RunConfig) -> None:
         _ray()
 
 
+def flow_api_url() -> str | None:
+    """The Prefect API the running flow reports to: the configured server, or the
+    temporary one Prefect started for this run when none is configured."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is not None and ctx.client is not None:
+        return str(ctx.client.api_url)
+    return os.environ.get("PREFECT_API_URL") or None
+
+
 def init_kwargs(cfg: RunConfig) -> dict[str, Any]:
     """`ray.init` arguments: a new local instance on loopback, or the cluster to join."""
     address = cfg.runner.address
     # The workers import prefloop from the same installation; its environment (the
-    # offline switches, PYTHONPATH of a checkout) goes with them.
-    env = {k: v for k, v in os.environ.items() if k in _WORKER_ENV}
+    # offline switches, PYTHONPATH of a checkout) goes with them. They report their task
+    # runs to the flow's own API: left unset, each worker would start a temporary Prefect
+    # server of its own, which no one stops when the run is killed.
+    env = {k: v for k, v in os.environ.items() if k in _WORKER_ENV and v}
+    api = flow_api_url()
+    if api:
+        env["PREFECT_API_URL"] = api
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     if address is None:
         return {
@@ -68,11 +86,55 @@ def ray_session(cfg: RunConfig) -> Iterator[None]:
     if ray.is_initialized():  # a caller's own session (a test, a notebook)
         yield
         return
+    api = flow_api_url()
     ray.init(**init_kwargs(cfg))
     try:
-        yield
+        check_reachable(cfg, api, _nodes_elsewhere(ray))
+        with _api_setting(api):
+            yield
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _api_setting(api: str | None) -> Iterator[None]:
+    """prefect-ray hands each task the flow's settings, which take precedence over the
+    worker's environment: without a configured server the API URL in them is empty, and
+    the worker would start a temporary server of its own. Name the flow's."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if not api or PREFECT_API_URL.value():
+        yield
+        return
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        yield
+
+
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def _nodes_elsewhere(ray) -> list[str]:
+    """Addresses of the cluster's live nodes that are not on this machine."""
+    here = set(LOOPBACK)
+    with contextlib.suppress(OSError):
+        here |= set(socket.gethostbyname_ex(socket.gethostname())[2])
+    mine = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here |= {n["NodeManagerAddress"] for n in nodes if n["NodeID"] == mine}
+    return sorted({n["NodeManagerAddress"] for n in nodes} - here)
+
+
+def check_reachable(cfg: RunConfig, api_url: str | None, elsewhere: list[str]) -> None:
+    """Ray workers on other machines cannot report to a Prefect API on this machine's
+    loopback (the temporary server of a run without PREFECT_API_URL is one): refuse
+    before the first task rather than fail in every one."""
+    host = urlparse(api_url).hostname if api_url else None
+    if elsewhere and host in LOOPBACK:
+        raise PrefloopError(
+            f"runner.address {cfg.runner.address}: the Ray cluster has nodes on other "
+            f"machines ({', '.join(elsewhere)}) that cannot reach the Prefect API at "
+            f"{api_url}; set PREFECT_API_URL to a Prefect server every node reaches"
+        )
 
 
 def task_runner(cfg: RunConfig):

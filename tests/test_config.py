@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import RunConfig, load_config, parse_overrides
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PrefloopError
 from pipeline.paths import DATA_DIR
 from pipeline.rounds import load_inputs
 
@@ -121,6 +121,20 @@ def test_runner_and_server_list_settings():
         load_config(None, [*remote, "runner.kind=ray", "runner.address=somewhere"])
     with pytest.raises(ConfigError, match="engine.base_url: .*listed twice"):
         load_config(None, ["engine.kind=openai", "engine.base_url=[http://a/v1, http://a/v1]"])
+
+
+def test_a_cluster_elsewhere_needs_a_prefect_api_it_reaches():
+    """Ray nodes on other machines cannot report to a Prefect API on loopback (a run's
+    temporary server is one): refused in one line before the first task."""
+    from flows.cluster import check_reachable
+
+    remote = ["engine.kind=openai", "engine.base_url=http://a:8000/v1", "runner.kind=ray"]
+    cfg = load_config(None, [*remote, "runner.address=10.0.0.5:6379"])
+    loopback = "http://127.0.0.1:8123/api"
+    with pytest.raises(PrefloopError, match=r"runner.address 10.0.0.5:6379: .*\(10.0.0.7\)"):
+        check_reachable(cfg, loopback, ["10.0.0.7"])
+    check_reachable(cfg, loopback, [])  # every node on this machine
+    check_reachable(cfg, "http://prefect.lan:4200/api", ["10.0.0.7"])
 
 
 @pytest.mark.parametrize(
