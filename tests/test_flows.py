@@ -2,7 +2,6 @@
 the demo end to end (deployments: tests/test_deploy.py; remote servers and Ray:
 tests/test_cluster.py)."""
 
-import contextlib
 import json
 import os
 import re
@@ -218,64 +217,6 @@ def _env(tmp_path: Path) -> dict:
     return {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""}
 
 
-@pytest.mark.slow
-def test_resume_after_sigkill(tmp_path, tiny_model_dir):
-    over = {
-        "rounds": 1,
-        "training": {"kind": "none"},
-        "self_reward": {
-            "judge_template": "judge_additive_5pt_prefilled",
-            "sampling": {"max_tokens": 8},
-        },
-    }
-    runs = _config_files(tmp_path, tiny_model_dir, over, ("whole", "killed"))
-
-    path, cfg = runs["whole"]
-    out = _run_cli(path, _env(tmp_path)).communicate(timeout=600)[0]
-    assert "final model" in out, out[-3000:]
-
-    path, cfg = runs["killed"]
-    proc = _run_cli(path, _env(tmp_path))
-    seen, listening = [], set()
-    for line in proc.stdout:  # kill in the middle of the rlcd stage
-        seen.append(line)
-        tree = _tree(proc.pid)
-        listening |= _listening_addresses(tree)
-        if "rlcd" in line and "batch 2/" in line:
-            proc.send_signal(signal.SIGKILL)
-            for orphan in tree - {proc.pid}:  # its Prefect server would outlive it
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(orphan, signal.SIGKILL)
-            break
-    # The run's own Prefect server (and anything else it starts) listens on loopback only.
-    assert listening and listening <= LOOPBACK, listening
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
-    with Store(cfg["db_path"], read_only=True) as store:
-        done_before = store.done_batches("flowtest", 1)
-        kept = store.query(
-            "SELECT stage, batch, created_at FROM stage_metrics ORDER BY stage, batch"
-        )
-    assert ("self_reward", 0) in done_before and ("cai", 0) not in done_before
-
-    out = _run_cli(path, _env(tmp_path)).communicate(timeout=600)[0]
-    assert "final model" in out, out[-3000:]
-    redone = [line for line in out.splitlines() if " batch " in line and "prompts" in line]
-    with Store(cfg["db_path"], read_only=True) as store:
-        done_after = store.done_batches("flowtest", 1)
-        # Finished batches were not redone: only the missing ones ran, and their rows stay.
-        # (the round's "flow" row, its own time, is written once at the end, not logged)
-        assert len(redone) == len(done_after - {("flow", 0)}) - len(done_before)
-        after = store.query("SELECT stage, batch, created_at FROM stage_metrics")
-        assert all(k in after for k in kept)  # stored before the kill, untouched since
-        killed_pairs = store.pair_counts("flowtest", 1)
-        [[dupes]] = store.sql("SELECT count(*) - count(DISTINCT pair_id) FROM pairs")[1]
-        assert dupes == 0
-    with Store(runs["whole"][1]["db_path"], read_only=True) as store:
-        assert store.pair_counts("flowtest", 1) == killed_pairs
-        assert store.done_batches("flowtest", 1) == done_after
-
-
 # Tables whose rows a run produces; their counts do not depend on timing.
 CONTENT_TABLES = (
     "prompts",
@@ -304,11 +245,29 @@ def _content(db: str) -> dict:
     return {"counts": counts, "pair_ids": pair_ids, "batches": batches, "models": models}
 
 
+def _batch_lines(lines) -> list[tuple[str, str, str]]:
+    """(round, stage, batch) of each batch the run's log says it stored."""
+    found = (re.search(r"round (\d+) (\S+) +batch (\d+)/\d+: ", line) for line in lines)
+    return [m.groups() for m in found if m]
+
+
+def _stored_batches(db: str) -> set[tuple]:
+    """Each stored batch with the time it was written (a batch run again gets a new one)."""
+    with Store(db, read_only=True) as store:
+        rows = store.sql(
+            "SELECT round, stage, batch, created_at FROM stage_metrics WHERE stage <> 'flow'"
+        )[1]
+    return set(rows)
+
+
 @pytest.mark.slow
 def test_chaos_five_sigkills_equal_an_uninterrupted_run(tmp_path, tiny_model_dir):
     """The tiny-model loop (2 rounds, DPO, evaluation) killed with SIGKILL at 5 random
     moments and re-run each time ends with the same database content as a run that was
-    never interrupted: the same pair ids, the same rows, the same trained models."""
+    never interrupted: the same pair ids, the same rows, the same trained models. No
+    stored batch is run again (each batch's line is printed once over all the runs, and
+    the rows stored before a kill are untouched at the end), and everything a run starts
+    listens on loopback only."""
     import random
 
     over = {
@@ -333,7 +292,7 @@ def test_chaos_five_sigkills_equal_an_uninterrupted_run(tmp_path, tiny_model_dir
 
     path, cfg = runs["chaos"]
     rng = random.Random(20261123)
-    kills = []
+    kills, printed, listening, kept = [], [], set(), set()
     while len(kills) < 5:
         # Kill the whole process tree (the flow, its Prefect server, a training child)
         # after a random number of progress lines and a random extra delay.
@@ -341,19 +300,30 @@ def test_chaos_five_sigkills_equal_an_uninterrupted_run(tmp_path, tiny_model_dir
         lines, wait_lines, delay = [], rng.randint(0, 3), rng.uniform(0.0, 4.0)
         for line in proc.stdout:
             lines.append(line)
+            listening |= _listening_addresses(_tree(proc.pid))
             if " batch " in line or "training" in line:
                 wait_lines -= 1
             if wait_lines < 0:
                 break
         assert proc.poll() is None, "the run finished before 5 kills: " + "".join(lines)[-2000:]
         time.sleep(delay)
+        listening |= _listening_addresses(_tree(proc.pid))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+        lines += proc.stdout.readlines()  # what it printed before the kill landed
         last = next((x for x in reversed(lines) if " batch " in x or "training" in x), "")
         assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
         kills.append(last.strip()[-100:])
+        printed += _batch_lines(lines)
+        if Path(cfg["db_path"]).exists():
+            kept |= _stored_batches(cfg["db_path"])
     out = _run_cli(path, _env(tmp_path)).communicate(timeout=900)[0]
     assert "final model" in out, out[-3000:]
+    printed += _batch_lines(out.splitlines())
+    assert len(printed) == len(set(printed)), sorted(printed)  # none ran twice
+    assert kept and kept <= _stored_batches(cfg["db_path"]), kills
+    # The run's own Prefect server (and anything else it starts) listens on loopback only.
+    assert listening and listening <= LOOPBACK, listening
     chaos = _content(cfg["db_path"])
     assert chaos["pair_ids"] == whole["pair_ids"], kills
     assert chaos["counts"] == whole["counts"], kills
@@ -373,8 +343,8 @@ def test_end_to_end_smollm2_on_vllm(tmp_path, default_model_dir):
     cfg["prompts"].update(per_round=3)
     cfg["self_reward"]["self_instruct"]["new_prompts"] = 2
     for method in ("self_reward", "rlcd", "cai"):
-        cfg[method]["sampling"]["max_tokens"] = 48
-    cfg["training"].update(epochs=1, max_length=256)
+        cfg[method]["sampling"]["max_tokens"] = 32
+    cfg["training"].update(epochs=1, max_length=192)
     path.write_text(yaml.safe_dump(cfg))
     out = _run_cli(path, _env(tmp_path)).communicate(timeout=900)[0]
     assert "final model demo-r1-dpo@" in out, out[-4000:]
