@@ -28,6 +28,34 @@ SESSION_MARK = "PREFLOOP_TEST_SESSION"
 os.environ.setdefault(SESSION_MARK, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api():
+    """One Prefect API for the whole suite: Prefect's test harness (a server on a temporary
+    database). In-process flows report to it, and every run a test starts inherits its URL
+    in PREFECT_API_URL, so a run does not start a temporary server of its own (7-13 s a
+    run here). The tests of a run's own temporary server (that it ends with the run, that
+    it listens on loopback, that Ray workers report to it) set PREFECT_API_URL empty."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    before = os.environ.get("PREFECT_API_URL")
+    with prefect_test_harness(server_startup_timeout=120):
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
+        try:
+            yield PREFECT_API_URL.value()
+        finally:
+            if before is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = before
+
+
+@pytest.fixture
+def harness(prefect_api):
+    """Flows in the test process report to the suite's Prefect API."""
+    yield
+
+
 def run_mark() -> str:
     """A marker for one run's processes, within the suite's."""
     return f"{os.environ[SESSION_MARK]}/{uuid.uuid4().hex[:8]}"

@@ -261,7 +261,7 @@ def test_killing_a_ray_run_leaves_nothing_behind(tmp_path, tiny_model_dir, serve
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", "--config", str(path)],
         cwd=ROOT,
-        env={**_env(tmp_path), SESSION_MARK: mark},
+        env={**_env(tmp_path, own_prefect=True), SESSION_MARK: mark},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

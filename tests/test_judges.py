@@ -259,14 +259,6 @@ def test_compare_scores_by_hand():
 # -- the loop and the CLI ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def tiny_loop(tmp_path: Path, model: Path, **over) -> dict:
     cfg = {
         "name": "judges",

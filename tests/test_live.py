@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 import pytest
 from conftest import SESSION_MARK, alive, marked_processes, run_mark
+from test_flows import LOOPBACK, _listening_addresses
 
 from pipeline.errors import StoreError
 from pipeline.store import Store
@@ -47,12 +48,17 @@ def config(tmp: Path, model: Path, name: str = "live", **over) -> dict:
     return cfg
 
 
-def start_run(cfg: dict, tmp: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """`prefloop run` as a user starts it, with its own process marker."""
+def start_run(
+    cfg: dict, tmp: Path, *extra: str, own_prefect: bool = False
+) -> tuple[subprocess.Popen, str]:
+    """`prefloop run` as a user starts it, with its own process marker; reporting to the
+    suite's Prefect API, or with `own_prefect` to a temporary server of the run's own."""
     path = tmp / f"{cfg['name']}-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(json.dumps(cfg))
     mark = run_mark()
     env = {**os.environ, "PYTHONPATH": str(TESTS), SESSION_MARK: mark}
+    if own_prefect:
+        env["PREFECT_API_URL"] = ""
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", "--config", str(path), *extra],
         stdout=subprocess.PIPE,
@@ -84,16 +90,13 @@ def snapshot(db: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_model_dir):
+def uninterrupted(tmp_path_factory, tiny_model_dir, prefect_api):
     """The same run with no reader and no interruption: what every test must end with."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.loop import loop_flow
 
     tmp = tmp_path_factory.mktemp("baseline")
     cfg = config(tmp, tiny_model_dir)
-    with prefect_test_harness(server_startup_timeout=120):
-        loop_flow(cfg)
+    loop_flow(cfg)
     return snapshot(Path(cfg["db_path"]))
 
 
@@ -217,7 +220,7 @@ def test_killing_prefloop_run_leaves_no_engine_behind(tmp_path, tiny_model_dir):
     is up: a few seconds later no engine, server or trainer of the run is alive."""
     engine = {"kind": "vllm", "batch_size": 2, "max_model_len": 512, "cpu_kv_cache_gib": 0.5}
     cfg = config(tmp_path, tiny_model_dir, rounds=1, engine=engine)
-    proc, mark = start_run(cfg, tmp_path)
+    proc, mark = start_run(cfg, tmp_path, own_prefect=True)  # its Prefect server too
     run: dict[int, str] = {}
     try:
         wait_for(
@@ -242,15 +245,19 @@ def test_killing_prefloop_run_leaves_no_engine_behind(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_ctrl_c_stops_the_run_and_everything_it_started(tmp_path, tiny_model_dir):
     """SIGINT to `prefloop run` (what Ctrl-C sends): the run stops, says so in its last
-    line, leaves no process, and the same command resumes it to the end."""
+    line, leaves no process (its own temporary Prefect server included), and the same
+    command resumes it to the end. Everything the run started listens on loopback only."""
     cfg = config(tmp_path, tiny_model_dir, rounds=1, training={"kind": "none"})
     db = Path(cfg["db_path"])
-    proc, mark = start_run(cfg, tmp_path)
+    proc, mark = start_run(cfg, tmp_path, own_prefect=True)
     seen = []
     for line in proc.stdout:  # the run's own line for its first stored batch: at once
         seen.append(line)
         if " batch 1/" in line:
             break
+    run = [pid for pid, _ in marked_processes(mark)]
+    listening = _listening_addresses(set(run))
+    assert listening and listening <= LOOPBACK, listening  # the server's port at least
     proc.send_signal(signal.SIGINT)
     out = "".join(seen) + finish(proc, timeout=120)
     assert proc.returncode == 130, out[-3000:]

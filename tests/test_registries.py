@@ -25,14 +25,6 @@ from pipeline.training.kinds import TRAINING_KINDS, TrainingKind
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def tiny(tmp_path: Path, model: Path, **over) -> dict:
     """One round of the tiny model with every shipped method off, no training, no
     evaluation: each test turns on what it adds."""

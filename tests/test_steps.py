@@ -7,21 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 from test_flows import tiny_config
 
 from pipeline.store import Store
 
 TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def _steps_config(tmp_path: Path, model: Path) -> dict:

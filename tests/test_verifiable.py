@@ -186,11 +186,10 @@ def test_judge_function_scores_by_the_checks():
     assert score("a prompt that is not in the set", "x") is None
 
 
-def test_loop_with_function_judge_and_yardstick(tmp_path, tiny_model_dir):
+def test_loop_with_function_judge_and_yardstick(harness, tmp_path, tiny_model_dir):
     """Two tiny rounds on the verifiable prompts, Self-Rewarding judged by the checkers:
     candidates scored by the function judge, pairs, and the yardstick of M_0, M_1 and M_2
     in `evaluations` (four accuracies each, with counts and intervals) and the report."""
-    from prefect.testing.utilities import prefect_test_harness
     from test_flows import tiny_config
 
     from flows.loop import loop_flow
@@ -216,8 +215,7 @@ def test_loop_with_function_judge_and_yardstick(tmp_path, tiny_model_dir):
         },
     )
     cfg["self_reward"].pop("judge_template")  # tiny_config's judge, replaced by `judge`
-    with prefect_test_harness(server_startup_timeout=120):
-        result = loop_flow(cfg)
+    result = loop_flow(cfg)
     with Store(cfg["db_path"], read_only=True) as store:
         [[judged, scores]] = store.sql(
             "SELECT count(*), count(DISTINCT score) FROM judgments "
