@@ -149,6 +149,21 @@ def _ends_with_this_process(p: dict) -> bool:
     return p["ppid"] == os.getpid() and "multiprocessing.resource_tracker" in p["cmd"]
 
 
+def kill_and_expect_gone(proc, run: dict[int, str], within_s: float) -> None:
+    """`kill -9` of `proc` alone; within `within_s` none of `run`'s processes (pid ->
+    command line) may be alive. Any that are get killed after the check."""
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + within_s
+        while alive(run) and time.time() < deadline:
+            time.sleep(0.5)
+        assert alive(run) == [], {pid: run[pid] for pid in alive(run)}
+    finally:
+        for pid in alive(run):
+            os.kill(pid, signal.SIGKILL)
+
+
 def alive(pids) -> list[int]:
     """Which of these processes are still running (zombies are not)."""
     running = {p["pid"] for p in _processes()}

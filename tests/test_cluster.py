@@ -9,22 +9,20 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import (
-    SESSION_MARK,
-    alive,
+    kill_and_expect_gone,
     launch_vllm_server,
     marked_processes,
-    run_mark,
     stop_server,
     wait_vllm_server,
 )
 from test_engines import CHOICE, CONVERSATIONS, _check_completions
 from test_flows import ROOT, _env, tiny_config
+from test_live import start_run
 
 from pipeline.engines import Sampling, start_engine
 from pipeline.schema import EngineConfig
@@ -256,17 +254,7 @@ def test_killing_a_ray_run_leaves_nothing_behind(tmp_path, tiny_model_dir, serve
     cfg = yaml.safe_load(path.read_text())
     cfg["training"] = {"kind": "none"}
     cfg["runner"]["generate"] = {"num_cpus": 0.5}
-    path.write_text(yaml.safe_dump(cfg))
-    mark = run_mark()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(path)],
-        cwd=ROOT,
-        env={**_env(tmp_path, own_prefect=True), SESSION_MARK: mark},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    run: dict[int, str] = {}
+    proc, mark = start_run(cfg, tmp_path, own_prefect=True)
     try:
         seen = []
         for line in proc.stdout:  # a batch ran as a Ray task and was stored
@@ -278,15 +266,8 @@ def test_killing_a_ray_run_leaves_nothing_behind(tmp_path, tiny_model_dir, serve
         assert any("raylet" in cmd for cmd in run.values()), run
         servers_started = [cmd for cmd in run.values() if "prefect.server" in cmd]
         assert len(servers_started) == 1, run  # the flow's own, none per Ray worker
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        deadline = time.time() + 30
-        while alive(run) and time.time() < deadline:
-            time.sleep(0.5)
-        assert alive(run) == [], {pid: run[pid] for pid in alive(run)}
+        kill_and_expect_gone(proc, run, within_s=30)
     finally:
-        for pid in alive(run):
-            os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
             proc.wait()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from conftest import SESSION_MARK, alive, marked_processes, run_mark
+from conftest import SESSION_MARK, kill_and_expect_gone, marked_processes, run_mark
 from test_flows import LOOPBACK, _listening_addresses
 
 from pipeline.errors import StoreError
@@ -221,25 +221,15 @@ def test_killing_prefloop_run_leaves_no_engine_behind(tmp_path, tiny_model_dir):
     engine = {"kind": "vllm", "batch_size": 2, "max_model_len": 512, "cpu_kv_cache_gib": 0.5}
     cfg = config(tmp_path, tiny_model_dir, rounds=1, engine=engine)
     proc, mark = start_run(cfg, tmp_path, own_prefect=True)  # its Prefect server too
-    run: dict[int, str] = {}
-    try:
-        wait_for(
-            lambda: any("EngineCore" in cmd for _, cmd in marked_processes(mark)),
-            400,
-            "vLLM's EngineCore",
-            proc,
-        )
-        run = {pid: cmd for pid, cmd in marked_processes(mark) if pid != proc.pid}
-        assert any("EngineCore" in cmd for cmd in run.values()), run
-        os.kill(proc.pid, signal.SIGKILL)  # the `prefloop run` process alone
-        proc.wait()
-        deadline = time.time() + 10
-        while alive(run) and time.time() < deadline:
-            time.sleep(0.5)
-        assert alive(run) == [], {pid: run[pid] for pid in alive(run)}
-    finally:
-        for pid in alive(run):
-            os.kill(pid, signal.SIGKILL)
+    wait_for(
+        lambda: any("EngineCore" in cmd for _, cmd in marked_processes(mark)),
+        400,
+        "vLLM's EngineCore",
+        proc,
+    )
+    run = {pid: cmd for pid, cmd in marked_processes(mark) if pid != proc.pid}
+    assert any("EngineCore" in cmd for cmd in run.values()), run
+    kill_and_expect_gone(proc, run, within_s=10)  # the `prefloop run` process alone
 
 
 @pytest.mark.slow
