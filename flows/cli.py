@@ -243,7 +243,7 @@ def export(
     step = _step_of(cfg, kind)
     with Store(cfg.db_path, read_only=True) as store:
         counts = export_step(store, step, run or cfg.name, round_, out, cfg.seed, fmt)
-    noun = "pairs" if "chosen" in TRAINING_KINDS[step.kind].features else "examples"
+    noun = "pairs" if "chosen" in TRAINING_KINDS[step.kind].columns else "examples"
     typer.echo(f"{out}: {counts['train']} train, {counts['test']} test {noun} ({fmt}, {step.kind})")
 
 
@@ -383,8 +383,6 @@ def run(
     """Run the iterative loop: generate pairs with every enabled method, train, repeat.
     Re-running the same command resumes where it stopped. The full log, tracebacks
     included, goes to runs/<run>/logs/; a failure ends with one `error:` line."""
-    from flows.cluster import check_runner
-    from flows.loop import loop_flow
     from flows.runlog import start_run_log
     from flows.supervise import is_worker, watch_supervisor
     from pipeline.preflight import preflight
@@ -393,6 +391,9 @@ def run(
         watch_supervisor()  # the supervisor killed: this process group goes with it
     cfg = _run_config(config, overrides, judge_template)
     inputs = preflight(cfg, str(config))  # every input checked before Prefect or an engine
+    from flows.cluster import check_runner  # Prefect loads here, after the checks
+    from flows.loop import loop_flow
+
     check_runner(cfg)  # runner.kind ray without the ray extra installed fails here
     global _RUN_LOG
     _RUN_LOG = start_run_log(cfg.runs_dir, cfg.name, verbose)
@@ -565,17 +566,12 @@ def main() -> None:
     # Library progress bars would interleave with the flow's own progress lines.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow it
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network
     from flows.supervise import is_worker, supervise
 
     if len(sys.argv) > 1 and sys.argv[1] == "run" and not is_worker():
         raise SystemExit(supervise(sys.argv[1:]))
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
     try:
         app()
     except PrefloopError as e:

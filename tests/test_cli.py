@@ -71,6 +71,20 @@ def test_bad_config_is_one_line_before_any_work(tmp_path):
     assert out.stderr.strip().count("\n") == 0
 
 
+def test_the_command_and_the_checks_load_no_ml_library():
+    """`prefloop status`, `sql` or a config error answer in well under a second: the CLI,
+    the config with its registries and the pre-flight import neither torch, transformers,
+    datasets, vLLM nor Prefect (each a second or more); those load where they run."""
+    heavy = ("torch", "transformers", "datasets", "vllm", "prefect", "trl")
+    code = (
+        "import sys, flows.cli, pipeline.preflight; "
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_templates_commands():
     listing = prefloop("templates", "list")
     assert "judge_additive_5pt" in listing.stdout

@@ -16,7 +16,7 @@ from pipeline.rounds import round_dir
 from pipeline.schema import EngineConfig
 from pipeline.seeds import load_prompts
 from pipeline.store import Store
-from pipeline.training.export import FEATURES, read_dataset, split_pairs, write_dataset
+from pipeline.training.export import PAIR_COLUMNS, read_dataset, split_pairs, write_dataset
 from pipeline.training.kinds import TRAINING_KINDS
 from pipeline.training.launch import TrainingError
 from pipeline.training.step import export_step, train_round, train_step
@@ -263,9 +263,9 @@ def test_export_counts(tmp_path, tiny_model_dir):
         }
         # Nothing held out: the empty split reads back empty, in both formats, and a step
         # trains on it (the child reads its parquet snapshot without known columns).
-        for fmt, features in (("jsonl", FEATURES), ("parquet", None)):
+        for fmt, columns in (("jsonl", PAIR_COLUMNS), ("parquet", None)):
             export_step(store, step, RUN, 1, tmp_path / fmt, cfg.seed, fmt)
-            back = read_dataset(tmp_path / fmt, features)
+            back = read_dataset(tmp_path / fmt, columns)
             assert (len(back["train"]), len(back["test"])) == (4, 0), fmt
         result = _train(store, cfg.model_copy(update={}), "dpo")
         assert result["metrics"]["heldout_pairs"] == 0 and result["metrics"]["steps"] > 0

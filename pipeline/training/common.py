@@ -14,7 +14,7 @@ from pipeline.training.export import read_dataset
 def load_splits(data_dir: str):
     """The step's snapshot (parquet, so its columns come with it): train and test (None
     when nothing is held out)."""
-    data = read_dataset(Path(data_dir), features=None)
+    data = read_dataset(Path(data_dir), columns=None)
     train, test = data["train"], data.get("test")
     if len(train) == 0:
         raise ValueError(f"{data_dir}: no training rows (check the round's filters)")

@@ -13,30 +13,42 @@ once. TRL's trainers read the files this writes with no glue, and apply the toke
 own chat template, the one the engines render with.
 """
 
-import json
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Literal
+from __future__ import annotations
 
-from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.errors import PrefloopError
 from pipeline.hashing import row_id
 
+if TYPE_CHECKING:  # `datasets` (pandas, pyarrow) is imported where a dataset is built, so
+    # that reading the registry (every CLI command, the run's supervisor) stays light.
+    from datasets import Dataset, DatasetDict, Features
+
 Format = Literal["jsonl", "parquet", "hf"]
-_MESSAGE = {"role": Value("string"), "content": Value("string")}
-FEATURES = Features(
-    {
-        "pair_id": Value("string"),
-        "method": Value("string"),
-        "variant": Value("string"),
-        "prompt": List(_MESSAGE),
-        "chosen": List(_MESSAGE),
-        "rejected": List(_MESSAGE),
-        "margin": Value("float64"),
-        "soft_label": Value("float64"),
-    }
-)
+# A kind's columns: name -> a `datasets.Value` type, or MESSAGES (a chat: role, content).
+Columns = Mapping[str, str]
+MESSAGES = "messages"
+PAIR_COLUMNS: Columns = {
+    "pair_id": "string",
+    "method": "string",
+    "variant": "string",
+    "prompt": MESSAGES,
+    "chosen": MESSAGES,
+    "rejected": MESSAGES,
+    "margin": "float64",
+    "soft_label": "float64",
+}
+
+
+def features(columns: Columns) -> Features:
+    """The `datasets` schema of a kind's columns."""
+    from datasets import Features, List, Value
+
+    message = {"role": Value("string"), "content": Value("string")}
+    return Features({n: List(message) if t == MESSAGES else Value(t) for n, t in columns.items()})
 
 
 def to_example(row: dict[str, Any]) -> dict[str, Any]:
@@ -59,7 +71,7 @@ def is_heldout(key: str, fraction: float, seed: int) -> bool:
 
 def split_examples(
     examples: Sequence[dict[str, Any]],
-    features: Features,
+    columns: Columns,
     fraction: float,
     seed: int,
     group: str,
@@ -73,20 +85,24 @@ def split_examples(
         test_groups = {min(groups, key=lambda g: row_id("heldout", seed, g))}
     test = [e for e in examples if e[group] in test_groups]
     train = [e for e in examples if e[group] not in test_groups]
-    return DatasetDict({"train": _dataset(train, features), "test": _dataset(test, features)})
+    from datasets import DatasetDict
+
+    return DatasetDict({"train": _dataset(train, columns), "test": _dataset(test, columns)})
 
 
 def split_pairs(rows: Sequence[dict[str, Any]], fraction: float, seed: int) -> DatasetDict:
     """Pairs as TRL preference examples, train/test by pair id; each pair once."""
     unique = {r["pair_id"]: r for r in rows}
     examples = [to_example(r) for r in unique.values()]
-    return split_examples(examples, FEATURES, fraction, seed, group="pair_id")
+    return split_examples(examples, PAIR_COLUMNS, fraction, seed, group="pair_id")
 
 
-def _dataset(examples: list[dict[str, Any]], features: Features) -> Dataset:
+def _dataset(examples: list[dict[str, Any]], columns: Columns) -> Dataset:
+    from datasets import Dataset
+
     # from_list drops the schema of an empty list; from_dict keeps it.
-    columns = {name: [e[name] for e in examples] for name in features}
-    return Dataset.from_dict(columns, features=features)
+    values = {name: [e[name] for e in examples] for name in columns}
+    return Dataset.from_dict(values, features=features(columns))
 
 
 def write_dataset(data: DatasetDict, out: Path, fmt: Format) -> list[Path]:
@@ -114,15 +130,15 @@ def _rows_in(path: Path) -> int:
     return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
-def read_dataset(path: Path, features: Features | None = FEATURES) -> DatasetDict:
-    """What `write_dataset` wrote, in any of its formats (`features`: the kind's columns,
+def read_dataset(path: Path, columns: Columns | None = PAIR_COLUMNS) -> DatasetDict:
+    """What `write_dataset` wrote, in any of its formats (`columns`: the kind's columns,
     which an empty JSON Lines split cannot tell; None reads them from the files). An empty
     split (nothing held out) comes back empty, or absent when its columns are unknown:
     `datasets` cannot build a split from a file with no rows."""
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
     path = Path(path)
     if (path / "dataset_dict.json").is_file():
-        from datasets import load_from_disk
-
         return load_from_disk(path)
     for ext, builder in (("parquet", "parquet"), ("jsonl", "json")):
         files = {
@@ -131,16 +147,17 @@ def read_dataset(path: Path, features: Features | None = FEATURES) -> DatasetDic
         if not files:
             continue
         full = {s: str(f) for s, f in files.items() if _rows_in(f) > 0}
-        data = load_dataset(builder, data_files=full, features=features) if full else DatasetDict()
+        schema = None if columns is None else features(columns)
+        data = load_dataset(builder, data_files=full, features=schema) if full else DatasetDict()
         for split, f in files.items():
             if split in data:
                 continue
-            if features is None and ext == "parquet":
+            if columns is None and ext == "parquet":
                 import pyarrow.parquet as pq
 
                 data[split] = Dataset(pq.read_table(f))
-            elif features is not None:
-                data[split] = _dataset([], features)
+            elif columns is not None:
+                data[split] = _dataset([], columns)
         return data
     raise PrefloopError(
         f"{path}: no exported data here (train.parquet, train.jsonl or a saved dataset)"
@@ -168,15 +185,13 @@ def preference_pairs(store: Any, training: Any, run_id: str, round_: int, seed: 
 
 # -- SFT: conversations (TRL's conversational language-modelling format) ---------------------
 
-SFT_FEATURES = Features(
-    {
-        "example_id": Value("string"),  # the answer's generation id
-        "round": Value("int64"),
-        "method": Value("string"),
-        "source": Value("string"),  # revision | best_of_n
-        "messages": List(_MESSAGE),
-    }
-)
+SFT_COLUMNS: Columns = {
+    "example_id": "string",  # the answer's generation id
+    "round": "int64",
+    "method": "string",
+    "source": "string",  # revision | best_of_n
+    "messages": MESSAGES,
+}
 
 
 def _conversation(messages_json: str, answer: str) -> list[dict[str, str]]:
@@ -219,23 +234,21 @@ def sft_conversations(
                     },
                 )
     rows = sorted(examples.values(), key=lambda e: e["example_id"])
-    return split_examples(rows, SFT_FEATURES, training.heldout_fraction, seed, "example_id")
+    return split_examples(rows, SFT_COLUMNS, training.heldout_fraction, seed, "example_id")
 
 
 # -- KTO: unpaired desirable / undesirable answers ------------------------------------------
 
-KTO_FEATURES = Features(
-    {
-        "example_id": Value("string"),  # the answer's generation id
-        "group_id": Value("string"),  # its pair's id (the split keeps a pair together)
-        "pair_id": Value("string"),  # None for a scored candidate outside any pair
-        "method": Value("string"),
-        "source": Value("string"),  # pair | scored
-        "prompt": List(_MESSAGE),
-        "completion": List(_MESSAGE),
-        "label": Value("bool"),
-    }
-)
+KTO_COLUMNS: Columns = {
+    "example_id": "string",  # the answer's generation id
+    "group_id": "string",  # its pair's id (the split keeps a pair together)
+    "pair_id": "string",  # None for a scored candidate outside any pair
+    "method": "string",
+    "source": "string",  # pair | scored
+    "prompt": MESSAGES,
+    "completion": MESSAGES,
+    "label": "bool",
+}
 
 
 def unpaired_examples(
@@ -283,4 +296,4 @@ def unpaired_examples(
                 gid = c["generation_id"]
                 add(gid, gid, None, "self_reward", "scored", c["messages_json"], c["text"], label)
     rows = sorted(examples.values(), key=lambda e: e["example_id"])
-    return split_examples(rows, KTO_FEATURES, training.heldout_fraction, seed, "group_id")
+    return split_examples(rows, KTO_COLUMNS, training.heldout_fraction, seed, "group_id")

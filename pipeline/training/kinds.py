@@ -12,12 +12,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from datasets import DatasetDict, Features
-
 from pipeline.training import export
 
-# (store, training settings, run id, round, seed) -> train/test splits.
-DatasetFn = Callable[[Any, Any, str, int, int], DatasetDict]
+# (store, training settings, run id, round, seed) -> a `datasets.DatasetDict` of train/test
+# splits; `datasets` is imported only when one is built, not to read this registry.
+DatasetFn = Callable[[Any, Any, str, int, int], Any]
 
 
 @dataclass(frozen=True)
@@ -28,7 +27,7 @@ class TrainingKind:
     # answers (registered for the judges), the policy stays.
     produces: Literal["policy", "scorer"]
     # The columns `data` makes (default: preference pairs).
-    features: Features = field(default_factory=lambda: export.FEATURES)
+    columns: export.Columns = field(default_factory=lambda: export.PAIR_COLUMNS)
     # metrics.json key -> evaluations metric, each with its "<key>_before" where measured.
     metrics: Mapping[str, str] = field(default_factory=dict)
     uses_reference: bool = False  # trains against a frozen reference model (DPO, KTO)
@@ -41,7 +40,7 @@ TRAINING_KINDS: dict[str, TrainingKind] = {
     "sft": TrainingKind(
         trainer="pipeline.training.sft:train_sft",
         data=export.sft_conversations,
-        features=export.SFT_FEATURES,
+        columns=export.SFT_COLUMNS,
         produces="policy",
         metrics={"heldout_loss": "sft_heldout_loss"},
         sources=lambda step: ("cai",) * step.sft.revisions + ("self_reward",) * step.sft.best_of_n,
@@ -59,7 +58,7 @@ TRAINING_KINDS: dict[str, TrainingKind] = {
     "kto": TrainingKind(
         trainer="pipeline.training.kto:train_kto",
         data=export.unpaired_examples,
-        features=export.KTO_FEATURES,
+        columns=export.KTO_COLUMNS,
         produces="policy",
         metrics={
             "heldout_reward_accuracy": "kto_implicit_reward_accuracy",
