@@ -10,11 +10,16 @@ child, Prefect's temporary server) is in that group. Then:
 - the supervisor is killed (`kill -9` of its PID): the worker's watchdog sees its parent
   gone within half a second and kills the whole group, itself included.
 
+The run's scratch directory (`PREFLOOP_SCRATCH`: the worker's error line, the files
+vLLM's processes leave in the temp directory) is removed by the supervisor at the end, or
+by the watchdog before it kills the group.
+
 The supervisor does no work of its own, so a SIGKILL can only land on it or the worker.
 """
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +29,7 @@ import time
 from pathlib import Path
 
 from flows.runlog import ERROR_FILE
+from pipeline.paths import SCRATCH_ENV
 
 WORKER_OF = "PREFLOOP_WORKER_OF"  # in the worker's environment: the supervisor's PID
 GRACE_S = 20.0
@@ -34,18 +40,22 @@ def is_worker() -> bool:
 
 
 def supervise(argv: list[str]) -> int:
-    """Run `prefloop <argv>` as the worker and wait for it; returns its exit code."""
-    fd, error_file = tempfile.mkstemp(prefix="prefloop-error-", suffix=".txt")
-    os.close(fd)
-    env = {**os.environ, WORKER_OF: str(os.getpid()), ERROR_FILE: error_file}
+    """Run `prefloop <argv>` as the worker and wait for it; returns its exit code. The
+    run's scratch directory (the worker's error line, the engines' leftovers) goes with
+    it."""
+    scratch = tempfile.mkdtemp(prefix="prefloop-run-")
+    error_file = Path(scratch) / "error.txt"
+    error_file.touch()
+    env = {**os.environ, WORKER_OF: str(os.getpid()), ERROR_FILE: str(error_file)}
+    env[SCRATCH_ENV] = scratch
     worker = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", *argv], env=env, start_new_session=True
     )
     try:
         return _wait(worker)
     finally:
-        line = Path(error_file).read_text()
-        os.unlink(error_file)
+        line = error_file.read_text()
+        shutil.rmtree(scratch, ignore_errors=True)
         if line:  # the worker's one error line, printed when nothing else can print
             sys.stderr.write(line)
             sys.stderr.flush()
@@ -77,7 +87,8 @@ def watch_supervisor() -> None:
 
     def watch() -> None:
         while True:
-            if os.getppid() != supervisor:
+            if os.getppid() != supervisor:  # nobody is left to remove the scratch directory
+                shutil.rmtree(os.environ.get(SCRATCH_ENV, ""), ignore_errors=True)
                 os.killpg(os.getpgrp(), signal.SIGKILL)
             time.sleep(0.5)
 

@@ -2,6 +2,7 @@
 
 import http.server
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,4 +168,7 @@ def test_default_model_answers_through_vllm(default_model_dir):
         [[answer]] = engine.generate(
             CONVERSATIONS[:1], Sampling(n=1, temperature=0.0, max_tokens=24)
         )
+        scratch = Path(engine.scratch)  # vLLM's sockets: here, not loose in the temp dir
+        assert any(p.is_socket() for p in scratch.iterdir()), list(scratch.iterdir())
     assert "Paris" in answer.text
+    assert not scratch.exists()

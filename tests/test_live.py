@@ -217,7 +217,8 @@ def test_a_failed_run_ends_in_one_line(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_killing_prefloop_run_leaves_no_engine_behind(tmp_path, tiny_model_dir):
     """`kill -9` of the `prefloop run` process alone (not its group) while a vLLM engine
-    is up: a few seconds later no engine, server or trainer of the run is alive."""
+    is up: a few seconds later no engine, server or trainer of the run is alive, and the
+    run's scratch directory, where vLLM's processes keep their sockets, is gone."""
     engine = {"kind": "vllm", "batch_size": 2, "max_model_len": 512, "cpu_kv_cache_gib": 0.5}
     cfg = config(tmp_path, tiny_model_dir, rounds=1, engine=engine)
     proc, mark = start_run(cfg, tmp_path, own_prefect=True)  # its Prefect server too
@@ -229,7 +230,15 @@ def test_killing_prefloop_run_leaves_no_engine_behind(tmp_path, tiny_model_dir):
     )
     run = {pid: cmd for pid, cmd in marked_processes(mark) if pid != proc.pid}
     assert any("EngineCore" in cmd for cmd in run.values()), run
+    [worker] = [pid for pid, cmd in run.items() if "flows.cli run" in cmd]
+    environ = dict(
+        v.split("=", 1) for v in Path(f"/proc/{worker}/environ").read_text().split("\0") if v
+    )
+    scratch = Path(environ["PREFLOOP_SCRATCH"])
+    [engine_dir] = scratch.glob("vllm-*")
+    assert any(p.is_socket() for p in engine_dir.iterdir()), list(engine_dir.iterdir())
     kill_and_expect_gone(proc, run, within_s=10)  # the `prefloop run` process alone
+    assert not scratch.exists(), list(scratch.rglob("*"))
 
 
 @pytest.mark.slow

@@ -1,12 +1,17 @@
 """vLLM engine: one `LLM` per model per round, one call per batch with `n=` samples."""
 
+import contextlib
 import gc
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.engines.base import Completion, EngineBase, Sampling
 from pipeline.errors import EngineError
+from pipeline.paths import SCRATCH_ENV
 from pipeline.schema import EngineConfig
 
 # KV-cache block size on CPU. vLLM-CPU's own default is 128, and its prefix cache reuses
@@ -25,9 +30,28 @@ def block_size_problem(cfg: EngineConfig, on_gpu: bool) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _scratch_env(scratch: str) -> Iterator[None]:
+    """vLLM's processes put their IPC sockets (about seven an engine) and the
+    distributed-init file in the temp directory and never remove them; while the engine
+    starts, point both at `scratch`, which `close` removes (and, in `prefloop run`, the
+    supervisor with the run's scratch directory, if the run is killed)."""
+    saved = {k: os.environ.get(k) for k in ("VLLM_RPC_BASE_PATH", "TMPDIR")}
+    os.environ.update(VLLM_RPC_BASE_PATH=scratch, TMPDIR=scratch)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @dataclass
 class VllmEngine(EngineBase):
     llm: object = None
+    scratch: str | None = None
 
     @classmethod
     def start(cls, model_path: Path, cfg: EngineConfig, seed: int) -> "VllmEngine":
@@ -60,13 +84,20 @@ class VllmEngine(EngineBase):
             # On CPU, gpu_memory_utilization is a share of the NUMA node's memory, checked
             # against what is free at start; an explicit KV-cache size avoids that check.
             kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gib * (1 << 30))
-        llm = LLM(**kwargs)
+        scratch = tempfile.mkdtemp(prefix="vllm-", dir=os.environ.get(SCRATCH_ENV))
+        try:
+            with _scratch_env(scratch):
+                llm = LLM(**kwargs)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
         return cls(
             model_path=model_path,
             seed=seed,
             max_model_len=cfg.max_model_len,
             tokenizer=llm.get_tokenizer(),
             llm=llm,
+            scratch=scratch,
         )
 
     def _generate_ids(self, prompts: list[list[int]], params: Sampling) -> list[list[Completion]]:
@@ -113,3 +144,6 @@ class VllmEngine(EngineBase):
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
             gc.collect()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
