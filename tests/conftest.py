@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -359,10 +360,13 @@ def launch_vllm_server(model_dir: Path, served_name: str = "tiny"):
     # it mid-round on purpose), and `stop_server` ends the whole group.
     # Its log goes to a file: a pipe nobody reads fills up and stalls a long-lived server.
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (closed with the process)
+    # vLLM's IPC sockets go to a directory `stop_server` removes, not loose into /tmp.
+    scratch = tempfile.mkdtemp(prefix="vllm-serve-")
+    env = {**os.environ, "VLLM_RPC_BASE_PATH": scratch, "TMPDIR": scratch}
     proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
     )
-    proc.log = log
+    proc.log, proc.scratch = log, scratch
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
@@ -399,3 +403,4 @@ def stop_server(proc) -> None:
         proc.wait(30)
     signal_group(signal.SIGKILL)  # whatever of the group is still there
     proc.wait()
+    shutil.rmtree(proc.scratch, ignore_errors=True)
