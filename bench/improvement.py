@@ -1,7 +1,7 @@
 """Does the loop improve the model? Both verifiable-instruction loops, side by side.
 
     .venv/bin/python bench/improvement.py [--seeds 0 1] [--loops function selfjudge]
-        [--rounds 3] [--set key=value ...] [--out results.jsonl]
+        [--rounds 3] [--set key=value ...] [--out results.jsonl] [--dir D [--collect]]
 
 - function:  data/configs/verifiable.yaml, Self-Rewarding candidates scored by the
   checkers (the `function` judge), best vs worst -> DPO;
@@ -11,10 +11,12 @@
 Each (loop, seed) is a real `prefloop run` in its own database. The yardstick is the same
 for both: held-out strict prompt-level instruction-following accuracy of M_0..M_T,
 greedy, with 95% Wilson intervals. Printed per round: accuracy and interval, the change
-against M_0, pairs, training time; then whether M_T beats M_0 with intervals that do not
-overlap. `--set` overrides apply to every run (the settings being tuned), and `--out`
-appends one JSON line per run with its settings and results, so every setting tried is
-kept with what it gave.
+against M_0, pairs, training time, the held-out answers' mean length and share cut off
+at max_tokens, and the pairs' chosen/rejected length; then whether M_T beats M_0 with
+intervals that do not overlap. `--set` overrides apply to every run (the settings being
+tuned), and `--out` appends one JSON line per run with its settings and results, so every
+setting tried is kept with what it gave. `--collect` runs nothing and reads the finished
+runs in `--dir`.
 """
 
 import argparse
@@ -55,6 +57,27 @@ def run_loop(config: Path, name: str, seed: int, rounds: int, sets: list[str], t
     wall = time.perf_counter() - start
     if out.returncode != 0:
         raise SystemExit(f"{name}: prefloop run failed:\n{out.stderr[-3000:]}")
+    return {"wall_s": round(wall, 1), "rounds": collect(db, name)}
+
+
+# Per round: the held-out answers' mean length and share cut off at max_tokens (a cut-off
+# answer fails every check on its ending, JSON or length), and the pairs' chosen vs
+# rejected length: what moved the accuracy, next to it.
+LENGTHS = """
+SELECT round, avg(n_tokens) AS tokens, avg((finish_reason = 'length')::INT) AS cut
+FROM generations WHERE run_id = ? AND method = 'evaluation' AND role = 'yardstick'
+GROUP BY round
+"""
+PAIR_LENGTHS = """
+SELECT p.round, avg(c.n_tokens) AS chosen, avg(r.n_tokens) AS rejected
+FROM pairs p JOIN generations c ON c.generation_id = p.chosen_generation_id
+JOIN generations r ON r.generation_id = p.rejected_generation_id
+WHERE p.run_id = ? GROUP BY p.round
+"""
+
+
+def collect(db: Path, name: str) -> dict[int, dict]:
+    """A finished run's numbers per round, read from its database."""
     with Store(db, read_only=True) as store:
         evals = [e for e in store.evaluations(name) if e["metric"] == METRIC]
         stages = store.report_data(name)["stages"]
@@ -64,34 +87,48 @@ def run_loop(config: Path, name: str, seed: int, rounds: int, sets: list[str], t
         for s in stages:
             if s["stage"].startswith("train_"):
                 train[s["round"]] = train.get(s["round"], 0.0) + s["wall_s"]
+        lengths = {r["round"]: r for r in store.query(LENGTHS, [name])}
+        pair_lengths = {r["round"]: r for r in store.query(PAIR_LENGTHS, [name])}
     per_round = {}
     for e in evals:
-        d = json.loads(e["details_json"])
-        per_round[e["round"]] = {
+        d, t = json.loads(e["details_json"]), e["round"]
+        length, pair = lengths.get(t, {}), pair_lengths.get(t, {})
+        per_round[t] = {
             "accuracy": e["value"],
             "ci95": d["ci95"],
             "n": d["n"],
-            "pairs": pairs.get(e["round"]),
-            "train_s": train.get(e["round"]),
+            "pairs": pairs.get(t),
+            "train_s": train.get(t),
+            "answer_tokens": length.get("tokens"),
+            "answers_cut": length.get("cut"),
+            "chosen_tokens": pair.get("chosen"),
+            "rejected_tokens": pair.get("rejected"),
         }
-    return {"wall_s": round(wall, 1), "rounds": dict(sorted(per_round.items()))}
+    return dict(sorted(per_round.items()))
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def show(loop: str, seed: int, result: dict) -> None:
-    rounds = result["rounds"]
+    rounds = {int(t): r for t, r in result["rounds"].items()}
     base = rounds[0]["accuracy"]
-    print(f"\n{loop}, seed {seed} ({result['wall_s'] / 60:.1f} min)")
+    wall = result.get("wall_s")
+    took = f"{wall / 60:.1f} min" if wall else "read from its database"
+    print(f"\n{loop}, seed {seed} ({took})")
     print(
         f"   {'model':<6} {'strict prompt acc':>17} {'95% interval':>16} {'vs M_0':>8} "
-        f"{'pairs':>6} {'train s':>8}"
+        f"{'pairs':>6} {'train s':>8} {'answer tok':>10} {'cut off':>8} {'chosen/rej tok':>15}"
     )
     for t, r in rounds.items():
         lo, hi = r["ci95"]
-        pairs = "-" if r["pairs"] is None else r["pairs"]
-        train = "-" if r["train_s"] is None else f"{r['train_s']:.0f}"
+        lengths = f"{_num(r.get('chosen_tokens'), '.0f')}/{_num(r.get('rejected_tokens'), '.0f')}"
         print(
             f"   M_{t:<4} {r['accuracy']:>17.3f} {f'[{lo:.3f}, {hi:.3f}]':>16} "
-            f"{100 * (r['accuracy'] - base):>+7.1f}pt {pairs:>6} {train:>8}"
+            f"{100 * (r['accuracy'] - base):>+7.1f}pt {_num(r['pairs'], 'd'):>6} "
+            f"{_num(r['train_s'], '.0f'):>8} {_num(r.get('answer_tokens'), '.0f'):>10} "
+            f"{_num(r.get('answers_cut'), '.0%'):>8} {lengths if t else '-':>15}"
         )
     last = rounds[max(rounds)]
     apart = last["ci95"][0] > rounds[0]["ci95"][1]
@@ -110,7 +147,27 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--dir", type=Path, default=None, help="keep the runs here (default: temp)")
+    ap.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: print (and --out) the finished runs already in --dir",
+    )
     args = ap.parse_args()
+    if args.collect:
+        if args.dir is None:
+            raise SystemExit("--collect reads the runs in --dir; give it")
+        for loop in args.loops:
+            for seed in args.seeds:
+                name = f"improve-{loop}-s{seed}"
+                db = args.dir / f"{name}.duckdb"
+                if db.exists():
+                    record = {"loop": loop, "seed": seed, "settings": args.sets, "wall_s": None}
+                    record["rounds"] = collect(db, name)
+                    show(loop, seed, record)
+                    if args.out:
+                        with open(args.out, "a") as f:
+                            f.write(json.dumps(record) + "\n")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if args.dir is not None:
             args.dir.mkdir(parents=True, exist_ok=True)
