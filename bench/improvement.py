@@ -130,13 +130,15 @@ def show(loop: str, seed: int, result: dict) -> None:
             f"{_num(r['train_s'], '.0f'):>8} {_num(r.get('answer_tokens'), '.0f'):>10} "
             f"{_num(r.get('answers_cut'), '.0%'):>8} {lengths if t else '-':>15}"
         )
-    last = rounds[max(rounds)]
-    apart = last["ci95"][0] > rounds[0]["ci95"][1]
-    gain = 100 * (last["accuracy"] - base)
-    print(
-        f"   M_{max(rounds)} - M_0: {gain:+.1f} points; intervals "
-        f"{'do not overlap' if apart else 'overlap'}"
-    )
+    last, first = rounds[max(rounds)]["ci95"], rounds[0]["ci95"]
+    gain = 100 * (rounds[max(rounds)]["accuracy"] - base)
+    if last[0] > first[1]:
+        verdict = "do not overlap (better)"
+    elif last[1] < first[0]:
+        verdict = "do not overlap (worse)"
+    else:
+        verdict = "overlap"
+    print(f"   M_{max(rounds)} - M_0: {gain:+.1f} points; intervals {verdict}")
 
 
 def main() -> None:
