@@ -49,7 +49,10 @@ def supervise(argv: list[str]) -> int:
     env = {**os.environ, WORKER_OF: str(os.getpid()), ERROR_FILE: str(error_file)}
     env[SCRATCH_ENV] = scratch
     worker = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *argv], env=env, start_new_session=True
+        [sys.executable, "-m", "flows.cli", *argv],
+        env=env,
+        start_new_session=True,
+        preexec_fn=_interruptible,  # the worker stops its engines on the SIGINT it is sent
     )
     try:
         return _wait(worker)
@@ -67,6 +70,9 @@ def _wait(worker: subprocess.Popen) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
+    # A process started in the background by a shell inherits SIGINT ignored, and Python
+    # then leaves it ignored: `kill -INT` must stop the run however it was started.
+    signal.signal(signal.SIGINT, interrupted)
     try:
         return worker.wait()
     except KeyboardInterrupt:
@@ -93,6 +99,10 @@ def watch_supervisor() -> None:
             time.sleep(0.5)
 
     threading.Thread(target=watch, name="prefloop-watchdog", daemon=True).start()
+
+
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Python's own handler, if it was ignored
 
 
 def _signal_group(pgid: int, sig: int) -> None:

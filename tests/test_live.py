@@ -49,10 +49,11 @@ def config(tmp: Path, model: Path, name: str = "live", **over) -> dict:
 
 
 def start_run(
-    cfg: dict, tmp: Path, *extra: str, own_prefect: bool = False
+    cfg: dict, tmp: Path, *extra: str, own_prefect: bool = False, sigint_ignored: bool = False
 ) -> tuple[subprocess.Popen, str]:
     """`prefloop run` as a user starts it, with its own process marker; reporting to the
-    suite's Prefect API, or with `own_prefect` to a temporary server of the run's own."""
+    suite's Prefect API, or with `own_prefect` to a temporary server of the run's own.
+    `sigint_ignored`: as a shell script's `prefloop run ... &` starts it."""
     path = tmp / f"{cfg['name']}-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(json.dumps(cfg))
     mark = run_mark()
@@ -65,8 +66,13 @@ def start_run(
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        preexec_fn=_ignore_sigint if sigint_ignored else None,
     )
     return proc, mark
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
@@ -245,10 +251,12 @@ def test_killing_prefloop_run_leaves_no_engine_behind(tmp_path, tiny_model_dir):
 def test_ctrl_c_stops_the_run_and_everything_it_started(tmp_path, tiny_model_dir):
     """SIGINT to `prefloop run` (what Ctrl-C sends): the run stops, says so in its last
     line, leaves no process (its own temporary Prefect server included), and the same
-    command resumes it to the end. Everything the run started listens on loopback only."""
+    command resumes it to the end. Everything the run started listens on loopback only.
+    Started with SIGINT ignored (a script's `&` does that, and Python then keeps ignoring
+    it), `kill -INT` stops it all the same."""
     cfg = config(tmp_path, tiny_model_dir, rounds=1, training={"kind": "none"})
     db = Path(cfg["db_path"])
-    proc, mark = start_run(cfg, tmp_path, own_prefect=True)
+    proc, mark = start_run(cfg, tmp_path, own_prefect=True, sigint_ignored=True)
     seen = []
     for line in proc.stdout:  # the run's own line for its first stored batch: at once
         seen.append(line)
