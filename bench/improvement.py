@@ -12,11 +12,12 @@ Each (loop, seed) is a real `prefloop run` in its own database. The yardstick is
 for both: held-out strict prompt-level instruction-following accuracy of M_0..M_T,
 greedy, with 95% Wilson intervals. Printed per round: accuracy and interval, the change
 against M_0, pairs, training time, the held-out answers' mean length and share cut off
-at max_tokens, and the pairs' chosen/rejected length; then whether M_T beats M_0 with
-intervals that do not overlap. `--set` overrides apply to every run (the settings being
-tuned), and `--out` appends one JSON line per run with its settings and results, so every
-setting tried is kept with what it gave. `--collect` runs nothing and reads the finished
-runs in `--dir`.
+at max_tokens, the pairs' chosen/rejected length, and how the checkers see the pairs
+(chosen better / tied / worse: the self-judging loop's judge against the code); then
+whether M_T beats M_0 with intervals that do not overlap. `--set` overrides apply to
+every run (the settings being tuned), and `--out` appends one JSON line per run with its
+settings and results, so every setting tried is kept with what it gave. `--collect`
+runs nothing and reads the finished runs in `--dir`.
 """
 
 import argparse
@@ -76,6 +77,33 @@ WHERE p.run_id = ? GROUP BY p.round
 """
 
 
+PAIR_TEXTS = """
+SELECT p.round, t.text AS prompt, c.text AS chosen, r.text AS rejected
+FROM pairs p JOIN generations c ON c.generation_id = p.chosen_generation_id
+JOIN generations r ON r.generation_id = p.rejected_generation_id
+JOIN (SELECT DISTINCT run_id, prompt_id, text FROM prompts) t
+  ON t.run_id = p.run_id AND t.prompt_id = p.prompt_id
+WHERE p.run_id = ?
+"""
+
+
+def checker_verdicts(store: Store, name: str) -> dict[int, dict[str, int]]:
+    """Per round, how the checkers (the function judge's score) see each pair: chosen
+    better, tied or worse. The function-judged loop agrees by construction; for the
+    self-judging loop this is how often the model's own judge was right."""
+    from pipeline.verifiable.judge import score
+
+    verdicts: dict[int, dict[str, int]] = {}
+    for r in store.query(PAIR_TEXTS, [name]):
+        chosen, rejected = score(r["prompt"], r["chosen"]), score(r["prompt"], r["rejected"])
+        if chosen is None or rejected is None:
+            continue
+        kind = "better" if chosen > rejected else "tied" if chosen == rejected else "worse"
+        counts = verdicts.setdefault(r["round"], {"better": 0, "tied": 0, "worse": 0})
+        counts[kind] += 1
+    return verdicts
+
+
 def collect(db: Path, name: str) -> dict[int, dict]:
     """A finished run's numbers per round, read from its database."""
     with Store(db, read_only=True) as store:
@@ -89,6 +117,7 @@ def collect(db: Path, name: str) -> dict[int, dict]:
                 train[s["round"]] = train.get(s["round"], 0.0) + s["wall_s"]
         lengths = {r["round"]: r for r in store.query(LENGTHS, [name])}
         pair_lengths = {r["round"]: r for r in store.query(PAIR_LENGTHS, [name])}
+        verdicts = checker_verdicts(store, name)
     per_round = {}
     for e in evals:
         d, t = json.loads(e["details_json"]), e["round"]
@@ -103,12 +132,17 @@ def collect(db: Path, name: str) -> dict[int, dict]:
             "answers_cut": length.get("cut"),
             "chosen_tokens": pair.get("chosen"),
             "rejected_tokens": pair.get("rejected"),
+            "checkers": verdicts.get(t),
         }
     return dict(sorted(per_round.items()))
 
 
 def _num(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
+
+
+def _verdicts(counts: dict | None) -> str:
+    return "-" if not counts else f"{counts['better']}/{counts['tied']}/{counts['worse']}"
 
 
 def show(loop: str, seed: int, result: dict) -> None:
@@ -119,7 +153,8 @@ def show(loop: str, seed: int, result: dict) -> None:
     print(f"\n{loop}, seed {seed} ({took})")
     print(
         f"   {'model':<6} {'strict prompt acc':>17} {'95% interval':>16} {'vs M_0':>8} "
-        f"{'pairs':>6} {'train s':>8} {'answer tok':>10} {'cut off':>8} {'chosen/rej tok':>15}"
+        f"{'pairs':>6} {'train s':>8} {'answer tok':>10} {'cut off':>8} {'chosen/rej tok':>15} "
+        f"{'checkers +/=/-':>15}"
     )
     for t, r in rounds.items():
         lo, hi = r["ci95"]
@@ -128,7 +163,8 @@ def show(loop: str, seed: int, result: dict) -> None:
             f"   M_{t:<4} {r['accuracy']:>17.3f} {f'[{lo:.3f}, {hi:.3f}]':>16} "
             f"{100 * (r['accuracy'] - base):>+7.1f}pt {_num(r['pairs'], 'd'):>6} "
             f"{_num(r['train_s'], '.0f'):>8} {_num(r.get('answer_tokens'), '.0f'):>10} "
-            f"{_num(r.get('answers_cut'), '.0%'):>8} {lengths if t else '-':>15}"
+            f"{_num(r.get('answers_cut'), '.0%'):>8} {lengths if t else '-':>15} "
+            f"{_verdicts(r.get('checkers')):>15}"
         )
     last, first = rounds[max(rounds)]["ci95"], rounds[0]["ci95"]
     gain = 100 * (rounds[max(rounds)]["accuracy"] - base)
