@@ -35,8 +35,13 @@ def _scratch_env(scratch: str) -> Iterator[None]:
     """vLLM's processes put their IPC sockets (about seven an engine) and the
     distributed-init file in the temp directory and never remove them; while the engine
     starts, point both at `scratch`, which `close` removes (and, in `prefloop run`, the
-    supervisor with the run's scratch directory, if the run is killed)."""
-    saved = {k: os.environ.get(k) for k in ("VLLM_RPC_BASE_PATH", "TMPDIR")}
+    supervisor with the run's scratch directory, if the run is killed). torch's compile
+    cache, which also defaults to the temp directory, stays where it was and is kept."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # vLLM loaded it
+
+    keys = ("VLLM_RPC_BASE_PATH", "TMPDIR", "TORCHINDUCTOR_CACHE_DIR")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     os.environ.update(VLLM_RPC_BASE_PATH=scratch, TMPDIR=scratch)
     try:
         yield
