@@ -61,46 +61,21 @@ def run_loop(config: Path, name: str, seed: int, rounds: int, sets: list[str], t
     return {"wall_s": round(wall, 1), "rounds": collect(db, name)}
 
 
-# Per round: the held-out answers' mean length and share cut off at max_tokens (a cut-off
-# answer fails every check on its ending, JSON or length), and the pairs' chosen vs
-# rejected length: what moved the accuracy, next to it.
-LENGTHS = """
-SELECT round, avg(n_tokens) AS tokens, avg((finish_reason = 'length')::INT) AS cut
-FROM generations WHERE run_id = ? AND method = 'evaluation' AND role = 'yardstick'
-GROUP BY round
-"""
-PAIR_LENGTHS = """
-SELECT p.round, avg(c.n_tokens) AS chosen, avg(r.n_tokens) AS rejected
-FROM pairs p JOIN generations c ON c.generation_id = p.chosen_generation_id
-JOIN generations r ON r.generation_id = p.rejected_generation_id
-WHERE p.run_id = ? GROUP BY p.round
-"""
-
-
-PAIR_TEXTS = """
-SELECT p.round, t.text AS prompt, c.text AS chosen, r.text AS rejected
-FROM pairs p JOIN generations c ON c.generation_id = p.chosen_generation_id
-JOIN generations r ON r.generation_id = p.rejected_generation_id
-JOIN (SELECT DISTINCT run_id, prompt_id, text FROM prompts) t
-  ON t.run_id = p.run_id AND t.prompt_id = p.prompt_id
-WHERE p.run_id = ?
-"""
-
-
-def checker_verdicts(store: Store, name: str) -> dict[int, dict[str, int]]:
+def checker_verdicts(store: Store, name: str, rounds: list[int]) -> dict[int, dict[str, int]]:
     """Per round, how the checkers (the function judge's score) see each pair: chosen
     better, tied or worse. The function-judged loop agrees by construction; for the
     self-judging loop this is how often the model's own judge was right."""
     from pipeline.verifiable.judge import score
 
     verdicts: dict[int, dict[str, int]] = {}
-    for r in store.query(PAIR_TEXTS, [name]):
-        chosen, rejected = score(r["prompt"], r["chosen"]), score(r["prompt"], r["rejected"])
-        if chosen is None or rejected is None:
-            continue
-        kind = "better" if chosen > rejected else "tied" if chosen == rejected else "worse"
-        counts = verdicts.setdefault(r["round"], {"better": 0, "tied": 0, "worse": 0})
-        counts[kind] += 1
+    for t in rounds:
+        for r in store.evaluation_pairs(name, t):
+            chosen, rejected = score(r["prompt"], r["chosen"]), score(r["prompt"], r["rejected"])
+            if chosen is None or rejected is None:
+                continue
+            kind = "better" if chosen > rejected else "tied" if chosen == rejected else "worse"
+            counts = verdicts.setdefault(t, {"better": 0, "tied": 0, "worse": 0})
+            counts[kind] += 1
     return verdicts
 
 
@@ -115,13 +90,12 @@ def collect(db: Path, name: str) -> dict[int, dict]:
         for s in stages:
             if s["stage"].startswith("train_"):
                 train[s["round"]] = train.get(s["round"], 0.0) + s["wall_s"]
-        lengths = {r["round"]: r for r in store.query(LENGTHS, [name])}
-        pair_lengths = {r["round"]: r for r in store.query(PAIR_LENGTHS, [name])}
-        verdicts = checker_verdicts(store, name)
+        lengths = store.answer_lengths(name)
+        verdicts = checker_verdicts(store, name, rounds_run)
     per_round = {}
     for e in evals:
         d, t = json.loads(e["details_json"]), e["round"]
-        length, pair = lengths.get(t, {}), pair_lengths.get(t, {})
+        length = lengths.get(t, {})
         per_round[t] = {
             "accuracy": e["value"],
             "ci95": d["ci95"],
@@ -130,8 +104,8 @@ def collect(db: Path, name: str) -> dict[int, dict]:
             "train_s": train.get(t),
             "answer_tokens": length.get("tokens"),
             "answers_cut": length.get("cut"),
-            "chosen_tokens": pair.get("chosen"),
-            "rejected_tokens": pair.get("rejected"),
+            "chosen_tokens": length.get("chosen"),
+            "rejected_tokens": length.get("rejected"),
             "checkers": verdicts.get(t),
         }
     return dict(sorted(per_round.items()))

@@ -247,5 +247,11 @@ def test_loop_with_function_judge_and_yardstick(harness, tmp_path, tiny_model_di
             assert strict_p <= evals[(t, "ifeval_prompt_loose")]["value"]
         [[answers]] = store.sql("SELECT count(*) FROM generations WHERE role = 'yardstick'")[1]
         assert answers == 3 * 6
+        lengths = store.answer_lengths("verifiable")  # what bench/improvement.py prints beside them
+        assert sorted(lengths) == [0, 1, 2]
+        for t, length in lengths.items():
+            assert 0 < length["tokens"] <= 12 and 0.0 <= length["cut"] <= 1.0, (t, length)
+            if t and sum(store.pair_counts("verifiable", t).values()):
+                assert length["chosen"] > 0 and length["rejected"] > 0, (t, length)
     page = Path(result["report"]).read_text()
     assert 'data-plot="yardstick"' in page and "instruction following" in page

@@ -93,6 +93,25 @@ class EvaluationQueries(Connection):
             [run_id, round_],
         )
 
+    def answer_lengths(self, run_id: str) -> dict[int, dict[str, float]]:
+        """Per round: the yardstick's answers' mean length and share cut off at max_tokens
+        (`tokens`, `cut`), and the pairs' mean chosen and rejected length."""
+        lengths: dict[int, dict[str, float]] = {}
+        for r in self.query(
+            "SELECT round, avg(n_tokens) AS tokens, avg((finish_reason = 'length')::INT) AS cut "
+            "FROM generations WHERE run_id = ? AND method = 'evaluation' AND role = 'yardstick' "
+            "GROUP BY round",
+            [run_id],
+        ):
+            lengths.setdefault(r.pop("round"), {}).update(r)
+        for r in self.query(
+            "SELECT p.round, avg(c.n_tokens) AS chosen, avg(r.n_tokens) AS rejected "
+            f"{PAIRS_WITH_TEXTS} WHERE p.run_id = ? GROUP BY p.round",
+            [run_id],
+        ):
+            lengths.setdefault(r.pop("round"), {}).update(r)
+        return lengths
+
     def evaluations(self, run_id: str) -> list[dict[str, Any]]:
         return self.query(
             "SELECT round, metric, method, value, details_json FROM evaluations "
