@@ -28,14 +28,35 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 SESSION_MARK = "PREFLOOP_TEST_SESSION"
 os.environ.setdefault(SESSION_MARK, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
+# The suite runs its modules on this many pytest-xdist workers (`-n auto`), each module
+# whole on one worker (`--dist loadfile`): a module's engines and servers start once.
+MAX_WORKERS = 4
+
+
+def pytest_configure(config):
+    """A suite stopped with SIGTERM (`kill`, a CI job's timeout) ends as on Ctrl-C: pytest
+    tears its fixtures down, so the servers and engines they started stop with it."""
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """One worker per core, at most MAX_WORKERS: each may hold a vLLM engine, a trainer
+    and SmolLM2 at once."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_api():
-    """One Prefect API for the whole suite: Prefect's test harness (a server on a temporary
-    database). In-process flows report to it, and every run a test starts inherits its URL
-    in PREFECT_API_URL, so a run does not start a temporary server of its own (7-13 s a
-    run here). The tests of a run's own temporary server (that it ends with the run, that
-    it listens on loopback, that Ray workers report to it) set PREFECT_API_URL empty."""
+    """One Prefect API per pytest process (each xdist worker has its own): Prefect's test
+    harness (a server on a temporary database). In-process flows report to it, and every
+    run a test starts inherits its URL in PREFECT_API_URL, so a run does not start a
+    temporary server of its own (7-13 s a run here). The tests of a run's own temporary
+    server (that it ends with the run, that it listens on loopback, that Ray workers report
+    to it) set PREFECT_API_URL empty."""
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
@@ -171,9 +192,13 @@ def alive(pids) -> list[int]:
     return [pid for pid in pids if pid in running]
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
     """Fail the suite if any process it started is still alive (after a short grace for
-    those shutting down), and end them."""
+    those shutting down), and end them. Under pytest-xdist the controller checks, after
+    its workers have exited (they inherit its marker, and so does all they started)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     deadline = time.time() + 15
     left = marked_processes(since=SESSION_START)
     while left and time.time() < deadline:
@@ -199,12 +224,25 @@ def _has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _slow_modules_first(items)
     if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _slow_modules_first(items) -> None:
+    """Modules with end-to-end tests run first, the most of them first: the workers take
+    modules in this order, and a long one started last would run on alone. Within a module
+    the order stays as written (some tests build on the one before)."""
+    slow = {}
+    for item in items:
+        slow[item.module.__name__] = slow.get(item.module.__name__, 0) + ("slow" in item.keywords)
+    first = {name: i for i, name in enumerate(slow)}
+    items.sort(key=lambda item: (-slow[item.module.__name__], first[item.module.__name__]))
 
 
 @pytest.fixture(scope="session")
@@ -335,9 +373,9 @@ def chromium():
     return render
 
 
-def launch_vllm_server(model_dir: Path, served_name: str = "tiny"):
+def launch_vllm_server(model_dir: Path, log_dir: Path, served_name: str = "tiny"):
     """Start `vllm serve` on a free loopback port without waiting for it (several start
-    side by side); `wait_vllm_server` waits."""
+    side by side); `wait_vllm_server` waits. Its log is `log_dir/serve-<port>.log`."""
     import subprocess
     import sys
 
@@ -358,10 +396,12 @@ def launch_vllm_server(model_dir: Path, served_name: str = "tiny"):
         cmd += ["--kv-cache-memory-bytes", str(512 << 20)]
     # Its own process group: vLLM's EngineCore outlives a server killed alone (a test kills
     # it mid-round on purpose), and `stop_server` ends the whole group.
-    # Its log goes to a file: a pipe nobody reads fills up and stalls a long-lived server.
-    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (closed with the process)
     # vLLM's IPC sockets go to a directory `stop_server` removes, not loose into /tmp.
     scratch = tempfile.mkdtemp(prefix="vllm-serve-")
+    # Its log goes to a file: a pipe nobody reads fills up and stalls a long-lived server.
+    # A test that finds the server gone shows the log's end (`server_down`); the whole log
+    # stays with the test's temporary files.
+    log = open(log_dir / f"serve-{port}.log", "w+")  # noqa: SIM115  (closed with the process)
     env = {**os.environ, "VLLM_RPC_BASE_PATH": scratch, "TMPDIR": scratch}
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
@@ -378,8 +418,7 @@ def wait_vllm_server(proc, url: str, timeout: float = 400) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            proc.log.seek(0)
-            pytest.fail(f"vllm serve exited: {proc.log.read()[-2000:]}")
+            pytest.fail(f"vllm serve exited: {log_tail(proc)}")
         try:
             if httpx.get(f"{url}/models", timeout=2).status_code == 200:
                 return
@@ -387,6 +426,25 @@ def wait_vllm_server(proc, url: str, timeout: float = 400) -> None:
             time.sleep(2)
     stop_server(proc)
     pytest.fail(f"vllm serve did not come up in {timeout:.0f} s")
+
+
+def log_tail(proc, chars: int = 3000) -> str:
+    proc.log.flush()
+    proc.log.seek(0)
+    return proc.log.read()[-chars:]
+
+
+def server_down(proc, url: str) -> str | None:
+    """Why a server a test expects to answer does not (its exit code and its log's end),
+    or None when it answers."""
+    import httpx
+
+    try:
+        if proc.poll() is None and httpx.get(f"{url}/models", timeout=10).status_code == 200:
+            return None
+    except httpx.HTTPError as e:
+        return f"{url} does not answer ({e!r}); its log ends:\n{log_tail(proc)}"
+    return f"{url} is down (exit code {proc.returncode}); its log ends:\n{log_tail(proc)}"
 
 
 def stop_server(proc) -> None:

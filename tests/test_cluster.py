@@ -17,6 +17,7 @@ from conftest import (
     kill_and_expect_gone,
     launch_vllm_server,
     marked_processes,
+    server_down,
     stop_server,
     wait_vllm_server,
 )
@@ -34,9 +35,10 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_model_dir):
+def servers(tiny_model_dir, tmp_path_factory):
     """Two OpenAI-compatible servers of the tiny model, started side by side."""
-    launched = [launch_vllm_server(tiny_model_dir) for _ in range(2)]
+    logs = tmp_path_factory.mktemp("servers")
+    launched = [launch_vllm_server(tiny_model_dir, logs) for _ in range(2)]
     try:
         for proc, url in launched:
             wait_vllm_server(proc, url)
@@ -267,6 +269,8 @@ def test_killing_a_ray_run_leaves_nothing_behind(tmp_path, tiny_model_dir, serve
         servers_started = [cmd for cmd in run.values() if "prefect.server" in cmd]
         assert len(servers_started) == 1, run  # the flow's own, none per Ray worker
         kill_and_expect_gone(proc, run, within_s=30)
+        # A client killed mid-request leaves the servers answering.
+        assert [server_down(p, u) for p, u in servers] == [None, None]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -277,6 +281,7 @@ def test_a_server_killed_mid_round(tmp_path, tiny_model_dir, servers, reference)
     """One of the two servers dies after the first batch: the round completes on the
     other with exactly the reference's pairs, and the log names the dead server."""
     (victim, dead), (_, alive_url) = servers
+    assert [server_down(p, u) for p, u in servers] == [None, None]  # both, before the kill
     path = _config(tmp_path, tiny_model_dir, "killed", [dead, alive_url], {"workers": 2})
     cfg = yaml.safe_load(path.read_text())
     cfg["training"] = {"kind": "none"}  # the pairs are what the kill could lose
@@ -303,6 +308,7 @@ def test_no_server_left_stops_the_round_with_one_line(tmp_path, tiny_model_dir, 
     if first.poll() is None:  # run on its own: the first server goes now
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+    assert server_down(last, url) is None, server_down(last, url)  # the one left answers
     path = _config(tmp_path, tiny_model_dir, "none-left", [dead, url], {"workers": 1})
     cfg = yaml.safe_load(path.read_text())
     cfg["self_reward"]["enabled"] = False

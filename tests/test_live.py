@@ -187,12 +187,15 @@ def test_a_reader_holding_the_file_makes_the_run_wait(tmp_path, tiny_model_dir, 
     wait_for(lambda: batches_stored(db) >= 1, 300, "the first batch", proc)
     held_from = batches_stored(db)
     reader = duckdb.connect(str(db), read_only=True)
-    time.sleep(8)
+    waiting = f"PID {os.getpid()} holds the database; waiting up to 300 s"
+    # Held until the run's log says it waits for this reader, however long a batch takes.
+    logs = Path(cfg["runs_dir"]) / cfg["name"] / "logs"
+    wait_for(lambda: any(waiting in f.read_text() for f in logs.glob("*.log")), 300, waiting, proc)
     assert reader.execute("SELECT count(*) FROM stage_metrics").fetchone()[0] == held_from
     reader.close()
     out = finish(proc)
     assert proc.returncode == 0, out[-3000:]
-    assert f"PID {os.getpid()} holds the database; waiting up to 300 s" in out, out[-3000:]
+    assert waiting in out, out[-3000:]
     assert snapshot(db) == uninterrupted
 
 
