@@ -204,6 +204,7 @@ def test_loop_with_function_judge_and_yardstick(harness, tmp_path, tiny_model_di
             "n_candidates": 4,
             "sampling": {"temperature": 1.0, "max_tokens": 12},
             "judge": {"kind": "function", "function": "pipeline.verifiable.judge:score"},
+            "length_control_gap": 0,  # as verifiable.yaml
             "self_instruct": {"enabled": False},
         },
         rlcd={"enabled": False},
