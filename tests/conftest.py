@@ -464,4 +464,5 @@ def stop_server(proc) -> None:
         proc.wait(30)
     signal_group(signal.SIGKILL)  # whatever of the group is still there
     proc.wait()
+    proc.log.close()
     shutil.rmtree(proc.scratch, ignore_errors=True)
