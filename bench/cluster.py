@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import launch_vllm_server, stop_server, wait_vllm_server  # noqa: E402
+from conftest import launch_vllm_server, log_tail, stop_server, wait_vllm_server  # noqa: E402
 
 from pipeline.engines import Sampling, start_engine  # noqa: E402
 from pipeline.models import resolve_model  # noqa: E402
@@ -156,10 +156,7 @@ def servers(model: Path):
     finally:
         for proc, url in launched:
             if proc.poll() is not None:  # a server that died on the way: why
-                proc.log.seek(0)
-                text = proc.log.read()
-                at = text.find("[shutdown]")
-                print(f"server {url} exited {proc.returncode}:\n{text[max(0, at - 3000) : at]}")
+                print(f"server {url} exited {proc.returncode}:\n{log_tail(proc)}")
             stop_server(proc)
         logs.cleanup()
 

@@ -432,9 +432,13 @@ def wait_vllm_server(proc, url: str, timeout: float = 400) -> None:
 
 
 def log_tail(proc, chars: int = 3000) -> str:
+    """The end of a server's log; for a server that shut down, what came before its
+    shutdown lines (the cause), not the shutdown itself."""
     proc.log.flush()
     proc.log.seek(0)
-    return proc.log.read()[-chars:]
+    text = proc.log.read()
+    at = text.find("[shutdown]")
+    return text[max(0, at - chars) : at] if at >= 0 else text[-chars:]
 
 
 def server_down(proc, url: str) -> str | None:
