@@ -102,7 +102,7 @@ def test_the_same_call_gives_the_same_samples(request, engine_name):
 
 
 def test_vllm_answers_do_not_depend_on_the_rest_of_the_batch(vllm_engine):
-    """Each request has its own seed (the run's plus its index), so what vLLM batches
+    """Each request has its own seed (from the run's and its index), so what vLLM batches
     with it, which depends on timing when requests stream in, changes nothing. With only
     the engine's seed, two runs of one config and seed gave other answers."""
     params = Sampling(n=2, temperature=1.0, max_tokens=12)
