@@ -34,12 +34,13 @@ class Sampling:
         return asdict(self)
 
 
-def request_seed(seed: int, index: int) -> int:
-    """The sampling seed of a call's index-th request, from the engine's seed and the
-    index alone: its samples then depend neither on the batch around it nor on what the
-    engine drew before. 60 bits of a hash, not seed + index, because vLLM gives a
-    request's n samples the seeds s, s+1, ..., which neighbouring requests would share."""
-    return int(row_id(seed, index)[:15], 16)
+def hashed_seed(*parts: Any) -> int:
+    """A sampling seed from what the samples must follow from alone (the engine's seed and
+    a request's index in its call, or a whole call), so that they depend neither on the
+    batch around them nor on what the engine drew before. 60 bits of a hash, not seed +
+    index, because vLLM gives a request's n samples the seeds s, s+1, ..., which
+    neighbouring requests would share."""
+    return int(row_id(*parts)[:15], 16)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,7 @@ import gc
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.engines.base import Completion, EngineBase, Sampling, truncate_at_stop
-from pipeline.hashing import row_id
+from pipeline.engines.base import Completion, EngineBase, Sampling, hashed_seed, truncate_at_stop
 from pipeline.schema import EngineConfig
 
 
@@ -51,7 +50,7 @@ class HfEngine(EngineBase):
 
         # The call's seed comes from the run's seed and the request itself, not from a call
         # counter: a resumed run redoes a batch exactly as an uninterrupted run did it.
-        torch.manual_seed(int(row_id(self.seed, prompts, params.record())[:15], 16))
+        torch.manual_seed(hashed_seed(self.seed, prompts, params.record()))
         eos = set(_as_list(self.model.generation_config.eos_token_id))
         eos.add(self.tokenizer.eos_token_id)
         per_step = max(1, self.batch_size // params.n)

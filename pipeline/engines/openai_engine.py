@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.engines.base import Completion, EngineBase, Sampling, request_seed
+from pipeline.engines.base import Completion, EngineBase, Sampling, hashed_seed
 from pipeline.engines.servers import ServerPool
 from pipeline.errors import EngineError
 from pipeline.schema import EngineConfig
@@ -80,7 +80,7 @@ class OpenAIEngine(EngineBase):
                 "top_p": params.top_p,
                 "max_tokens": min(params.max_tokens, self.max_model_len - len(ids)),
                 # Distinct per request but reproducible under the run's seed.
-                "seed": request_seed(self.seed, i),
+                "seed": hashed_seed(self.seed, i),
                 # Asked only to count each choice's tokens exactly (re-tokenizing the text
                 # can give another count).
                 "logprobs": 0,

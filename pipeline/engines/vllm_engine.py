@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.engines.base import Completion, EngineBase, Sampling, request_seed
+from pipeline.engines.base import Completion, EngineBase, Sampling, hashed_seed
 from pipeline.errors import EngineError
 from pipeline.paths import SCRATCH_ENV
 from pipeline.schema import EngineConfig
@@ -122,7 +122,7 @@ class VllmEngine(EngineBase):
                 top_p=params.top_p,
                 max_tokens=params.max_tokens,
                 stop=list(params.stop) or None,
-                seed=request_seed(self.seed, i),
+                seed=hashed_seed(self.seed, i),
             )
             for i in range(len(prompts))
         ]
