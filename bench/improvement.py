@@ -13,8 +13,12 @@ for both: held-out strict prompt-level instruction-following accuracy of M_0..M_
 greedy, with 95% Wilson intervals. Printed per round: accuracy and interval, the change
 against M_0, pairs, training time, the held-out answers' mean length and share cut off
 at max_tokens, the pairs' chosen/rejected length, and how the checkers see the pairs
-(chosen better / tied / worse: the self-judging loop's judge against the code); then
-whether M_T beats M_0 with intervals that do not overlap. `--set` overrides apply to
+(chosen better / tied / worse: the self-judging loop's judge against the code), the
+share of held-out answers that mention their topic and the share that do and follow
+every instruction (the checks look at form only: a model can gain on them by dropping
+the request for the format, and these two show it); then
+whether M_T beats M_0 with intervals that do not overlap, and instruction-level strict
+accuracy per kind of instruction and model. `--set` overrides apply to
 every run (the settings being tuned), and `--out` appends one JSON line per run with its
 settings and results, so every setting tried is kept with what it gave. `--collect`
 runs nothing and reads the finished runs in `--dir`.
@@ -82,7 +86,18 @@ def checker_verdicts(store: Store, name: str, rounds: list[int]) -> dict[int, di
 def collect(db: Path, name: str) -> dict[int, dict]:
     """A finished run's numbers per round, read from its database."""
     with Store(db, read_only=True) as store:
-        evals = [e for e in store.evaluations(name) if e["metric"] == METRIC]
+        all_evals = store.evaluations(name)
+        evals = [e for e in all_evals if e["metric"] == METRIC]
+        kinds = {
+            e["round"]: json.loads(e["details_json"]).get("per_kind")
+            for e in all_evals
+            if e["metric"] == "ifeval_instruction_strict"
+        }
+        topical = {
+            (e["round"], e["metric"]): e["value"]
+            for e in all_evals
+            if e["metric"] in ("ifeval_on_topic", "ifeval_prompt_strict_on_topic")
+        }
         stages = store.report_data(name)["stages"]
         rounds_run = sorted({s["round"] for s in stages})
         pairs = {t: sum(store.pair_counts(name, t).values()) for t in rounds_run}
@@ -107,6 +122,9 @@ def collect(db: Path, name: str) -> dict[int, dict]:
             "chosen_tokens": length.get("chosen"),
             "rejected_tokens": length.get("rejected"),
             "checkers": verdicts.get(t),
+            "per_kind": kinds.get(t),
+            "on_topic": topical.get((t, "ifeval_on_topic")),
+            "strict_on_topic": topical.get((t, "ifeval_prompt_strict_on_topic")),
         }
     return dict(sorted(per_round.items()))
 
@@ -128,7 +146,7 @@ def show(loop: str, seed: int, result: dict) -> None:
     print(
         f"   {'model':<6} {'strict prompt acc':>17} {'95% interval':>16} {'vs M_0':>8} "
         f"{'pairs':>6} {'train s':>8} {'answer tok':>10} {'cut off':>8} {'chosen/rej tok':>15} "
-        f"{'checkers +/=/-':>15}"
+        f"{'checkers +/=/-':>15} {'on topic':>8} {'strict+topic':>12}"
     )
     for t, r in rounds.items():
         lo, hi = r["ci95"]
@@ -138,7 +156,8 @@ def show(loop: str, seed: int, result: dict) -> None:
             f"{100 * (r['accuracy'] - base):>+7.1f}pt {_num(r['pairs'], 'd'):>6} "
             f"{_num(r['train_s'], '.0f'):>8} {_num(r.get('answer_tokens'), '.0f'):>10} "
             f"{_num(r.get('answers_cut'), '.0%'):>8} {lengths if t else '-':>15} "
-            f"{_verdicts(r.get('checkers')):>15}"
+            f"{_verdicts(r.get('checkers')):>15} {_num(r.get('on_topic'), '.3f'):>8} "
+            f"{_num(r.get('strict_on_topic'), '.3f'):>12}"
         )
     last, first = rounds[max(rounds)]["ci95"], rounds[0]["ci95"]
     gain = 100 * (rounds[max(rounds)]["accuracy"] - base)
@@ -149,6 +168,35 @@ def show(loop: str, seed: int, result: dict) -> None:
     else:
         verdict = "overlap"
     print(f"   M_{max(rounds)} - M_0: {gain:+.1f} points; intervals {verdict}")
+    first_both, last_both = (
+        rounds[0].get("strict_on_topic"),
+        rounds[max(rounds)].get("strict_on_topic"),
+    )
+    if first_both is not None and last_both is not None:
+        print(
+            f"   strict and on topic: M_0 {first_both:.3f} -> M_{max(rounds)} {last_both:.3f} "
+            f"({100 * (last_both - first_both):+.1f} points)"
+        )
+    show_kinds(rounds)
+
+
+def show_kinds(rounds: dict[int, dict]) -> None:
+    """Instruction-level strict accuracy per kind of instruction and model: where a
+    round's gain or loss came from."""
+    per_kind = {t: r.get("per_kind") or {} for t, r in rounds.items()}
+    kinds = sorted({k for counts in per_kind.values() for k in counts})
+    if not kinds:
+        return
+    print(
+        f"   {'by instruction (strict)':<24} {'n':>4}" + "".join(f"{f'M_{t}':>7}" for t in rounds)
+    )
+    for k in kinds:
+        n = max(counts.get(k, (0, 0))[1] for counts in per_kind.values())
+        cells = []
+        for counts in per_kind.values():
+            followed, total = counts.get(k, (0, 0))
+            cells.append(f"{followed / total:>7.2f}" if total else f"{'-':>7}")
+        print(f"   {k:<24} {n:>4}" + "".join(cells))
 
 
 def main() -> None:

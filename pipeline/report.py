@@ -392,6 +392,7 @@ def build(data: Mapping[str, Any], run_id: str, db_path: str) -> dict[str, Any]:
         "split": split,
         "plots": plots,
         "judge_comparisons": comparisons,
+        "instruction_kinds": instruction_kinds(evals),
         "training": training_steps(data.get("training", [])),
     }
 
@@ -402,6 +403,8 @@ YARDSTICK = (
     ("ifeval_prompt_loose", "prompt-level loose"),
     ("ifeval_instruction_strict", "instruction-level strict"),
     ("ifeval_instruction_loose", "instruction-level loose"),
+    ("ifeval_on_topic", "answers on topic"),
+    ("ifeval_prompt_strict_on_topic", "prompt-level strict and on topic"),
 )
 
 # A step's held-out numbers, as the report shows them: (label, metrics.json key).
@@ -445,6 +448,25 @@ def training_steps(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def instruction_kinds(evaluations: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The yardstick per kind of instruction and round (instruction-level strict): for
+    each kind, per round the share followed, followed and n, or None where that round's
+    model was not measured."""
+    per_round = {
+        t: json.loads(e["details_json"]).get("per_kind", {})
+        for t, e in sorted(_by_round(evaluations, "ifeval_instruction_strict").items())
+    }
+    kinds = sorted({k for counts in per_round.values() for k in counts})
+    rows = []
+    for k in kinds:
+        cells = []
+        for counts in per_round.values():
+            followed, n = counts.get(k, (0, 0))
+            cells.append({"share": followed / n, "followed": followed, "n": n} if n else None)
+        rows.append({"kind": k, "cells": cells})
+    return {"rounds": list(per_round), "rows": rows}
 
 
 def judge_comparisons(evaluations: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from pipeline.self_instruct import SelfInstructConfig, write_new_prompts
 from pipeline.self_instruct import load as load_self_instruct
 from pipeline.templates import Template, TemplateLibrary
 from pipeline.training.kinds import TRAINING_KINDS
-from pipeline.verifiable.prompts import load_checked
+from pipeline.verifiable.prompts import Checked, load_checked
 
 
 @dataclass
@@ -42,8 +42,8 @@ class RoundInputs:
     judges: dict[str, Any] = field(default_factory=dict)  # name -> its judge's loaded files
     self_instruct: Template | None = None
     eval_judge: Template | None = None
-    # The yardstick's prompts with their check specs (evaluation.yardstick).
-    yardstick: list[tuple[Prompt, list[dict]]] = field(default_factory=list)
+    # The yardstick's prompts with their check specs and topics (evaluation.yardstick).
+    yardstick: list[Checked] = field(default_factory=list)
 
     def templates(self) -> list[Template]:
         """Every template the round uses (for the snapshot and provenance)."""

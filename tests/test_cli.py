@@ -309,6 +309,11 @@ MATRIX = [
         _yardstick('{"prompt": "Hi", "checks": [{"type": "bullet_count"}]}\n'),
         "y.jsonl:1: checks[0]: bullet_count() missing 1 required positional argument: 'n'",
     ),
+    (
+        "yardstick prompt whose topic is not text",
+        _yardstick('{"prompt": "Hi", "checks": [{"type": "lowercase"}], "topic": 3}\n'),
+        "y.jsonl:1: topic: expected a non-empty string, got 3",
+    ),
     pytest.param(
         "engine setting the engine refuses",
         _config("engine:\n  kind: vllm\n  block_size: 48\n"),

@@ -1,16 +1,18 @@
 """Verifiable instructions: every checker accepts a compliant answer and rejects a
 violating one, strictly and loosely; the loose reading forgives a preamble, a sign-off
 and markdown emphasis, as IFEval's does; the prompt set is reproducible and splits by a
-fixed seed; the judge function scores by the checks."""
+fixed seed; the judge function scores by the checks; the yardstick counts prompts,
+instructions and kinds of instruction."""
 
 import json
 from pathlib import Path
 
 import pytest
 
+from pipeline.evaluation.yardstick import accuracy, wilson
 from pipeline.verifiable import prompts
-from pipeline.verifiable.checks import CHECKS, check, follows
-from pipeline.verifiable.judge import score, strict
+from pipeline.verifiable.checks import CHECKS, check, follows, kind, on_topic, topic_words
+from pipeline.verifiable.judge import score, score_on_topic, strict
 
 PREAMBLE = "Sure! Here is my answer:\n"
 SIGNOFF = "\nHope This Helps, Friend!"
@@ -152,6 +154,55 @@ def test_loose_forgives_markdown_emphasis_and_follows_lists():
     assert follows("bees, honey", [{"type": "lowercase"}, {"type": "no_commas"}]) == [True, False]
 
 
+def test_yardstick_counts_prompts_instructions_and_kinds():
+    at_most, at_least = {"type": "word_count", "max": 3}, {"type": "word_count", "min": 3}
+    assert [kind(at_most), kind(at_least), kind({"type": "word_count", "min": 1, "max": 9})] == [
+        "word_count_max",
+        "word_count_min",
+        "word_count_range",
+    ]
+    assert kind({"type": "lowercase"}) == "lowercase"
+    specs = [[at_most, {"type": "lowercase"}], [at_least], [at_least, {"type": "no_commas"}]]
+    answers = ["bees hum", "Bees hum.", "*Bees, they hum softly*"]
+    got = accuracy(answers, specs)
+    # strict: prompt 1 follows both, prompt 2 is too short, prompt 3 has a comma
+    value, details = got["ifeval_prompt_strict"]
+    assert (details["followed"], details["n"]) == (1, 3) and value == 1 / 3
+    assert details["ci95"] == [round(b, 4) for b in wilson(1, 3)]
+    value, details = got["ifeval_instruction_strict"]
+    assert (details["followed"], details["n"]) == (3, 5)
+    assert details["per_kind"] == {
+        "lowercase": [1, 1],
+        "no_commas": [0, 1],
+        "word_count_max": [1, 1],
+        "word_count_min": [1, 2],
+    }
+    # loose cuts nothing that adds a word or removes the comma
+    assert got["ifeval_prompt_loose"][1]["followed"] == 1
+    assert "ifeval_on_topic" not in got  # no topics given
+    topics = ["how bees make honey", "the water cycle", "how bees make honey"]
+    got = accuracy(answers, specs, topics)
+    # answers 1 and 3 mention bees, answer 2 is off topic; only answer 1 is also strict
+    assert got["ifeval_on_topic"][1]["followed"] == 2
+    assert got["ifeval_prompt_strict_on_topic"][1]["followed"] == 1
+    assert "ifeval_on_topic" not in accuracy(answers, specs, [*topics[:2], None])
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and 0.25 < hi < 0.35 and wilson(0, 0) == (0.0, 1.0)
+
+
+def test_on_topic_needs_a_word_of_the_topic_in_any_form():
+    assert topic_words("how vaccines work") == ["vaccines"]
+    assert topic_words("starting a vegetable garden") == ["vegetable", "garden"]
+    assert on_topic("A vaccine trains the body.", "how vaccines work")
+    assert on_topic("Gardens need sun.", "starting a vegetable garden")
+    assert on_topic("BEES!", "how bees make honey")
+    assert not on_topic("Start with soil.", "starting a vegetable garden")  # not topical
+    assert not on_topic("* This is a point.\n* This is a point.", "why the ocean is salty")
+    assert not on_topic("Honeycomb", "how bees make honey")  # a whole word, not a prefix
+    for row in prompts.build():  # every shipped topic has a word that says what it is
+        assert row["topic"] in row["prompt"] and topic_words(row["topic"])
+
+
 def test_prompt_set_is_reproducible_and_split_by_a_fixed_seed():
     rows = prompts.build()
     assert len(rows) >= 400 and len({r["prompt"] for r in rows}) == len(rows)
@@ -184,6 +235,13 @@ def test_judge_function_scores_by_the_checks():
     assert score(row["prompt"], "Not Lower.") == 0.0
     assert strict(row["prompt"], "all lower.") is True
     assert score("a prompt that is not in the set", "x") is None
+    # on topic or nothing: the same answers, with and without the topic's word
+    row = next(r for r in prompts.build() if [s["type"] for s in r["checks"]] == ["lowercase"])
+    word = topic_words(row["topic"])[0]
+    assert score_on_topic(row["prompt"], f"all about {word}.") == 1.0
+    assert score_on_topic(row["prompt"], "all lower case here.") == 0.0
+    assert score(row["prompt"], "all lower case here.") == 1.0
+    assert score_on_topic("a prompt that is not in the set", "x") is None
 
 
 def test_loop_with_function_judge_and_yardstick(harness, tmp_path, tiny_model_dir):
@@ -254,5 +312,20 @@ def test_loop_with_function_judge_and_yardstick(harness, tmp_path, tiny_model_di
             assert 0 < length["tokens"] <= 12 and 0.0 <= length["cut"] <= 1.0, (t, length)
             if t and sum(store.pair_counts("verifiable", t).values()):
                 assert length["chosen"] > 0 and length["rejected"] > 0, (t, length)
+        for t in (0, 1, 2):
+            # the shipped prompts give topics: on topic, and strict and on topic
+            both = evals[(t, "ifeval_prompt_strict_on_topic")]["value"]
+            assert both <= evals[(t, "ifeval_on_topic")]["value"]
+            assert both <= evals[(t, "ifeval_prompt_strict")]["value"]
+            d = json.loads(evals[(t, "ifeval_instruction_strict")]["details_json"])
+            assert sum(n for _, n in d["per_kind"].values()) == d["n"]
+            assert sum(k for k, _ in d["per_kind"].values()) == d["followed"]
     page = Path(result["report"]).read_text()
     assert 'data-plot="yardstick"' in page and "instruction following" in page
+    # the per-kind table: one row per kind measured, a cell per model M_0..M_2
+    table = page[page.index('<table id="instruction-kinds">') :]
+    table = table[: table.index("</table>")]
+    kinds = json.loads(evals[(0, "ifeval_instruction_strict")]["details_json"])["per_kind"]
+    for k in kinds:
+        assert f"<code>{k}</code>" in table
+    assert table.count("<th>M_") == 3

@@ -5,7 +5,15 @@ judge of the model's own takes part, so no self-judging can bend it.
 Four numbers, as IFEval reports them: prompt-level (every instruction of a prompt
 followed) and instruction-level (each instruction on its own), strict and loose, each
 with its count and a 95% Wilson interval (for instruction level the interval treats
-instructions as independent, which two of one prompt are not quite).
+instructions as independent, which two of one prompt are not quite). Instruction-level
+strict also keeps `per_kind`: [followed, n] for each kind of instruction
+(`checks.kind`), so a round's gain or loss can be traced to what it learned or lost.
+
+Where the prompts give their topics (the shipped ones do), two more: the share of
+answers that mention their topic (`checks.on_topic`), and the share that do and follow
+every instruction strictly. The checks look at form only, so a model that learns to
+answer "exactly 4 bullet points" with four "* This is a point." lines gains on the four
+and loses on these two.
 """
 
 import math
@@ -17,14 +25,16 @@ from pipeline.engines.base import Engine
 from pipeline.evaluation.metrics import evaluation_row
 from pipeline.evaluation.stages import greedy_answers
 from pipeline.rows import RoundContext, Rows
-from pipeline.seeds import Prompt
-from pipeline.verifiable.checks import follows
+from pipeline.verifiable.checks import follows, kind, on_topic
+from pipeline.verifiable.prompts import Checked
 
 METRICS = (
     "ifeval_prompt_strict",
     "ifeval_prompt_loose",
     "ifeval_instruction_strict",
     "ifeval_instruction_loose",
+    "ifeval_on_topic",  # where the prompts give topics
+    "ifeval_prompt_strict_on_topic",
 )
 Z95 = 1.959964
 
@@ -39,12 +49,26 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def _share(hits: Sequence[bool]) -> tuple[float, dict[str, Any]]:
+    k, n = sum(hits), len(hits)
+    lo, hi = wilson(k, n)
+    return k / n if n else float("nan"), {
+        "followed": k,
+        "n": n,
+        "ci95": [round(lo, 4), round(hi, 4)],
+    }
+
+
 def accuracy(
-    answers: Sequence[str], specs: Sequence[Sequence[Mapping[str, Any]]]
+    answers: Sequence[str],
+    specs: Sequence[Sequence[Mapping[str, Any]]],
+    topics: Sequence[str | None] | None = None,
 ) -> dict[str, tuple[float, dict[str, Any]]]:
-    """metric -> (value, details) over answers to prompts with these check specs."""
+    """metric -> (value, details) over answers to prompts with these check specs; with a
+    topic for every prompt, also how many answers mention theirs, alone and together
+    with strict prompt-level compliance."""
     out: dict[str, tuple[float, dict[str, Any]]] = {}
-    per_type: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for loose in (False, True):
         reading = "loose" if loose else "strict"
         results = [follows(a, s, loose) for a, s in zip(answers, specs, strict=True)]
@@ -53,36 +77,39 @@ def accuracy(
             "instruction": [x for r in results for x in r],
         }
         for level, hits in levels.items():
-            k, n = sum(hits), len(hits)
-            lo, hi = wilson(k, n)
-            out[f"ifeval_{level}_{reading}"] = (
-                k / n if n else float("nan"),
-                {"followed": k, "n": n, "ci95": [round(lo, 4), round(hi, 4)]},
-            )
+            out[f"ifeval_{level}_{reading}"] = _share(hits)
+        if not loose and topics is not None and all(t is not None for t in topics):
+            mentions = [on_topic(a, t) for a, t in zip(answers, topics, strict=True)]
+            out["ifeval_on_topic"] = _share(mentions)
+            both = [m and ok for m, ok in zip(mentions, levels["prompt"], strict=True)]
+            out["ifeval_prompt_strict_on_topic"] = _share(both)
         if not loose:
             for r, s in zip(results, specs, strict=True):
                 for ok, spec in zip(r, s, strict=True):
-                    per_type[spec["type"]][0] += ok
-                    per_type[spec["type"]][1] += 1
-    out["ifeval_prompt_strict"][1]["per_type"] = {t: v for t, v in sorted(per_type.items())}
+                    per_kind[kind(spec)][0] += ok
+                    per_kind[kind(spec)][1] += 1
+    out["ifeval_instruction_strict"][1]["per_kind"] = dict(sorted(per_kind.items()))
     return out
 
 
 def instruction_following(
     engine: Engine,
-    prompts: Sequence[tuple[Prompt, Sequence[Mapping[str, Any]]]],
+    prompts: Sequence[Checked],
     ctx: RoundContext,
     model_id: str,
     cfg: Any,
 ) -> Rows:
     """`model_id` (the engine's model) answers every yardstick prompt greedily; its
-    answers and the four accuracies, stored under `ctx.round` (the round whose model it
-    is: 0 for the run's initial model)."""
-    rows = greedy_answers(engine, [p for p, _ in prompts], ctx, model_id, cfg.sampling, "yardstick")
-    for prompt, _ in prompts:
-        rows.add("prompts", prompt.record(ctx.run_id, ctx.round, split="yardstick"))
+    answers and the accuracies, stored under `ctx.round` (the round whose model it is: 0
+    for the run's initial model)."""
+    rows = greedy_answers(
+        engine, [p.prompt for p in prompts], ctx, model_id, cfg.sampling, "yardstick"
+    )
+    for p in prompts:
+        rows.add("prompts", p.prompt.record(ctx.run_id, ctx.round, split="yardstick"))
     answers = [g["text"] for g in rows["generations"]]
-    for metric, (value, details) in accuracy(answers, [s for _, s in prompts]).items():
+    measured = accuracy(answers, [p.checks for p in prompts], [p.topic for p in prompts])
+    for metric, (value, details) in measured.items():
         rows.add(
             "evaluations",
             evaluation_row(ctx, metric, value, key=(model_id,), model=model_id, **details),

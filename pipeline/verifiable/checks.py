@@ -118,6 +118,42 @@ def highlights(response: str, n: int) -> bool:
     return len(re.findall(r"\*[^\n*]+\*", response)) >= n
 
 
+# Words of a topic that do not say what it is about: function words, and words so
+# common that an answer on any topic may use them.
+_NOT_TOPICAL = frozenset([
+    "a", "an", "the", "of", "how", "why", "what", "to", "for", "in", "on", "at", "and",
+    "with", "through", "about", "make", "do", "does", "is", "are", "it", "its", "from",
+    "we", "you", "few", "day", "small", "old", "new", "first", "life", "home", "work",
+    "works", "short", "busy", "stay", "forms", "sends", "becomes", "change", "before",
+    "while", "history", "importance", "benefits", "job", "keeping", "saving", "making",
+    "starting", "staying", "writing", "planning", "training", "learning",
+])  # fmt: skip
+
+
+def _forms(word: str) -> set[str]:
+    """A word and what is left of it without a plural or -ing/-ed ending: a crude stem
+    that lets "vaccine" meet "vaccines" and "start" meet "starting"."""
+    forms = {word}
+    for suffix, put in (("ies", "y"), ("es", ""), ("s", ""), ("ing", ""), ("ed", "")):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            forms.add(word[: -len(suffix)] + put)
+    return forms
+
+
+def topic_words(topic: str) -> list[str]:
+    """The words of a topic that say what it is about."""
+    return [w for w in words(topic.lower()) if w not in _NOT_TOPICAL]
+
+
+def on_topic(response: str, topic: str) -> bool:
+    """Whether the response mentions its topic: one of the topic's own words, in any of
+    their forms. Not an instruction a prompt gives, so not in CHECKS: a judge-free sign
+    that an answer still addresses its request, which no format check looks at (an
+    answer of four "* This is a point." lines follows "exactly 4 bullet points")."""
+    wanted = {f for w in topic_words(topic) for f in _forms(w)}
+    return any(_forms(w) & wanted for w in words(response.lower()))
+
+
 CHECKS: dict[str, Callable[..., bool]] = {
     "word_count": word_count,
     "bullet_count": bullet_count,
@@ -158,6 +194,16 @@ def check(response: str, spec: Mapping[str, Any], loose: bool = False) -> bool:
     if not loose:
         return fn(response, **args)
     return any(fn(v, **args) for v in loose_variants(response) if v)
+
+
+def kind(spec: Mapping[str, Any]) -> str:
+    """The instruction's kind for per-kind tallies: its type, with a word-count bound
+    split by direction ("at least N words" and "at most N words" pull a model's length
+    opposite ways, so one number for both hides what a round did)."""
+    if spec["type"] != "word_count":
+        return spec["type"]
+    bounds = [b for b in ("min", "max") if spec.get(b) is not None]
+    return "word_count_" + ("range" if len(bounds) == 2 else bounds[0])
 
 
 def follows(response: str, specs: Sequence[Mapping[str, Any]], loose: bool = False) -> list[bool]:

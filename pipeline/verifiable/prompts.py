@@ -8,7 +8,9 @@ Built from instruction types x topics x request forms with a fixed seed, so the 
 reproducible (a test regenerates them and compares). A fixed share of the prompts, chosen
 by a hash of each prompt's text, is the held-out set: data/prompts/verifiable_heldout.jsonl
 is the yardstick, data/prompts/verifiable_train.jsonl the pool the loop generates on.
-Each line is {"prompt": text, "checks": [{"type": ..., **args}, ...]}.
+Each line is {"prompt": text, "checks": [{"type": ..., **args}, ...], "topic": topic}; the
+topic (optional in a user's file) lets the yardstick tell whether an answer still
+addresses its request (`checks.on_topic`).
 """
 
 import json
@@ -16,7 +18,7 @@ import random
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -25,6 +27,16 @@ from pipeline.hashing import row_id
 from pipeline.paths import DATA_DIR, PROMPTS_DIR
 from pipeline.seeds import Prompt, load_prompts
 from pipeline.verifiable.checks import CHECKS, check
+
+
+class Checked(NamedTuple):
+    """A yardstick prompt: its text, its instructions' check specs, and its topic (None
+    where the file gives none)."""
+
+    prompt: Prompt
+    checks: list[dict[str, Any]]
+    topic: str | None
+
 
 SEED = 20231114  # IFEval's arXiv date; any fixed number would do
 PROMPTS = 800
@@ -147,7 +159,7 @@ def build(n: int = PROMPTS, seed: int = SEED) -> list[dict[str, Any]]:
         if text in seen:
             continue
         seen.add(text)
-        rows.append({"prompt": text, "checks": [spec for _, spec in parts]})
+        rows.append({"prompt": text, "checks": [spec for _, spec in parts], "topic": topic})
     return rows
 
 
@@ -161,14 +173,18 @@ def write(rows: list[dict[str, Any]], train: Path = TRAIN_FILE, heldout: Path = 
         path.write_text("\n".join(lines) + "\n")
 
 
-def load_checked(path: Path, limit: int | None = None) -> list[tuple[Prompt, list[dict]]]:
-    """A file of prompts with their check specs, each spec checked now (a known type, the
-    arguments its checker takes): an error names the file, the line and the field."""
+def load_checked(path: Path, limit: int | None = None) -> list[Checked]:
+    """A file of prompts with their check specs and topics, each spec checked now (a known
+    type, the arguments its checker takes) and each topic a non-empty string where given:
+    an error names the file, the line and the field."""
     prompts = load_prompts(path)[:limit]
     lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
     out = []
     for lineno, (prompt, line) in enumerate(zip(prompts, lines, strict=False), start=1):
-        specs = json.loads(line).get("checks")
+        row = json.loads(line)
+        specs, topic = row.get("checks"), row.get("topic")
+        if topic is not None and (not isinstance(topic, str) or not topic.strip()):
+            raise ConfigError(f"{path}:{lineno}: topic: expected a non-empty string, got {topic!r}")
         where = f"{path}:{lineno}: checks"
         if not isinstance(specs, list) or not specs:
             raise ConfigError(f"{where}: expected a non-empty list of {{type, ...}} objects")
@@ -182,17 +198,17 @@ def load_checked(path: Path, limit: int | None = None) -> list[tuple[Prompt, lis
                 check("", spec)
             except TypeError as e:
                 raise ConfigError(f"{where}[{i}]: {e}") from None
-        out.append((prompt, specs))
+        out.append(Checked(prompt, specs, topic))
     return out
 
 
-def read(path: Path) -> dict[str, list[dict[str, Any]]]:
-    """prompt text -> its check spec, for every prompt of a file."""
+def read(path: Path) -> dict[str, dict[str, Any]]:
+    """prompt text -> its row ({"checks", "topic"}), for every prompt of a file."""
     out = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            out[row["prompt"]] = row["checks"]
+            out[row["prompt"]] = row
     return out
 
 
