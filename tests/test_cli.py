@@ -314,6 +314,11 @@ MATRIX = [
         _yardstick('{"prompt": "Hi", "checks": [{"type": "lowercase"}], "topic": 3}\n'),
         "y.jsonl:1: topic: expected a non-empty string, got 3",
     ),
+    (
+        "yardstick topic made of function words only",
+        _yardstick('{"prompt": "Hi", "checks": [{"type": "lowercase"}], "topic": "how to"}\n'),
+        "y.jsonl:1: topic: 'how to' has no word that says what it is about",
+    ),
     pytest.param(
         "engine setting the engine refuses",
         _config("engine:\n  kind: vllm\n  block_size: 48\n"),

@@ -162,6 +162,7 @@ def test_yardstick_counts_prompts_instructions_and_kinds():
         "word_count_range",
     ]
     assert kind({"type": "lowercase"}) == "lowercase"
+    assert kind({"type": "word_count"}) == "word_count"
     specs = [[at_most, {"type": "lowercase"}], [at_least], [at_least, {"type": "no_commas"}]]
     answers = ["bees hum", "Bees hum.", "*Bees, they hum softly*"]
     got = accuracy(answers, specs)

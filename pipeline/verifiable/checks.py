@@ -203,7 +203,9 @@ def kind(spec: Mapping[str, Any]) -> str:
     if spec["type"] != "word_count":
         return spec["type"]
     bounds = [b for b in ("min", "max") if spec.get(b) is not None]
-    return "word_count_" + ("range" if len(bounds) == 2 else bounds[0])
+    if len(bounds) == 1:
+        return f"word_count_{bounds[0]}"
+    return "word_count_range" if bounds else "word_count"
 
 
 def follows(response: str, specs: Sequence[Mapping[str, Any]], loose: bool = False) -> list[bool]:

@@ -26,7 +26,7 @@ from pipeline.errors import ConfigError
 from pipeline.hashing import row_id
 from pipeline.paths import DATA_DIR, PROMPTS_DIR
 from pipeline.seeds import Prompt, load_prompts
-from pipeline.verifiable.checks import CHECKS, check
+from pipeline.verifiable.checks import CHECKS, check, topic_words
 
 
 class Checked(NamedTuple):
@@ -185,6 +185,10 @@ def load_checked(path: Path, limit: int | None = None) -> list[Checked]:
         specs, topic = row.get("checks"), row.get("topic")
         if topic is not None and (not isinstance(topic, str) or not topic.strip()):
             raise ConfigError(f"{path}:{lineno}: topic: expected a non-empty string, got {topic!r}")
+        if topic is not None and not topic_words(topic):
+            raise ConfigError(
+                f"{path}:{lineno}: topic: {topic!r} has no word that says what it is about"
+            )
         where = f"{path}:{lineno}: checks"
         if not isinstance(specs, list) or not specs:
             raise ConfigError(f"{where}: expected a non-empty list of {{type, ...}} objects")
