@@ -262,6 +262,8 @@ def test_loop_with_function_judge_and_yardstick(harness, tmp_path, tiny_model_di
         self_reward={
             "n_candidates": 4,
             "sampling": {"temperature": 1.0, "max_tokens": 12},
+            # verifiable.yaml's score_on_topic would give the tiny model's gibberish 0
+            # everywhere, so no pair: the checkers alone, the same path
             "judge": {"kind": "function", "function": "pipeline.verifiable.judge:score"},
             "length_control_gap": 0,  # as verifiable.yaml
             "self_instruct": {"enabled": False},
@@ -323,6 +325,7 @@ def test_loop_with_function_judge_and_yardstick(harness, tmp_path, tiny_model_di
             assert sum(k for k, _ in d["per_kind"].values()) == d["followed"]
     page = Path(result["report"]).read_text()
     assert 'data-plot="yardstick"' in page and "instruction following" in page
+    assert "prompt-level strict and on topic" in page  # drawn with the other four
     # the per-kind table: one row per kind measured, a cell per model M_0..M_2
     table = page[page.index('<table id="instruction-kinds">') :]
     table = table[: table.index("</table>")]
