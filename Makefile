@@ -24,9 +24,9 @@ test: $(STAMP) $(MODEL) $(CHROMIUM)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Side-by-side benchmarks, each printing its ratios: every bench the README quotes. About
-# 65 minutes on 2 cores (bench/improvement.py, about 90 more, runs on its own);
-# orchestration.py reads the demo's database when `make run` has
-# filled it.
+# 65 minutes on 2 cores. bench/improvement.py runs on its own: about 75 minutes more for
+# the function-judged loop's two seeds; the self-judging loop is slower and was never
+# timed whole. orchestration.py reads the demo's database when `make run` has filled it.
 bench: $(STAMP) $(MODEL)
 	$(PY) bench/engines.py
 	$(PY) bench/stages.py

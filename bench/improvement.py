@@ -94,7 +94,7 @@ def collect(db: Path, name: str) -> dict[int, dict]:
             if e["metric"] == "ifeval_instruction_strict"
         }
         topical = {
-            (e["round"], e["metric"]): e["value"]
+            (e["round"], e["metric"]): (e["value"], json.loads(e["details_json"]).get("ci95"))
             for e in all_evals
             if e["metric"] in ("ifeval_on_topic", "ifeval_prompt_strict_on_topic")
         }
@@ -123,8 +123,11 @@ def collect(db: Path, name: str) -> dict[int, dict]:
             "rejected_tokens": length.get("rejected"),
             "checkers": verdicts.get(t),
             "per_kind": kinds.get(t),
-            "on_topic": topical.get((t, "ifeval_on_topic")),
-            "strict_on_topic": topical.get((t, "ifeval_prompt_strict_on_topic")),
+            "on_topic": topical.get((t, "ifeval_on_topic"), (None, None))[0],
+            "strict_on_topic": topical.get((t, "ifeval_prompt_strict_on_topic"), (None, None))[0],
+            "strict_on_topic_ci95": topical.get((t, "ifeval_prompt_strict_on_topic"), (None, None))[
+                1
+            ],
         }
     return dict(sorted(per_round.items()))
 
@@ -159,25 +162,30 @@ def show(loop: str, seed: int, result: dict) -> None:
             f"{_verdicts(r.get('checkers')):>15} {_num(r.get('on_topic'), '.3f'):>8} "
             f"{_num(r.get('strict_on_topic'), '.3f'):>12}"
         )
-    last, first = rounds[max(rounds)]["ci95"], rounds[0]["ci95"]
-    gain = 100 * (rounds[max(rounds)]["accuracy"] - base)
-    if last[0] > first[1]:
-        verdict = "do not overlap (better)"
-    elif last[1] < first[0]:
-        verdict = "do not overlap (worse)"
-    else:
-        verdict = "overlap"
-    print(f"   M_{max(rounds)} - M_0: {gain:+.1f} points; intervals {verdict}")
-    first_both, last_both = (
-        rounds[0].get("strict_on_topic"),
-        rounds[max(rounds)].get("strict_on_topic"),
+    first, last = rounds[0], rounds[max(rounds)]
+    gain = 100 * (last["accuracy"] - base)
+    print(
+        f"   M_{max(rounds)} - M_0: {gain:+.1f} points; "
+        f"intervals {_apart(first['ci95'], last['ci95'])}"
     )
-    if first_both is not None and last_both is not None:
+    if first.get("strict_on_topic") is not None and last.get("strict_on_topic") is not None:
+        both = (first.get("strict_on_topic_ci95"), last.get("strict_on_topic_ci95"))
+        apart = f"; intervals {_apart(*both)}" if None not in both else ""
         print(
-            f"   strict and on topic: M_0 {first_both:.3f} -> M_{max(rounds)} {last_both:.3f} "
-            f"({100 * (last_both - first_both):+.1f} points)"
+            f"   strict and on topic: M_0 {first['strict_on_topic']:.3f} -> "
+            f"M_{max(rounds)} {last['strict_on_topic']:.3f} "
+            f"({100 * (last['strict_on_topic'] - first['strict_on_topic']):+.1f} points{apart})"
         )
     show_kinds(rounds)
+
+
+def _apart(first: list[float], last: list[float]) -> str:
+    """Whether the last model's 95% interval clears the first one's, and which way."""
+    if last[0] > first[1]:
+        return "do not overlap (better)"
+    if last[1] < first[0]:
+        return "do not overlap (worse)"
+    return "overlap"
 
 
 def show_kinds(rounds: dict[int, dict]) -> None:
