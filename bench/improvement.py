@@ -111,6 +111,8 @@ def collect(db: Path, name: str) -> dict[int, dict]:
     for e in evals:
         d, t = json.loads(e["details_json"]), e["round"]
         length = lengths.get(t, {})
+        on_topic, _ = topical.get((t, "ifeval_on_topic"), (None, None))
+        both, both_ci = topical.get((t, "ifeval_prompt_strict_on_topic"), (None, None))
         per_round[t] = {
             "accuracy": e["value"],
             "ci95": d["ci95"],
@@ -123,11 +125,9 @@ def collect(db: Path, name: str) -> dict[int, dict]:
             "rejected_tokens": length.get("rejected"),
             "checkers": verdicts.get(t),
             "per_kind": kinds.get(t),
-            "on_topic": topical.get((t, "ifeval_on_topic"), (None, None))[0],
-            "strict_on_topic": topical.get((t, "ifeval_prompt_strict_on_topic"), (None, None))[0],
-            "strict_on_topic_ci95": topical.get((t, "ifeval_prompt_strict_on_topic"), (None, None))[
-                1
-            ],
+            "on_topic": on_topic,
+            "strict_on_topic": both,
+            "strict_on_topic_ci95": both_ci,
         }
     return dict(sorted(per_round.items()))
 
