@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from pipeline.engines import EngineBase, start_engine
+from pipeline.engines import GENERATE, EngineBase, start_for_role
 from pipeline.engines.scorer import RewardScorer
 from pipeline.schema import EngineConfig
 
@@ -40,14 +40,14 @@ class EngineSpec:
     model_path: str
     engine_json: str  # EngineConfig as JSON
     seed: int
-    role: str = "generate"  # or "score": a reward model (pipeline/engines/scorer.py)
+    role: str = GENERATE  # or SCORE: a reward model (pipeline/engines/scorer.py)
     # A remote engine's tokenizer: (file name, bytes) pairs, and their hash.
     tokenizer: tuple[tuple[str, bytes], ...] = field(default=(), compare=False, repr=False)
     tokenizer_sha: str = ""
 
 
 def engine_spec(
-    model_id: str, model_path: str, engine: EngineConfig, seed: int, role: str = "generate"
+    model_id: str, model_path: str, engine: EngineConfig, seed: int, role: str = GENERATE
 ) -> EngineSpec:
     """A spec for a task; an OpenAI-compatible engine's carries its tokenizer files."""
     files: tuple[tuple[str, bytes], ...] = ()
@@ -96,12 +96,9 @@ def get_engine(spec: EngineSpec) -> EngineBase | RewardScorer:
     with _LOCK:
         if spec not in _ENGINES:
             cfg = EngineConfig.model_validate_json(spec.engine_json)
-            if spec.role == "score":
-                _ENGINES[spec] = RewardScorer.start(Path(spec.model_path), cfg, spec.seed)
-            else:
-                _ENGINES[spec] = start_engine(
-                    Path(spec.model_path), cfg, spec.seed, tokenizer_dir=tokenizer_dir(spec)
-                )
+            _ENGINES[spec] = start_for_role(
+                Path(spec.model_path), cfg, spec.seed, spec.role, tokenizer_dir(spec)
+            )
         return _ENGINES[spec]
 
 

@@ -31,6 +31,11 @@ _WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
 _TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
+def format_model_id(name: str, sha256: str) -> str:
+    """A model's id: its name and the start of its content hash (`name@0123abcd4567`)."""
+    return f"{name}@{sha256[:12]}"
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -39,7 +44,7 @@ class ModelInfo:
 
     @property
     def model_id(self) -> str:
-        return f"{self.name}@{self.sha256[:12]}"
+        return format_model_id(self.name, self.sha256)
 
     def record(self, kind: str) -> dict:
         """The row the store keeps for this model (kind: base, judge, policy, reward)."""

@@ -23,7 +23,14 @@ __all__ = [
     "engine_kind",
     "engine_problem",
     "start_engine",
+    "start_for_role",
+    "GENERATE",
+    "SCORE",
 ]
+
+# An engine's role: `generate` (a causal LM: answers, judgments, label probabilities) or
+# `score` (a reward model, scoring whole conversations).
+GENERATE, SCORE = "generate", "score"
 
 
 def engine_kind(cfg: EngineConfig) -> str:
@@ -63,3 +70,15 @@ def start_engine(
     from pipeline.engines.openai_engine import OpenAIEngine
 
     return OpenAIEngine.start(model_path, cfg, seed, tokenizer_dir)
+
+
+def start_for_role(
+    model_path: Path, cfg: EngineConfig, seed: int, role: str, tokenizer_dir: Path | None = None
+):
+    """The engine that serves a role: a reward-model scorer for `score`, the configured
+    generation engine otherwise. The one place that decides it."""
+    if role == SCORE:
+        from pipeline.engines.scorer import RewardScorer
+
+        return RewardScorer.start(Path(model_path), cfg, seed)
+    return start_engine(Path(model_path), cfg, seed, tokenizer_dir=tokenizer_dir)

@@ -75,7 +75,7 @@ class InspectQueries(Connection):
         """Everything the HTML report plots, per round."""
         return {
             "rounds": self.query(
-                "SELECT round, model_id, status, started_at, finished_at, "
+                "SELECT round, model_id, status, started_at, finished_at, plan_json, "
                 "epoch(finished_at - started_at) AS wall_s FROM rounds WHERE run_id = ? "
                 "ORDER BY round",
                 [run_id],

@@ -74,9 +74,12 @@ TRAINING_KINDS: dict[str, TrainingKind] = {
     ),
 }
 
-NO_TRAINING = "none"
-
 
 def produces_policy(kind: str) -> bool:
     """Whether the model this kind trains is the one the next round generates with."""
-    return kind != NO_TRAINING and TRAINING_KINDS[kind].produces == "policy"
+    return TRAINING_KINDS[kind].produces == "policy"
+
+
+def train_stage(kind: str) -> str:
+    """The round stage (`stage_metrics.stage`) of a training step of this kind."""
+    return f"train_{kind}"

@@ -14,12 +14,12 @@ from typing import Any
 
 from pipeline.errors import PrefloopError
 from pipeline.hashing import row_id, sha256_dir
-from pipeline.models import MANIFEST, NOT_HASHED
+from pipeline.models import MANIFEST, NOT_HASHED, format_model_id
 from pipeline.rows import RoundContext, stage_metrics_row
 from pipeline.schema import TrainingConfig
 from pipeline.store import Store
 from pipeline.training.export import first_round, write_dataset
-from pipeline.training.kinds import TRAINING_KINDS
+from pipeline.training.kinds import TRAINING_KINDS, train_stage
 from pipeline.training.launch import TrainSpec, run_training
 
 
@@ -48,6 +48,76 @@ def _reference(store: Store, step: TrainingConfig, run_id: str, round_: int, sta
     return start
 
 
+def _start_and_reference(
+    store: Store, step: TrainingConfig, run_id: str, round_: int, start_model_id: str | None
+) -> tuple[dict, str | None, dict | None]:
+    """The step's starting model row (None: the round's model), its reference model id
+    (None for a kind without one) and that model's row when it differs from the start."""
+    info = store.round_info(run_id, round_)
+    if info is None:
+        raise PrefloopError(f"{store.path}: run {run_id!r} has no round {round_}")
+    start_id = start_model_id or info["model_id"]
+    base = store.model(start_id)
+    if base is None:
+        raise PrefloopError(f"{store.path}: model {start_id} of round {round_} is not registered")
+    reference_id = None
+    if TRAINING_KINDS[step.kind].uses_reference:
+        reference_id = _reference(store, step, run_id, round_, start_id)
+    reference = store.model(reference_id) if reference_id not in (None, start_id) else None
+    return base, reference_id, reference
+
+
+def _registered(
+    store: Store,
+    spec: TrainSpec,
+    base: dict,
+    reference_id: str | None,
+    where: tuple[str, int, int],
+    metrics: dict,
+    rows: int,
+    wall: float,
+) -> dict[str, Any]:
+    """Hash and register a finished step's checkpoint: its models row, its training_runs
+    row and its stage_metrics row, in one transaction (the step is done or it is not)."""
+    run_id, round_, index = where
+    out = Path(spec.output_dir)
+    sha = sha256_dir(out, exclude=NOT_HASHED)
+    (out / MANIFEST).write_text(
+        json.dumps({"sha256": sha, "parent": base["model_id"], "kind": spec.kind})
+    )
+    model_id = format_model_id(f"{run_id}-r{round_}-{spec.kind}", sha)
+    produces = TRAINING_KINDS[spec.kind].produces
+    model_row = {
+        "model_id": model_id,
+        "parent_model_id": base["model_id"],
+        "path": str(out.resolve()),
+        "sha256": sha,
+        "kind": "policy" if produces == "policy" else "reward",
+        "run_id": run_id,
+        "round": round_,
+    }
+    training_row = {
+        "training_run_id": row_id(run_id, round_, spec.kind, sha),
+        "run_id": run_id,
+        "round": round_,
+        "step": index,
+        "kind": spec.kind,
+        "base_model_id": base["model_id"],
+        "reference_model_id": reference_id,
+        "output_model_id": model_id,
+        "config_json": json.dumps(asdict(spec), sort_keys=True, default=str),
+        "metrics_json": json.dumps(metrics, sort_keys=True),
+        "status": "finished",
+        "finished_at": datetime.now(UTC).replace(tzinfo=None),
+    }
+    trained = RoundContext(run_id, round_, model_id, 0)
+    metrics_row = stage_metrics_row(trained, train_stage(spec.kind), 0, rows, wall)
+    store.write(
+        {"models": [model_row], "training_runs": [training_row], "stage_metrics": [metrics_row]}
+    )
+    return model_row
+
+
 def train_step(
     store: Store,
     step: TrainingConfig,
@@ -64,19 +134,9 @@ def train_step(
     register and return the new model's row. The data snapshot and the checkpoint go in
     `folder`. Nothing is stored unless training succeeded."""
     name = step.kind
-    entry = TRAINING_KINDS[name]
-    info = store.round_info(run_id, round_)
-    if info is None:
-        raise PrefloopError(f"{store.path}: run {run_id!r} has no round {round_}")
-    start_id = start_model_id or info["model_id"]
-    base = store.model(start_id)
-    if base is None:
-        raise PrefloopError(f"{store.path}: model {start_id} of round {round_} is not registered")
-    reference_id = None
-    if entry.uses_reference:
-        reference_id = _reference(store, step, run_id, round_, start_id)
-    reference = store.model(reference_id) if reference_id not in (None, start_id) else None
-
+    base, reference_id, reference = _start_and_reference(
+        store, step, run_id, round_, start_model_id
+    )
     begin = time.perf_counter()
     data_dir = folder / f"data-{name}"
     counts = export_step(store, step, run_id, round_, data_dir, seed)
@@ -88,7 +148,7 @@ def train_step(
         )
     spec = TrainSpec(
         kind=name,
-        trainer=entry.trainer,
+        trainer=TRAINING_KINDS[name].trainer,
         base_model=base["path"],
         data_dir=str(data_dir),
         output_dir=str(folder / f"model-{name}"),
@@ -99,49 +159,9 @@ def train_step(
         extra={"rounds": [first_round(step, round_), round_]},
     )
     metrics = launch(spec, step.accelerate_config)
-
-    out = Path(spec.output_dir)
-    sha = sha256_dir(out, exclude=NOT_HASHED)
-    (out / MANIFEST).write_text(
-        json.dumps({"sha256": sha, "parent": base["model_id"], "kind": name})
-    )
-    model_id = f"{run_id}-r{round_}-{name}@{sha[:12]}"
-    model_row = {
-        "model_id": model_id,
-        "parent_model_id": base["model_id"],
-        "path": str(out.resolve()),
-        "sha256": sha,
-        "kind": "policy" if entry.produces == "policy" else "reward",
-        "run_id": run_id,
-        "round": round_,
-    }
     wall = time.perf_counter() - begin
-    trained = RoundContext(run_id, round_, model_id, seed)
-    store.write(
-        {
-            "models": [model_row],
-            "training_runs": [
-                {
-                    "training_run_id": row_id(run_id, round_, name, sha),
-                    "run_id": run_id,
-                    "round": round_,
-                    "step": index,
-                    "kind": name,
-                    "base_model_id": base["model_id"],
-                    "reference_model_id": reference_id,
-                    "output_model_id": model_id,
-                    "config_json": json.dumps(asdict(spec), sort_keys=True, default=str),
-                    "metrics_json": json.dumps(metrics, sort_keys=True),
-                    "status": "finished",
-                    "finished_at": datetime.now(UTC).replace(tzinfo=None),
-                }
-            ],
-            # One transaction with its training row: the step is done or it is not.
-            "stage_metrics": [
-                stage_metrics_row(trained, f"train_{name}", 0, counts["train"], wall)
-            ],
-        }
-    )
+    where = (run_id, round_, index)
+    model_row = _registered(store, spec, base, reference_id, where, metrics, counts["train"], wall)
     return {**model_row, "step": name, "metrics": metrics, "rows": counts, "wall_s": wall}
 
 
@@ -159,15 +179,36 @@ def round_steps(training: Any, only: str | None = None) -> list[TrainingConfig]:
     return [TrainingConfig.model_validate({**shared, "kind": only})]
 
 
-def stored_policy(store: Store, training: Any, run_id: str, round_: int, start: str) -> str:
-    """The policy a round's stored steps hand on: the last stored policy step's model,
-    else `start` (the round's model)."""
+def stored_policy(
+    store: Store, steps: list[TrainingConfig], run_id: str, round_: int, start: str
+) -> str:
+    """The policy these stored steps of a round hand on: the last stored policy step's
+    model, else `start` (the round's model)."""
     policy = start
-    for step in training.step_list():
+    for step in steps:
         output = store.finished_training(run_id, round_, step.kind)
         if output is not None and TRAINING_KINDS[step.kind].produces == "policy":
             policy = output
     return policy
+
+
+def train_next_step(
+    store: Store,
+    training: Any,
+    kind: str,
+    run_id: str,
+    round_: int,
+    folder: Path,
+    seed: int,
+    launch: Callable[[TrainSpec, Path | None], dict] = run_training,
+) -> dict[str, Any]:
+    """Train the round's step of `kind` from the policy its earlier stored steps made (the
+    round's model when they made none): what the flow runs for a `train_<kind>` stage."""
+    steps = training.step_list()
+    index = [s.kind for s in steps].index(kind)
+    start = store.round_info(run_id, round_)["model_id"]
+    policy = stored_policy(store, steps[:index], run_id, round_, start)
+    return train_step(store, steps[index], run_id, round_, folder, seed, policy, index, launch)
 
 
 def train_round(
