@@ -32,6 +32,7 @@ from pipeline.schema import (
     EvaluationConfig,
     PromptsConfig,
     RunnerConfig,
+    StepSettings,
     StrictModel,
     TrainingConfig,
     format_validation_error,
@@ -39,17 +40,9 @@ from pipeline.schema import (
     parse_overrides,
     read_yaml,
 )
-from pipeline.training.kinds import NO_TRAINING, TRAINING_KINDS
+from pipeline.training.kinds import TRAINING_KINDS
 
 __all__ = ["RunConfig", "load_config", "parse_config", "parse_overrides"]
-
-
-def _known_kind(kind: str | None) -> str | None:
-    if kind is not None and kind != NO_TRAINING and kind not in TRAINING_KINDS:
-        raise ValueError(
-            f"unknown kind {kind!r} (known: {', '.join([*TRAINING_KINDS, NO_TRAINING])})"
-        )
-    return kind
 
 
 def _known_methods(methods: list[str] | None) -> list[str] | None:
@@ -75,6 +68,7 @@ def _kind_limits(step: TrainingConfig) -> None:
 
 
 class RunStepConfig(TrainingConfig):
+    # The step's training kind: a name in pipeline/training/kinds.py.
     kind: Annotated[str, AfterValidator(_known_step_kind)]
     methods: Annotated[list[str] | None, AfterValidator(_known_methods)] = None
 
@@ -84,14 +78,13 @@ class RunStepConfig(TrainingConfig):
         return self
 
 
-class RunTrainingConfig(TrainingConfig):
-    # One step of this kind (dpo when neither it nor `steps` is set), or none.
-    kind: Annotated[str | None, AfterValidator(_known_kind)] = None
+class RunTrainingConfig(StepSettings):
+    # Train on these methods' rows only (None: every method's).
     methods: Annotated[list[str] | None, AfterValidator(_known_methods)] = None
-    # The round's training steps in order, each `kind` plus the settings it overrides
-    # (`[sft, dpo]`, or `[{kind: sft, epochs: 2}, {kind: dpo, beta: 0.2}]`). A policy
-    # step starts from the previous policy step's model; None = one step of `kind`.
-    steps: list[RunStepConfig] | None = None
+    # The round's training steps in order, each a kind plus the settings it overrides
+    # (`[sft, dpo]`, or `[{kind: sft, epochs: 2}, {kind: dpo, beta: 0.2}]`); `[]` trains
+    # nothing. A policy step starts from the previous policy step's model.
+    steps: list[RunStepConfig] = Field(default_factory=lambda: ["dpo"], validate_default=True)
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -103,7 +96,6 @@ class RunTrainingConfig(TrainingConfig):
         shared = {
             k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v
             for k, v in info.data.items()
-            if k != "kind"
         }
         out = []
         for step in steps:
@@ -112,28 +104,18 @@ class RunTrainingConfig(TrainingConfig):
             out.append(merge(shared, step) if isinstance(step, dict) else step)
         return out
 
-    @model_validator(mode="after")
-    def _one_plan(self) -> "RunTrainingConfig":
-        if self.steps is None:
-            if self.kind != NO_TRAINING:
-                _kind_limits(self.step_list()[0])
-            return self
-        if self.kind is not None:
-            raise ValueError("set kind or steps, not both (steps: [sft, dpo] replaces kind)")
-        kinds = [s.kind for s in self.steps]
+    @field_validator("steps")
+    @classmethod
+    def _each_kind_once(cls, steps: list[RunStepConfig]) -> list[RunStepConfig]:
+        kinds = [s.kind for s in steps]
         for kind in kinds:
             if kinds.count(kind) > 1:
-                raise ValueError(f"steps: kind {kind!r} appears twice (a round trains a kind once)")
-        return self
+                raise ValueError(f"kind {kind!r} appears twice (a round trains a kind once)")
+        return steps
 
     def step_list(self) -> list[TrainingConfig]:
         """The round's steps in order ([] = no training)."""
-        if self.steps is not None:
-            return list(self.steps)
-        if self.kind == NO_TRAINING:
-            return []
-        shared = self.model_dump(exclude={"steps"})
-        return [TrainingConfig.model_validate({**shared, "kind": self.kind or "dpo"})]
+        return list(self.steps)
 
 
 class RunConfig(StrictModel):
@@ -142,19 +124,30 @@ class RunConfig(StrictModel):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
+    # The run's name: its rows, folder and models carry it; a new name is a new run.
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # The DuckDB file every row goes to (several runs may share one).
     db_path: Path = Path("data/prefloop.duckdb")
+    # Where each round leaves its folder: config, data snapshots, checkpoints, report.
     runs_dir: Path = Path("data/runs")
+    # The initial policy: a name under data/models/ or a checkpoint directory.
     model: str = "smollm2-135m-instruct"
+    # Rounds `prefloop run` runs (--rounds overrides).
     rounds: int = Field(1, ge=1)
     # How long a write waits for readers holding the database (a DuckDB client, a
     # `prefloop sql` left open) before the run fails with one line naming the holder.
     db_lock_timeout_s: float = Field(300.0, gt=0)
+    # Seeds every draw (prompts per round, samples, principles, splits).
     seed: int = 0
+    # How the models run: vllm, hf (transformers) or openai servers.
     engine: EngineConfig = EngineConfig()
+    # The seed prompts and how many each round draws.
     prompts: PromptsConfig = PromptsConfig()
+    # The round's training steps and the settings they share.
     training: RunTrainingConfig = RunTrainingConfig()
+    # Where batch tasks run: threads, or Ray.
     runner: RunnerConfig = RunnerConfig()
+    # What is measured after each round.
     evaluation: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="wrap")

@@ -19,7 +19,6 @@ from pydantic import (
     ValidationError,
     WrapValidator,
     field_validator,
-    model_validator,
 )
 
 from pipeline.errors import ConfigError
@@ -30,15 +29,20 @@ class StrictModel(BaseModel):
 
 
 class SamplingConfig(StrictModel):
+    # Sampling temperature; 0 is greedy.
     temperature: float = Field(0.7, ge=0.0)
+    # Nucleus sampling: the smallest set of tokens with this much probability.
     top_p: float = Field(0.9, gt=0.0, le=1.0)
+    # New tokens at most per answer.
     max_tokens: int = Field(256, ge=1)
 
 
 class EngineConfig(StrictModel):
     # auto = vllm where it is installed, else transformers.
     kind: Literal["auto", "vllm", "hf", "openai"] = "auto"
+    # Weights' precision; auto = bfloat16 on CUDA, float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Context length (prompt + answer); a longer prompt is skipped and recorded.
     max_model_len: int = Field(2048, ge=64)
     # Prompts per engine call; a stage's batch is one call with all its samples.
     batch_size: int = Field(256, ge=1)
@@ -55,7 +59,9 @@ class EngineConfig(StrictModel):
     block_size: int | None = Field(None, ge=1)
     # Keep vLLM's engine metrics (prefix-cache queries and hits), read by the benchmarks.
     engine_stats: bool = False
+    # vLLM on CUDA: the share of GPU memory it may take.
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    # vLLM on CPU: memory for the KV cache, in GiB.
     cpu_kv_cache_gib: float = Field(4.0, gt=0.0)
     # Cores vLLM-CPU keeps back for its front-end process (its own default is 1). On the
     # 2-core reference machine 0 gives 1.8x the generated tokens/s (bench/vllm_cpu.py).
@@ -64,11 +70,15 @@ class EngineConfig(StrictModel):
     # OpenAI-compatible servers (e.g. `vllm serve` on GPU nodes): one URL or a list of
     # servers of the same model, spread by load, a dead one left out until it answers.
     base_url: str | list[str] | None = None
+    # openai: the model name the servers serve (None: the model's path).
     served_model_name: str | None = None
+    # openai: the environment variable holding the API key.
     api_key_env: str = "OPENAI_API_KEY"
     # Requests in flight per server.
     max_concurrency: int = Field(16, ge=1)
+    # openai: seconds a request may take.
     timeout_s: float = Field(120.0, gt=0.0)
+    # openai: retries of a busy (429, 5xx) or timed-out request, with backoff.
     max_retries: int = Field(4, ge=0)
 
     @field_validator("base_url")
@@ -89,9 +99,13 @@ class EngineConfig(StrictModel):
 
 
 class LoraConfig(StrictModel):
+    # LoRA rank.
     r: int = Field(16, ge=1)
+    # LoRA scaling (alpha / r).
     alpha: int = Field(32, ge=1)
+    # Dropout on the LoRA layers.
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # Modules that get adapters; merged into the weights when saved.
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
@@ -103,6 +117,7 @@ class SftDataConfig(StrictModel):
     # Each Self-Rewarding prompt's best candidate by the round's own judge, when its mean
     # score is at least `min_score` (rejection-sampling fine-tuning, as in RAFT).
     best_of_n: bool = False
+    # best_of_n: the least mean score a best candidate needs (None: any).
     min_score: float | None = None
 
 
@@ -111,28 +126,36 @@ class KtoDataConfig(StrictModel):
     and an undesirable (rejected) answer; scored Self-Rewarding candidates add those whose
     mean score is at least `desirable_min_score` or at most `undesirable_max_score`."""
 
+    # Scored candidates at or above this mean score are desirable (None: none).
     desirable_min_score: float | None = None
+    # Scored candidates at or below this mean score are undesirable (None: none).
     undesirable_max_score: float | None = None
-    # KTOTrainer's weights of the two kinds of example (the paper balances them so that
+    # KTOTrainer's weight of a desirable example (the paper balances the two kinds so that
     # weight x count is about equal).
     desirable_weight: float = Field(1.0, gt=0.0)
+    # KTOTrainer's weight of an undesirable example.
     undesirable_weight: float = Field(1.0, gt=0.0)
 
 
-class TrainingConfig(StrictModel):
-    """One training step's settings. `training:` holds them for every step; each entry
-    of `training.steps` overrides them for its own step."""
+class StepSettings(StrictModel):
+    """What a training step is trained with. `training:` holds them for every step; each
+    entry of `training.steps` overrides them for its own step."""
 
-    # A name in the training-kind registry (pipeline/training/kinds.py), or none.
-    kind: str = "dpo"
     # None = the kind's own default (DPO: sigmoid; KTO: kto).
     loss_type: str | None = None
+    # DPO / KTO: how far the policy may move from its reference (the paper's beta).
     beta: float = Field(0.1, gt=0.0)
+    # Optimizer learning rate.
     learning_rate: float = Field(1e-6, gt=0.0)
+    # Passes over the step's training rows.
     epochs: float = Field(1.0, gt=0.0)
+    # Examples per device per optimizer step (before accumulation).
     batch_size: int = Field(4, ge=1)
+    # Batches per optimizer step.
     gradient_accumulation_steps: int = Field(1, ge=1)
+    # Tokens per example at most (prompt + answer).
     max_length: int = Field(1024, ge=16)
+    # Share of rows held out for the step's held-out metrics, split by a hash of each row's id.
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     # round = this round's rows; all = every round so far (accumulated data, as RLHFlow's
     # iterative DPO trains), each row once.
@@ -142,23 +165,39 @@ class TrainingConfig(StrictModel):
     # in Self-Rewarding); round = the round's starting model; initial = the run's first
     # model (iterative DPO as in RLHFlow).
     reference: Literal["previous", "round", "initial"] = "previous"
+    # Train LoRA adapters instead of every weight (None: full fine-tune).
     lora: LoraConfig | None = None
     # Train on these methods' rows only (names in the method registry); None = all.
     methods: list[str] | None = None
+    # Pairs with a margin below this are left out (pairs without one are kept).
     min_margin: float | None = None
+    # Leave out flagged pairs (e.g. RLCD pairs whose Rescore prefers the rejected side).
     exclude_flagged: bool = True
+    # What an sft step trains on.
     sft: SftDataConfig = SftDataConfig()
+    # A kto step's examples and their weights.
     kto: KtoDataConfig = KtoDataConfig()
+    # CUDA: the `accelerate launch` config file (None: data/configs/accelerate/single_gpu.yaml).
     accelerate_config: Path | None = None
+
+
+class TrainingConfig(StepSettings):
+    """One training step: its kind (a name in pipeline/training/kinds.py) and settings."""
+
+    kind: str = "dpo"
 
 
 class RayResources(StrictModel):
     """What one Ray task asks of its node (`ray.remote` options): Ray places it on a node
     that has them. `resources` names custom node resources (`ray start --resources`)."""
 
+    # CPUs the task needs.
     num_cpus: float | None = Field(None, ge=0)
+    # GPUs the task needs.
     num_gpus: float | None = Field(None, ge=0)
+    # Memory the task needs, in GiB.
     memory_gib: float | None = Field(None, gt=0)
+    # Custom node resources the task needs (`ray start --resources`).
     resources: dict[str, float] = {}
 
     def remote_options(self) -> dict[str, Any]:
@@ -180,7 +219,9 @@ class RunnerConfig(StrictModel):
     batches can run concurrently against remote servers (`workers` threads), or as Ray
     tasks (`kind: ray`, the `ray` extra: `pip install -e ".[ray]"`)."""
 
+    # threads: in the flow's process; ray: Ray tasks (the `ray` extra).
     kind: Literal["threads", "ray"] = "threads"
+    # Batches run at once (threads; needs engine.kind openai above 1).
     workers: int = Field(1, ge=1)
     # Ray: None = start a Ray instance for the run on this machine (bound to 127.0.0.1,
     # stopped when the run ends); "auto" = join the cluster `ray start` made on this
@@ -192,15 +233,6 @@ class RunnerConfig(StrictModel):
     # checkpoint written under runs_dir, which that node must see at the same path (a
     # shared filesystem). None = train in a child of the flow's process.
     train: RayResources | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _old_names(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "ray_address" in data:  # its name before 0.1
-            data = {**data}
-            old = data.pop("ray_address")
-            data.setdefault("address", old)
-        return data
 
     @field_validator("address")
     @classmethod
@@ -215,9 +247,12 @@ class YardstickConfig(StrictModel):
     instructions checked by code) of the run's initial model and of every round's model,
     greedy. Its prompts are a JSON Lines file of {"prompt": ..., "checks": [...]}."""
 
+    # Measure every round's model (and the initial one) on the yardstick.
     enabled: bool = False
+    # JSON Lines of {prompt, checks, topic}: the held-out verifiable instructions.
     prompts: Path = Path("data/prompts/verifiable_heldout.jsonl")
     limit: int | None = Field(None, ge=1)  # the file's first N prompts (None = all)
+    # How the yardstick's answers are generated (greedy).
     sampling: SamplingConfig = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=256)
 
 
@@ -226,7 +261,9 @@ class EvaluationConfig(StrictModel):
     fixed judge (both orders), plus pair statistics, cross-method agreement and, when
     enabled, the yardstick."""
 
+    # Evaluate every round (win rate, pair statistics, agreement).
     enabled: bool = True
+    # The fixed pairwise judge's template (a name in prompts/ or a .j2 path).
     judge_template: str = "judge_pairwise"
     # None = the run's initial model: the same judge for every round, so win rates are
     # comparable over rounds. A model name or path otherwise.
@@ -246,9 +283,11 @@ class EvaluationConfig(StrictModel):
 
 
 class PromptsConfig(StrictModel):
+    # Prompt files (JSON Lines: prompt or messages, optional task).
     files: list[Path] = [Path("data/prompts/helpful.jsonl")]
     # Prompts used per round (None = all); heldout prompts are kept out of generation.
     per_round: int | None = Field(None, ge=1)
+    # Prompts held out of generation for the win rate, chosen by a hash.
     heldout: int = Field(0, ge=0)
 
 
@@ -300,12 +339,26 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
 
 
+# Keys of earlier prefloop versions, and what says the same now: an old key is one line
+# naming its replacement, never read in its old form.
+REPLACED_KEYS = {
+    "self_reward.judge_template": "self_reward.judge: {kind: template, template: NAME}",
+    "self_reward.judge_samples": "self_reward.judge.samples",
+    "self_reward.judge_sampling": "self_reward.judge.sampling",
+    "self_reward.judge_model": "self_reward.judge.model",
+    "runner.ray_address": "runner.address",
+    "training.kind": "training.steps: [KIND] (steps: [] trains nothing)",
+}
+
+
 def format_validation_error(source: str, err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling; see data/configs/demo.yaml for the fields)"
+    if first["type"] == "extra_forbidden" and loc in REPLACED_KEYS:
+        msg = f"no longer a setting; use {REPLACED_KEYS[loc]}"
+    elif first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; docs/configuration.md lists every key)"
     more = len(err.errors()) - 1
     tail = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     return f"{source}: {loc}: {msg}{tail}"

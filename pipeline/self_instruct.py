@@ -20,18 +20,26 @@ from pipeline.templates import Template, TemplateLibrary
 # The stored rows keep the method name they always had: self-instruct began as
 # Self-Rewarding's first step, and resumed runs find their rows under it.
 OWNER = "self_reward"
-STAGE = "self_instruct"
 
 
 class SelfInstructConfig(StrictModel):
+    # Write new prompts each round before the methods that take them.
     enabled: bool = False
+    # New prompts asked for per round (near-duplicates and bad ones are dropped).
     new_prompts: int = Field(16, ge=0)
+    # Seed prompts shown as examples per request.
     seed_shots: int = Field(6, ge=0)
+    # Earlier generated prompts shown per request (seeds fill in while there are none).
     generated_shots: int = Field(2, ge=0)
+    # How new prompts are sampled (the paper: T 0.6, top-p 0.9).
     sampling: SamplingConfig = SamplingConfig(temperature=0.6, top_p=0.9, max_tokens=128)
+    # A new prompt with ROUGE-L above this against any other is a near-duplicate.
     rouge_l_max: float = Field(0.7, ge=0.0, le=1.0)
+    # Shorter new prompts are dropped.
     min_words: int = Field(3, ge=1)
+    # Longer new prompts are dropped.
     max_words: int = Field(150, ge=1)
+    # The self-instruct template (a name in prompts/ or a .j2 path).
     template: str = "self_instruct"
 
 

@@ -22,6 +22,7 @@ NO_SCORE = "no_score"
 
 
 class FunctionJudgeConfig(StrictModel):
+    # A Python rule scores each answer.
     kind: Literal["function"] = "function"
     function: str  # "package.module:function"
 

@@ -24,7 +24,9 @@ TOO_LONG = "prompt_too_long"
 
 
 class RewardModelJudgeConfig(StrictModel):
+    # A Bradley-Terry reward model scores each answer.
     kind: Literal["reward_model"] = "reward_model"
+    # A sequence-classification checkpoint (directory or name), or `latest`: the run's newest.
     model: str
     # The judge used while `model: latest` has no reward model yet (any other judge kind).
     fallback: Any = None

@@ -25,10 +25,13 @@ JUDGE_VARS = ("instruction", "response")
 
 
 class TemplateJudgeConfig(StrictModel):
+    # LLM-as-a-Judge: a template read by a model.
     kind: Literal["template"] = "template"
+    # The judge template (a name in prompts/ or a .j2 path); its parser comes with it.
     template: str = "judge_additive_5pt"
     # Free-form judges: readings per answer, averaged over the ones that parse.
     samples: int = Field(3, ge=1)
+    # How free-form judgments are sampled.
     sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=256)
     # None = the round's own model judges (Self-Rewarding); else a model name or path.
     model: str | None = None

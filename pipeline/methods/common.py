@@ -17,6 +17,7 @@ M = TypeVar("M", bound=BaseModel)
 class MethodConfig(StrictModel):
     """A method's section of the run config (`self_reward:`, `rlcd:`, ...)."""
 
+    # Run this method each round.
     enabled: bool = True
 
 

@@ -10,7 +10,7 @@ from self-instruct (pipeline/self_instruct.py), which the round runs first.
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from pipeline.engines.base import Engine
 from pipeline.judging import JUDGES, Judge, judge_candidates
@@ -22,22 +22,18 @@ from pipeline.seeds import Prompt
 from pipeline.self_instruct import SelfInstructConfig
 
 METHOD = "self_reward"
-# Settings that name the template judge's fields directly (the form before `judge:`).
-_TEMPLATE_JUDGE_KEYS = {
-    "judge_template": "template",
-    "judge_samples": "samples",
-    "judge_sampling": "sampling",
-    "judge_model": "model",
-}
 
 
 class SelfRewardConfig(MethodConfig):
+    # Answers per prompt (the paper: 4).
     n_candidates: int = Field(4, ge=2)
+    # How candidates are sampled (the paper: T 0.7, top-p 0.9).
     sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=256)
     # Any judge kind: {kind: template, template: ..., samples: ..., model: ...} by default.
     judge: kind_field(JUDGES, lambda kind: kind.config, "template") = Field(  # type: ignore[valid-type]
         default_factory=lambda: JUDGES["template"].config()
     )
+    # A pair needs best minus worst score above this (ties are dropped).
     min_margin: float = Field(0.0, ge=0.0)
     # Meta-Rewarding's length control: when the best scores are within this gap, the
     # shorter answer wins. None turns it off.
@@ -45,23 +41,10 @@ class SelfRewardConfig(MethodConfig):
     # best_vs_worst (the paper), best_vs_random (best over a random lower-scored answer),
     # length_penalised (best vs worst on score - length_penalty * tokens).
     pair_strategy: Strategy = BEST_VS_WORST
+    # length_penalised: score minus this times the answer's tokens.
     length_penalty: float = Field(0.0, ge=0.0)
+    # New prompts from the model itself, before the candidates.
     self_instruct: SelfInstructConfig = SelfInstructConfig()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _template_judge_keys(cls, data: Any) -> Any:
-        """`judge_template: x` (and judge_samples, judge_sampling, judge_model) still set
-        the template judge, so existing configs keep working; `judge:` keys win."""
-        if not isinstance(data, dict) or not set(data) & set(_TEMPLATE_JUDGE_KEYS):
-            return data
-        data = dict(data)
-        judge = dict(data.get("judge") or {"kind": "template"})
-        for old, new in _TEMPLATE_JUDGE_KEYS.items():
-            if old in data:
-                judge.setdefault(new, data.pop(old))
-        data["judge"] = judge
-        return data
 
 
 def generate_candidates(
