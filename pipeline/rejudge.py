@@ -15,8 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.engines import GENERATE, SCORE
 from pipeline.errors import PrefloopError
-from pipeline.evaluation.metrics import evaluation_row
+from pipeline.evaluation.metrics import (
+    JUDGE_COMPARISON,
+    JUDGE_PARSE_FAILURE_RATE,
+    evaluation_row,
+)
 from pipeline.judging import JUDGES, Judge, build_judge, judge_candidates, judge_model, load_judge
 from pipeline.judging.compare import compare_scores
 from pipeline.judging.pairs import PairPolicy, score_summary, select_pairs
@@ -27,13 +32,6 @@ from pipeline.store import Store
 from pipeline.templates import SUFFIX, TemplateLibrary
 
 METHOD = "self_reward"
-# evaluations metric -> key of `compare_scores`' result
-COMPARISON_METRICS = {
-    "judge_pair_agreement": "pair_agreement",
-    "judge_kendall_tau": "kendall_tau",
-    "judge_same_best": "same_best",
-    "judge_same_worst": "same_worst",
-}
 
 
 def judge_settings_from(spec: str, model: str | None = None) -> Any:
@@ -141,7 +139,7 @@ def _open_judge(
     name = judge_model(settings)
     own = resolve_model(name) if name is not None else None
     model_id, path = (own.model_id, str(own.path)) if own else round_model
-    role = "score" if kind.scorer else "generate"
+    role = SCORE if kind.scorer else GENERATE
     engine = _Lazy(lambda: start_engine(path, role)) if kind.needs_engine else None
     judge = build_judge(settings, loaded, engine, model_id if kind.needs_engine else None)
     return judge, engine, own
@@ -237,13 +235,13 @@ def compare_judges(
     details = {**result, "judge_a": judge_a, "judge_b": judge_b}
     rows = [
         evaluation_row(ctx, metric, result[key], METHOD, key=(judge_a, judge_b), **details)
-        for metric, key in COMPARISON_METRICS.items()
+        for metric, key in JUDGE_COMPARISON.items()
     ]
     for judge_id, summary in ((judge_a, result["a"]), (judge_b, result["b"])):
         rows.append(
             evaluation_row(
                 ctx,
-                "judge_parse_failure_rate",
+                JUDGE_PARSE_FAILURE_RATE,
                 summary["parse_failure_rate"],
                 METHOD,
                 key=(judge_id,),

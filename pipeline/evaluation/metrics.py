@@ -22,6 +22,34 @@ from pipeline.store import RoundLabels
 METHOD = "evaluation"
 WIN, LOSS, TIE = 1.0, 0.0, 0.5
 
+# The evaluation's metric names (`evaluations.metric`), each defined here only. The
+# yardstick's are in yardstick.py, a training kind's in its registry entry.
+WIN_RATE = "win_rate"
+ORDER_FLIP_RATE = "order_flip_rate"
+HELDOUT_CHARS = "heldout_chars"
+AGREEMENT_SELF_JUDGE = "agreement_self_judge"
+AGREEMENT_PAIRWISE = "agreement_pairwise"
+LENGTH_RATIO = "length_ratio"
+# `prefloop judge`'s comparison of two judges (evaluations metric -> its result's key).
+JUDGE_COMPARISON = {
+    "judge_pair_agreement": "pair_agreement",
+    "judge_kendall_tau": "kendall_tau",
+    "judge_same_best": "same_best",
+    "judge_same_worst": "same_worst",
+}
+JUDGE_PAIR_AGREEMENT = "judge_pair_agreement"
+JUDGE_PARSE_FAILURE_RATE = "judge_parse_failure_rate"
+# Per method, from the round's stored labels (`pair_statistics`), in reading order.
+PAIR_METRICS = (
+    "pairs",
+    "tie_rate",
+    "parse_failure_rate",
+    "mean_margin",
+    "judge_variance",
+    LENGTH_RATIO,
+    "duplicate_prompt_rate",
+)
+
 
 def verdict(p_first_better: float | None, band: float) -> float | None:
     """1 (first side better), 0 (second), 0.5 (tie: within `band` of 0.5), None (no label)."""
@@ -53,7 +81,7 @@ def win_rate(
             flips += {answered[0], answered[1]} == {WIN, LOSS}
     n = sum(counts.values())
     return {
-        "win_rate": (counts[WIN] + 0.5 * counts[TIE]) / n if n else None,
+        WIN_RATE: (counts[WIN] + 0.5 * counts[TIE]) / n if n else None,
         "flip_rate": flips / both if both else None,
         "wins": counts[WIN],
         "losses": counts[LOSS],
@@ -84,11 +112,11 @@ def length_ratio(pairs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Mean chosen length over mean rejected length, in characters (> 1: the labels favour
     longer answers), and the share of pairs whose chosen answer is the longer one."""
     if not pairs:
-        return {"length_ratio": None, "chosen_chars": None, "rejected_chars": None}
+        return {LENGTH_RATIO: None, "chosen_chars": None, "rejected_chars": None}
     chosen = statistics.fmean(p["chosen_chars"] for p in pairs)
     rejected = statistics.fmean(p["rejected_chars"] for p in pairs)
     return {
-        "length_ratio": chosen / rejected if rejected else None,
+        LENGTH_RATIO: chosen / rejected if rejected else None,
         "chosen_chars": chosen,
         "rejected_chars": rejected,
         "chosen_longer": sum(p["chosen_chars"] > p["rejected_chars"] for p in pairs) / len(pairs),
@@ -118,18 +146,16 @@ def pair_statistics(
         asked, failed = judge_counts.get(method, (0, 0))
         lengths = length_ratio(rows)
         repeated = sum(bool(p["seen_before"]) for p in rows)
-        out[method] = {
-            "pairs": (float(n), {}),
-            "tie_rate": (tied / (n + tied) if n + tied else None, {"ties": tied}),
-            "parse_failure_rate": (
-                failed / asked if asked else None,
-                {"asked": asked, "failed": failed},
-            ),
-            "mean_margin": (_mean([p["margin"] for p in rows]), {}),
-            "judge_variance": (judge_variance.get(method), {}),
-            "length_ratio": (lengths.pop("length_ratio"), lengths),
-            "duplicate_prompt_rate": (repeated / n if n else None, {"repeated": repeated}),
-        }
+        values = (
+            (float(n), {}),
+            (tied / (n + tied) if n + tied else None, {"ties": tied}),
+            (failed / asked if asked else None, {"asked": asked, "failed": failed}),
+            (_mean([p["margin"] for p in rows]), {}),
+            (judge_variance.get(method), {}),
+            (lengths.pop(LENGTH_RATIO), lengths),
+            (repeated / n if n else None, {"repeated": repeated}),
+        )
+        out[method] = dict(zip(PAIR_METRICS, values, strict=True))
     return out
 
 

@@ -16,10 +16,15 @@ from typing import Any
 
 from pipeline.engines.base import Engine
 from pipeline.evaluation.metrics import (
+    AGREEMENT_PAIRWISE,
+    AGREEMENT_SELF_JUDGE,
+    HELDOUT_CHARS,
     LOSS,
     METHOD,
+    ORDER_FLIP_RATE,
     TIE,
     WIN,
+    WIN_RATE,
     agreement,
     evaluation_row,
     verdict,
@@ -154,7 +159,7 @@ def compare_models(
             items.append((prompt.prompt_id, prompt.prompt_id, prompt.text, n, o))
     rows = Rows()
     p_new = _ask_pairwise(
-        judge, template, items, ("new_first", "old_first"), ctx, "win_rate", judge_model_id, rows
+        judge, template, items, ("new_first", "old_first"), ctx, WIN_RATE, judge_model_id, rows
     )
     result = win_rate(p_new, cfg.tie_band, identical)
     old_model = next(iter(old.values()))["model_id"] if old else None
@@ -170,9 +175,9 @@ def compare_models(
     }
     rows.add(
         "evaluations",
-        evaluation_row(ctx, "win_rate", details.pop("win_rate"), **details),
-        evaluation_row(ctx, "order_flip_rate", result["flip_rate"], prompts=result["prompts"]),
-        evaluation_row(ctx, "heldout_chars", details["new_chars"], model=new_model),
+        evaluation_row(ctx, WIN_RATE, details.pop(WIN_RATE), **details),
+        evaluation_row(ctx, ORDER_FLIP_RATE, result["flip_rate"], prompts=result["prompts"]),
+        evaluation_row(ctx, HELDOUT_CHARS, details["new_chars"], model=new_model),
     )
     rows.add("templates", template.record())
     return rows
@@ -181,6 +186,70 @@ def compare_models(
 def _mean_length(generations) -> float | None:
     lengths = [len(g["text"]) for g in generations]
     return statistics.fmean(lengths) if lengths else None
+
+
+def _self_judge_agreement(
+    self_judge: Judge,
+    judged_method: str | None,
+    pairs: Sequence[Mapping[str, Any]],
+    ctx: RoundContext,
+    rows: Rows,
+) -> None:
+    """Both sides of every pair not labelled by this judge already, scored by it; per
+    method, how often it scores the chosen side higher."""
+    others = [p for p in pairs if p["method"] != judged_method]
+    sides = {
+        p[f"{side}_generation_id"]: {
+            "generation_id": p[f"{side}_generation_id"],
+            "prompt_id": p["prompt_id"],
+            "text": p[side],
+            "finish_reason": p[f"{side}_finish_reason"],
+        }
+        for p in others
+        for side in ("chosen", "rejected")
+    }
+    prompts = [Prompt.from_messages(json.loads(p["messages_json"])) for p in others]
+    judged = judge_candidates(self_judge, prompts, list(sides.values()), ctx, METHOD)
+    rows.merge(judged)
+    summary = score_summary(judged["judgments"])
+    by_method: dict[str, list[float | None]] = defaultdict(list)
+    for p in others:
+        c = summary.get(p["chosen_generation_id"], {}).get("mean")
+        r = summary.get(p["rejected_generation_id"], {}).get("mean")
+        v = None if c is None or r is None else WIN if c > r else LOSS if c < r else TIE
+        by_method[p["method"]].append(v)
+    _add_agreement(rows, ctx, AGREEMENT_SELF_JUDGE, by_method, self_judge.judge_id)
+
+
+def _pairwise_agreement(
+    engine: Engine,
+    pairwise: Template,
+    pairs: Sequence[Mapping[str, Any]],
+    ctx: RoundContext,
+    cfg: EvaluationConfig,
+    rows: Rows,
+) -> None:
+    """Every pair asked of the round's model with the pairwise judge in both orders (the
+    mean of the two is P(chosen better)); per method, how often it sides with the chosen."""
+    items = [
+        (
+            p["pair_id"],
+            p["prompt_id"],
+            p["prompt"],
+            {"generation_id": p["chosen_generation_id"], "text": p["chosen"]},
+            {"generation_id": p["rejected_generation_id"], "text": p["rejected"]},
+        )
+        for p in pairs
+    ]
+    orders = ("chosen_first", "rejected_first")
+    purpose = "agreement"
+    p_chosen = _ask_pairwise(engine, pairwise, items, orders, ctx, purpose, ctx.model_id, rows)
+    by_method: dict[str, list[float | None]] = defaultdict(list)
+    for p in pairs:
+        ps = [x for x in p_chosen.get(p["pair_id"], []) if x is not None]
+        by_method[p["method"]].append(verdict(statistics.fmean(ps), cfg.tie_band) if ps else None)
+    _add_agreement(rows, ctx, AGREEMENT_PAIRWISE, by_method, pairwise.template_id)
+    rows.add("templates", pairwise.record())
 
 
 def relabel_pairs(
@@ -195,65 +264,11 @@ def relabel_pairs(
     """Cross-method agreement: each pair (with its prompt, texts and generation ids) is
     labelled again by the round's self-judge (both sides scored; the pairs of
     `judged_method`, whose label is that judge, are skipped) and by the round's model with
-    the pairwise judge in both orders (the mean of the two is P(chosen better))."""
+    the pairwise judge in both orders."""
     rows = Rows()
     if not pairs:
         return rows
     if self_judge is not None:
-        others = [p for p in pairs if p["method"] != judged_method]
-        sides = {
-            g["generation_id"]: g
-            for p in others
-            for g in (
-                {
-                    "generation_id": p[f"{side}_generation_id"],
-                    "prompt_id": p["prompt_id"],
-                    "text": p[side],
-                    "finish_reason": p[f"{side}_finish_reason"],
-                }
-                for side in ("chosen", "rejected")
-            )
-        }
-        judged = judge_candidates(
-            self_judge,
-            [Prompt.from_messages(json.loads(p["messages_json"])) for p in others],
-            list(sides.values()),
-            ctx,
-            METHOD,
-        )
-        rows.merge(judged)
-        summary = score_summary(judged["judgments"])
-        by_method: dict[str, list[float | None]] = defaultdict(list)
-        for p in others:
-            c = summary.get(p["chosen_generation_id"], {}).get("mean")
-            r = summary.get(p["rejected_generation_id"], {}).get("mean")
-            v = None if c is None or r is None else WIN if c > r else LOSS if c < r else TIE
-            by_method[p["method"]].append(v)
-        _add_agreement(rows, ctx, "agreement_self_judge", by_method, self_judge.judge_id)
-    items = [
-        (
-            p["pair_id"],
-            p["prompt_id"],
-            p["prompt"],
-            {"generation_id": p["chosen_generation_id"], "text": p["chosen"]},
-            {"generation_id": p["rejected_generation_id"], "text": p["rejected"]},
-        )
-        for p in pairs
-    ]
-    p_chosen = _ask_pairwise(
-        engine,
-        pairwise,
-        items,
-        ("chosen_first", "rejected_first"),
-        ctx,
-        "agreement",
-        ctx.model_id,
-        rows,
-    )
-    by_method = defaultdict(list)
-    for p in pairs:
-        ps = [x for x in p_chosen.get(p["pair_id"], []) if x is not None]
-        by_method[p["method"]].append(verdict(statistics.fmean(ps), cfg.tie_band) if ps else None)
-    _add_agreement(rows, ctx, "agreement_pairwise", by_method, pairwise.template_id)
-    rows.add("templates", pairwise.record())
+        _self_judge_agreement(self_judge, judged_method, pairs, ctx, rows)
+    _pairwise_agreement(engine, pairwise, pairs, ctx, cfg, rows)
     return rows

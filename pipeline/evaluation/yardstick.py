@@ -28,14 +28,27 @@ from pipeline.rows import RoundContext, Rows
 from pipeline.verifiable.checks import follows, kind, on_topic
 from pipeline.verifiable.prompts import Checked
 
-METRICS = (
-    "ifeval_prompt_strict",
-    "ifeval_prompt_loose",
-    "ifeval_instruction_strict",
-    "ifeval_instruction_loose",
-    "ifeval_on_topic",  # where the prompts give topics
-    "ifeval_prompt_strict_on_topic",
-)
+# The yardstick's metrics (`evaluations.metric`) and how the report labels them.
+PROMPT_STRICT = "ifeval_prompt_strict"
+PROMPT_LOOSE = "ifeval_prompt_loose"
+INSTRUCTION_STRICT = "ifeval_instruction_strict"
+INSTRUCTION_LOOSE = "ifeval_instruction_loose"
+ON_TOPIC = "ifeval_on_topic"  # where the prompts give topics
+STRICT_ON_TOPIC = "ifeval_prompt_strict_on_topic"
+LABELS = {
+    PROMPT_STRICT: "prompt-level strict",
+    PROMPT_LOOSE: "prompt-level loose",
+    INSTRUCTION_STRICT: "instruction-level strict",
+    INSTRUCTION_LOOSE: "instruction-level loose",
+    ON_TOPIC: "answers on topic",
+    STRICT_ON_TOPIC: "prompt-level strict and on topic",
+}
+_LEVELS = {
+    ("prompt", False): PROMPT_STRICT,
+    ("prompt", True): PROMPT_LOOSE,
+    ("instruction", False): INSTRUCTION_STRICT,
+    ("instruction", True): INSTRUCTION_LOOSE,
+}
 Z95 = 1.959964
 
 
@@ -70,25 +83,24 @@ def accuracy(
     out: dict[str, tuple[float, dict[str, Any]]] = {}
     per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for loose in (False, True):
-        reading = "loose" if loose else "strict"
         results = [follows(a, s, loose) for a, s in zip(answers, specs, strict=True)]
         levels = {
             "prompt": [all(r) for r in results],
             "instruction": [x for r in results for x in r],
         }
         for level, hits in levels.items():
-            out[f"ifeval_{level}_{reading}"] = _share(hits)
+            out[_LEVELS[(level, loose)]] = _share(hits)
         if not loose and topics is not None and all(t is not None for t in topics):
             mentions = [on_topic(a, t) for a, t in zip(answers, topics, strict=True)]
-            out["ifeval_on_topic"] = _share(mentions)
+            out[ON_TOPIC] = _share(mentions)
             both = [m and ok for m, ok in zip(mentions, levels["prompt"], strict=True)]
-            out["ifeval_prompt_strict_on_topic"] = _share(both)
+            out[STRICT_ON_TOPIC] = _share(both)
         if not loose:
             for r, s in zip(results, specs, strict=True):
                 for ok, spec in zip(r, s, strict=True):
                     per_kind[kind(spec)][0] += ok
                     per_kind[kind(spec)][1] += 1
-    out["ifeval_instruction_strict"][1]["per_kind"] = dict(sorted(per_kind.items()))
+    out[INSTRUCTION_STRICT][1]["per_kind"] = dict(sorted(per_kind.items()))
     return out
 
 

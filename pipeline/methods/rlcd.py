@@ -35,12 +35,16 @@ class RlcdConfig(MethodConfig):
     # Descriptor files (prompts/rlcd/<task>.yaml, or paths to YAML files). A prompt uses
     # the task its prompt file gives it, else `default_task`.
     tasks: list[str] = Field(["harmlessness", "helpfulness"], min_length=1)
+    # The descriptor file of a prompt that names no task.
     default_task: str = "helpfulness"
     # system: the descriptor is a system instruction about the next reply (chat models
     # follow system prompts); assistant_tag: it opens the assistant's turn, as in the paper.
     placement: Literal["system", "assistant_tag"] = "system"
+    # How o+ and o- are sampled (the paper: T 1.0, 300 tokens).
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=300)
+    # RLCD-Rescore: ask the model which side is better and store it as a soft label.
     rescore: bool = False
+    # Rescore's A/B question template.
     rescore_template: str = "choice_ab"
 
     @model_validator(mode="after")
@@ -106,20 +110,16 @@ def contrastive_prompts(
     return build(pair.positive, pair.negative), build(pair.negative, pair.positive)
 
 
-def run_rlcd(
-    engine: Engine,
+def _contrastive_requests(
     templates: dict[str, Template],
     tasks: dict[str, Task],
     prompts: Sequence[Prompt],
     ctx: RoundContext,
     cfg: RlcdConfig,
-) -> Rows:
-    """One batch: o+ and o- for every prompt in one engine call, then pairs (and the
-    Rescore labels when enabled). `templates` holds system, assistant_tag and rescore."""
-    rows = Rows()
-    rows.add("prompts", *(p.record(ctx.run_id, ctx.round) for p in prompts))
-    rows.add("templates", *(t.record() for t in templates.values()))
-    params = sampling_from(cfg.sampling)
+    rows: Rows,
+) -> tuple[list[tuple[Conversation, str]], list[tuple[Prompt, Task, DescriptorPair, dict]]]:
+    """p+ and p- for every prompt whose task is enabled (one descriptor pair drawn per
+    prompt), with each prompt's plan: its task, descriptor pair and provenance."""
     enabled = {Path(t).stem for t in cfg.tasks} & set(tasks)
     requests, plans = [], []
     for prompt in prompts:
@@ -135,16 +135,30 @@ def run_rlcd(
         requests += [positive, negative]
         meta = {"task": task_name, "descriptor_id": pair.id, "placement": cfg.placement}
         plans.append((prompt, task, pair, meta))
+    return requests, plans
+
+
+def run_rlcd(
+    engine: Engine,
+    templates: dict[str, Template],
+    tasks: dict[str, Task],
+    prompts: Sequence[Prompt],
+    ctx: RoundContext,
+    cfg: RlcdConfig,
+) -> Rows:
+    """One batch: o+ and o- for every prompt in one engine call, then pairs (and the
+    Rescore labels when enabled). `templates` holds system, assistant_tag and rescore."""
+    rows = Rows()
+    rows.add("prompts", *(p.record(ctx.run_id, ctx.round) for p in prompts))
+    rows.add("templates", *(t.record() for t in templates.values()))
+    params = sampling_from(cfg.sampling)
+    requests, plans = _contrastive_requests(templates, tasks, prompts, ctx, cfg, rows)
     outputs = engine.generate([c for c, _ in requests], params, [p for _, p in requests])
     template = templates["system" if cfg.placement == "system" else "assistant_tag"]
     made = []
     for i, (prompt, task, pair, meta) in enumerate(plans):
-        sides = []
-        for role, descriptor, [completion] in (
-            ("positive", pair.positive, outputs[2 * i]),
-            ("negative", pair.negative, outputs[2 * i + 1]),
-        ):
-            row = generation_row(
+        pos, neg = (
+            generation_row(
                 ctx,
                 METHOD,
                 prompt.prompt_id,
@@ -155,25 +169,21 @@ def run_rlcd(
                 template=template,
                 meta={**meta, "descriptor": descriptor},
             )
-            rows.add("generations", row)
-            sides.append((row, completion))
-        (pos, pos_c), (neg, neg_c) = sides
-        reason = unusable(pos_c) or unusable(neg_c)
+            for role, descriptor, [completion] in (
+                ("positive", pair.positive, outputs[2 * i]),
+                ("negative", pair.negative, outputs[2 * i + 1]),
+            )
+        )
+        rows.add("generations", pos, neg)
+        reason = unusable(outputs[2 * i][0]) or unusable(outputs[2 * i + 1][0])
         if reason is None and same_answer(pos["text"], neg["text"]):
             reason = "identical"
         if reason:
             rows.discard(ctx, METHOD, "pairs", prompt.prompt_id, reason)
             continue
         # The pair's prompt is the neutral one: descriptors never reach training data.
-        made.append(
-            (
-                prompt,
-                task,
-                pair_row(ctx, METHOD, VARIANT, prompt, pos["generation_id"], neg["generation_id"]),
-                pos,
-                neg,
-            )
-        )
+        ids = (pos["generation_id"], neg["generation_id"])
+        made.append((prompt, task, pair_row(ctx, METHOD, VARIANT, prompt, *ids), pos, neg))
     if cfg.rescore and made:
         rows.merge(rescore(engine, templates["rescore"], made, ctx))
     rows.add("pairs", *(m[2] for m in made))

@@ -3,6 +3,7 @@
 import json
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ def last_loss(trainer) -> float | None:
 
 
 def fit(trainer) -> dict[str, Any]:
-    """Train; the metrics both trainers report about the run itself."""
+    """Train; the metrics every trainer reports about the run itself."""
     start = time.perf_counter()
     result = trainer.train()
     return {
@@ -102,3 +103,30 @@ def fit(trainer) -> dict[str, Any]:
         "steps": trainer.state.global_step,
         "train_seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def run_trainer(
+    trainer,
+    spec: dict[str, Any],
+    out: Path,
+    tokenizer,
+    eval_keys: Mapping[str, str],
+    metrics: dict[str, Any],
+    before: bool = True,
+    after: Callable[[], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """What every kind does with its TRL trainer: held-out numbers before training (as
+    `<name>_before`, where `before`), train, held-out numbers after (`eval_keys`: TRL's
+    eval key -> prefloop's name; `after` adds the kind's own), save. Returns `metrics`."""
+    held_out = trainer.eval_dataset is not None
+    if held_out and before:
+        found = trainer.evaluate()
+        metrics.update({f"{name}_before": found.get(key) for key, name in eval_keys.items()})
+    metrics.update(fit(trainer))
+    if held_out:
+        found = trainer.evaluate()
+        metrics.update({name: found.get(key) for key, name in eval_keys.items()})
+        if after is not None:
+            metrics.update(after())
+    save(trainer, tokenizer, spec["base_model"], out, metrics)
+    return metrics

@@ -9,11 +9,10 @@ from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from pipeline.training.common import (
-    fit,
     load_policy,
     load_splits,
     lora_config,
-    save,
+    run_trainer,
     trainer_args,
 )
 
@@ -45,12 +44,4 @@ def train_dpo(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         peft_config=lora_config(spec, "CAUSAL_LM"),
     )
     metrics: dict[str, Any] = {"train_pairs": len(train), "heldout_pairs": len(test or [])}
-    if test is not None:
-        before = trainer.evaluate()
-        metrics.update({f"{v}_before": before.get(k) for k, v in EVAL_KEYS.items()})
-    metrics.update(fit(trainer))
-    if test is not None:
-        after = trainer.evaluate()
-        metrics.update({v: after.get(k) for k, v in EVAL_KEYS.items()})
-    save(trainer, tokenizer, spec["base_model"], out, metrics)
-    return metrics
+    return run_trainer(trainer, spec, out, tokenizer, EVAL_KEYS, metrics)

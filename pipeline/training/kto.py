@@ -12,15 +12,15 @@ from transformers import AutoTokenizer
 from trl import KTOConfig, KTOTrainer
 
 from pipeline.training.common import (
-    fit,
     load_policy,
     load_splits,
     lora_config,
-    save,
+    run_trainer,
     trainer_args,
 )
 
 COLUMNS = ["prompt", "completion", "label"]
+EVAL_KEYS = {"eval_loss": "heldout_loss", "eval_kl": "heldout_kl"}
 
 
 def completion_logp(model, tokenizer, prompt: list, completion: list, max_length: int) -> float:
@@ -91,20 +91,13 @@ def train_kto(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         "desirable": sum(labels),
         "undesirable": len(labels) - sum(labels),
     }
-    if test is not None:
-        before = trainer.evaluate()
-        metrics.update(heldout_loss_before=before.get("eval_loss"))
-    metrics.update(fit(trainer))
-    if test is not None:
-        after = trainer.evaluate()
-        metrics.update(heldout_loss=after.get("eval_loss"), heldout_kl=after.get("eval_kl"))
+
+    def implicit_rewards() -> dict[str, Any]:
         # TRL's own frozen reference when it kept one (not with LoRA, nor after
         # precomputing reference log-probs): loaded once, not twice.
         reference = trainer.ref_model
         if reference is None:
             reference = load_policy(ref_path, cuda).to(trainer.model.device)
-        metrics.update(
-            pair_rewards(trainer.model, reference, tokenizer, test, t["beta"], t["max_length"])
-        )
-    save(trainer, tokenizer, spec["base_model"], out, metrics)
-    return metrics
+        return pair_rewards(trainer.model, reference, tokenizer, test, t["beta"], t["max_length"])
+
+    return run_trainer(trainer, spec, out, tokenizer, EVAL_KEYS, metrics, after=implicit_rewards)

@@ -11,7 +11,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from pipeline.training.common import fit, load_splits, lora_config, save, trainer_args
+from pipeline.training.common import load_splits, lora_config, run_trainer, trainer_args
+
+EVAL_KEYS = {"eval_loss": "heldout_loss", "eval_accuracy": "heldout_pairwise_accuracy"}
 
 
 class SoftLabelCollator(DataCollatorForPreference):
@@ -85,12 +87,4 @@ def train_reward(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         "uses_margin": use_margin,
         "soft_labels": sum(1 for y in train["soft_label"] if y != 1.0),
     }
-    metrics.update(fit(trainer))
-    if test is not None:
-        after = trainer.evaluate()
-        metrics.update(
-            heldout_loss=after.get("eval_loss"),
-            heldout_pairwise_accuracy=after.get("eval_accuracy"),
-        )
-    save(trainer, tokenizer, spec["base_model"], out, metrics)
-    return metrics
+    return run_trainer(trainer, spec, out, tokenizer, EVAL_KEYS, metrics, before=False)

@@ -11,13 +11,14 @@ from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from pipeline.training.common import (
-    fit,
     load_policy,
     load_splits,
     lora_config,
-    save,
+    run_trainer,
     trainer_args,
 )
+
+EVAL_KEYS = {"eval_loss": "heldout_loss"}
 
 
 def train_sft(spec: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -37,10 +38,4 @@ def train_sft(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         peft_config=lora_config(spec, "CAUSAL_LM"),
     )
     metrics: dict[str, Any] = {"train_examples": len(train), "heldout_examples": len(test or [])}
-    if test is not None:
-        metrics["heldout_loss_before"] = trainer.evaluate().get("eval_loss")
-    metrics.update(fit(trainer))
-    if test is not None:
-        metrics["heldout_loss"] = trainer.evaluate().get("eval_loss")
-    save(trainer, tokenizer, spec["base_model"], out, metrics)
-    return metrics
+    return run_trainer(trainer, spec, out, tokenizer, EVAL_KEYS, metrics)
