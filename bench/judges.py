@@ -160,7 +160,7 @@ def bench_rejudge(model: str, prompts: int, repeats: int) -> None:
         },
         "rlcd": {"enabled": False},
         "cai": {"enabled": False},
-        "training": {"kind": "none"},
+        "training": {"steps": []},
         "evaluation": {"enabled": False},
     }
     new_judge = {"kind": "template", "template": "judge_additive_5pt_prefilled"}

@@ -60,7 +60,7 @@ def config(tmp: Path, model: str, name: str) -> dict:
         },
         "rlcd": {"tasks": ["helpfulness"], "sampling": {"max_tokens": 48}},
         "cai": {"enabled": False},
-        "training": {"kind": "none"},
+        "training": {"steps": []},
         "evaluation": {"enabled": False},
     }
 
@@ -68,24 +68,24 @@ def config(tmp: Path, model: str, name: str) -> dict:
 def hold_for_the_round():
     """The old handling: the round's store keeps one connection from the round's start to
     its end (`with r.store:` around the round). Returns a function that undoes it."""
-    import flows.loop
+    from flows.round import Round
 
-    init, close = flows.loop.Round.__init__, flows.loop.Round.close
+    init, close = Round.__init__, Round.close
 
     def held_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
         self.store.__enter__()
 
-    def released_close(self, next_model):
+    def released_close(self):
         try:
-            return close(self, next_model)
+            return close(self)
         finally:
             self.store.close()
 
-    flows.loop.Round.__init__, flows.loop.Round.close = held_init, released_close
+    Round.__init__, Round.close = held_init, released_close
 
     def undo() -> None:
-        flows.loop.Round.__init__, flows.loop.Round.close = init, close
+        Round.__init__, Round.close = init, close
 
     return undo
 

@@ -206,9 +206,12 @@ def main() -> None:
     cfg = SelfRewardConfig(
         n_candidates=args.candidates,
         sampling=sampling,
-        judge_template="judge_additive_5pt",
-        judge_samples=args.judge_samples,
-        judge_sampling=sampling,
+        judge={
+            "kind": "template",
+            "template": "judge_additive_5pt",
+            "samples": args.judge_samples,
+            "sampling": sampling,
+        },
     )
     ctx = RoundContext("bench", 1, model.model_id, 0)
     with start_engine(model.path, EngineConfig(kind="vllm", cpu_kv_cache_gib=2), 0) as engine:

@@ -73,6 +73,7 @@ def test_revision_problems(revision, reason):
     assert revision_problem("The original answer.", "It is rude.", revision, requests) == reason
 
 
+@pytest.mark.slow
 def test_loop_stores_every_step(tiny_engine, ctx, library, constitution, red_team, tmp_path):
     cfg = CaiConfig(revisions=3, sampling=SAMPLING, feedback=False)
     prompts = red_team[:5]
@@ -130,6 +131,7 @@ def test_loop_stores_every_step(tiny_engine, ctx, library, constitution, red_tea
         )
 
 
+@pytest.mark.slow
 def test_loop_produces_pairs_from_usable_revisions(
     tiny_engine, ctx, library, constitution, red_team
 ):
@@ -143,6 +145,7 @@ def test_loop_produces_pairs_from_usable_revisions(
         assert by_id[p["rejected_generation_id"]]["role"] == "initial"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cot", [False, True])
 def test_ai_feedback_both_orders(tiny_engine, ctx, library, constitution, red_team, cot):
     cfg = CaiConfig(sampling=SAMPLING, feedback_cot=cot)

@@ -7,18 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import prefloop
 
 from pipeline.store import SCHEMA_VERSION, Store
 
-
-def prefloop(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=300,
-    )
+pytestmark = pytest.mark.slow  # every test runs `prefloop` as a subprocess
 
 
 @pytest.fixture
@@ -122,7 +115,7 @@ def test_models_list(default_model_dir):
             "nosuchtask.yaml: file not found",
         ),
         (
-            ["--set", "self_reward.judge_template=choice_ab"],
+            ["--set", "self_reward.judge.template=choice_ab"],
             "needs a front-matter `parser` of kind score",
         ),
         (["--set", "prompts.heldout=500"], "prompts.heldout: 500 held-out prompts leave none"),
@@ -230,6 +223,12 @@ MATRIX = [
         "c.yaml (with --set): engine.knd: unknown key",
     ),
     (
+        "a key of an earlier prefloop",
+        _config("self_reward:\n  judge_template: judge_additive_5pt_prefilled\n"),
+        "c.yaml (with --set): self_reward.judge_template: no longer a setting; use "
+        "self_reward.judge: {kind: template, template: NAME}",
+    ),
+    (
         "wrong type",
         _config("rounds: many\n"),
         "c.yaml (with --set): rounds: Input should be a valid integer",
@@ -296,8 +295,8 @@ MATRIX = [
     ),
     (
         "kto with a batch of one",
-        _config("training:\n  kind: kto\n  batch_size: 1\n"),
-        "c.yaml (with --set): training: kto needs batch_size >= 2",
+        _config("training:\n  steps: [kto]\n  batch_size: 1\n"),
+        "c.yaml (with --set): training.steps.0: kto needs batch_size >= 2",
     ),
     (
         "yardstick prompt with an unknown check",

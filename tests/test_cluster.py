@@ -12,20 +12,25 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import (
+from helpers import (
+    CHOICE,
+    CONVERSATIONS,
+    check_completions,
+    finish,
     kill_and_expect_gone,
-    launch_vllm_server,
     marked_processes,
+    start_run,
+    tiny_config,
+    write_config,
+)
+
+from pipeline.engines import Sampling, start_engine
+from pipeline.engines.local_server import (
+    launch_vllm_server,
     server_down,
     stop_server,
     wait_vllm_server,
 )
-from test_engines import CHOICE, CONVERSATIONS, _check_completions
-from test_flows import ROOT, _env, tiny_config
-from test_live import start_run
-
-from pipeline.engines import Sampling, start_engine
 from pipeline.schema import EngineConfig
 from pipeline.store import Store
 
@@ -87,7 +92,7 @@ def _config(tmp_path: Path, model: Path, name: str, urls: list[str], runner: dic
         rounds=1,
         prompts={"per_round": 6, "heldout": 0},
         self_reward={
-            "judge_template": "judge_additive_5pt_prefilled",
+            "judge": {"kind": "template", "template": "judge_additive_5pt_prefilled"},
             "sampling": {"max_tokens": 8},
             "self_instruct": {"enabled": False},
         },
@@ -103,22 +108,12 @@ def _config(tmp_path: Path, model: Path, name: str, urls: list[str], runner: dic
         "batch_size": 2,
         "max_retries": 2,
     }
-    path = tmp_path / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(cfg, tmp_path / f"{name}.yaml")
 
 
 def _run(path: Path, tmp_path: Path, timeout: float = 600) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(path)],
-        cwd=ROOT,
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    out = proc.stdout + proc.stderr
+    proc, _ = start_run(path, tmp_path)
+    out = finish(proc, timeout)
     assert proc.returncode == 0 and "final model" in out, out[-4000:]
     return out
 
@@ -126,14 +121,7 @@ def _run(path: Path, tmp_path: Path, timeout: float = 600) -> str:
 def _run_killing(path: Path, tmp_path: Path, server, when) -> tuple[int, str]:
     """`prefloop run`; kills the server's process group at the first output line for
     which `when(line)` holds; returns the exit code and the output."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(path)],
-        cwd=ROOT,
-        env=_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, _ = start_run(path, tmp_path)
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -147,7 +135,7 @@ def _run_killing(path: Path, tmp_path: Path, server, when) -> tuple[int, str]:
 
 
 def _content(path: Path) -> dict:
-    db = yaml.safe_load(path.read_text())["db_path"]
+    db = json.loads(path.read_text())["db_path"]
     with Store(db, read_only=True) as store:
         pairs = store.query("SELECT pair_id, method FROM pairs ORDER BY pair_id")
         generations = store.query("SELECT count(*) AS n FROM generations")[0]["n"]
@@ -178,7 +166,7 @@ def test_openai_engine_against_vllm_serve(tiny_model_dir, servers, hf_engine):
     )
     with start_engine(tiny_model_dir, cfg, seed=0) as engine:
         results = engine.generate(CONVERSATIONS, Sampling(n=2, temperature=1.0, max_tokens=8))
-        _check_completions(results, n=2, max_tokens=8)
+        check_completions(results, n=2, max_tokens=8)
         probs = engine.choice_probs(CHOICE[:2], ["A", "B"], prefix="(")
     reference = hf_engine.choice_probs(CHOICE[:2], ["A", "B"], prefix="(")
     for got, want in zip(probs, reference, strict=True):
@@ -253,8 +241,8 @@ def test_killing_a_ray_run_leaves_nothing_behind(tmp_path, tiny_model_dir, serve
     configured: the Ray workers report to the flow's temporary Prefect server (they start
     none of their own), and a few seconds later no process of the run is alive."""
     path = _config(tmp_path, tiny_model_dir, "raykill", [u for _, u in servers], {"kind": "ray"})
-    cfg = yaml.safe_load(path.read_text())
-    cfg["training"] = {"kind": "none"}
+    cfg = json.loads(path.read_text())
+    cfg["training"] = {"steps": []}
     cfg["runner"]["generate"] = {"num_cpus": 0.5}
     proc, mark = start_run(cfg, tmp_path, own_prefect=True)
     try:
@@ -283,9 +271,9 @@ def test_a_server_killed_mid_round(tmp_path, tiny_model_dir, servers, reference)
     (victim, dead), (_, alive_url) = servers
     assert [server_down(p, u) for p, u in servers] == [None, None]  # both, before the kill
     path = _config(tmp_path, tiny_model_dir, "killed", [dead, alive_url], {"workers": 2})
-    cfg = yaml.safe_load(path.read_text())
-    cfg["training"] = {"kind": "none"}  # the pairs are what the kill could lose
-    path.write_text(yaml.safe_dump(cfg))
+    cfg = json.loads(path.read_text())
+    cfg["training"] = {"steps": []}  # the pairs are what the kill could lose
+    write_config(cfg, path)
     code, out = _run_killing(path, tmp_path, victim, lambda line: " batch 1/" in line)
     assert code == 0 and "final model" in out, out[-4000:]
     assert f"server {dead} stopped answering" in out, out[-4000:]
@@ -310,11 +298,11 @@ def test_no_server_left_stops_the_round_with_one_line(tmp_path, tiny_model_dir, 
         first.wait()
     assert server_down(last, url) is None, server_down(last, url)  # the one left answers
     path = _config(tmp_path, tiny_model_dir, "none-left", [dead, url], {"workers": 1})
-    cfg = yaml.safe_load(path.read_text())
+    cfg = json.loads(path.read_text())
     cfg["self_reward"]["enabled"] = False
-    cfg["training"] = {"kind": "none"}
+    cfg["training"] = {"steps": []}
     cfg["engine"]["max_retries"] = 1
-    path.write_text(yaml.safe_dump(cfg))
+    write_config(cfg, path)
     # The next batch after the first finds no server.
     code, out = _run_killing(path, tmp_path, last, lambda x: "rlcd" in x and "batch 1/3" in x)
     assert code == 2, out[-3000:]

@@ -20,12 +20,23 @@ def test_every_shipped_config_loads(path):
     assert inputs.train_prompts and len(inputs.heldout_prompts) == cfg.prompts.heldout
 
 
-def test_accelerate_configs_parse():
+ACCELERATE = sorted((DATA_DIR / "configs" / "accelerate").glob("*.yaml"))
+
+
+def test_the_accelerate_configs_are_there():
+    assert [p.name for p in ACCELERATE] == [
+        "deepspeed_zero2.yaml",
+        "multi_gpu.yaml",
+        "single_gpu.yaml",
+    ]
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
     import yaml
 
-    for path in sorted((DATA_DIR / "configs" / "accelerate").glob("*.yaml")):
-        cfg = yaml.safe_load(path.read_text())
-        assert cfg["num_processes"] >= 1 and "distributed_type" in cfg, path
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["num_processes"] >= 1 and "distributed_type" in cfg, path
 
 
 def test_layering_defaults_yaml_cli(tmp_path):
@@ -113,8 +124,6 @@ def test_runner_and_server_list_settings():
     assert cfg.runner.address is None  # a Ray instance of the run's own
     assert cfg.runner.generate.remote_options() == {"num_cpus": 1}
     assert cfg.runner.train.remote_options() == {"num_gpus": 1}
-    old = load_config(None, [*remote, "runner.kind=ray", "runner.ray_address=auto"])
-    assert old.runner.address == "auto"  # the field's earlier name still reads
     with pytest.raises(ConfigError, match="runner.train: places the training step on a Ray"):
         load_config(None, [*remote, "runner.train={num_gpus: 1}"])
     with pytest.raises(ConfigError, match="runner.address: .*expected auto, host:port"):
@@ -141,13 +150,12 @@ def test_a_cluster_elsewhere_needs_a_prefect_api_it_reaches():
     "data, message",
     [
         ({"self_reward": {"judge": {"kind": "zz"}}}, "self_reward.judge: unknown kind 'zz'"),
-        ({"training": {"kind": "ppo"}}, "training.kind: unknown kind 'ppo' (known: sft, dpo, kto"),
+        ({"training": {"steps": ["ppo"]}}, "training.steps.0.kind: unknown kind 'ppo' (known: sft"),
         ({"training": {"steps": ["sft", "ppo"]}}, "training.steps.1.kind: unknown kind 'ppo'"),
         ({"training": {"steps": [{"kind": "dpo", "beta": 0}]}}, "training.steps.0.beta: Input"),
         ({"training": {"steps": [{"beta": 0.2}]}}, "training.steps.0.kind: Field required"),
-        ({"training": {"steps": ["dpo", "dpo"]}}, "training: steps: kind 'dpo' appears twice"),
-        ({"training": {"kind": "rm", "steps": ["dpo"]}}, "training: set kind or steps, not"),
-        ({"training": {"kind": "kto", "batch_size": 1}}, "training: kto needs batch_size >= 2"),
+        ({"training": {"steps": ["dpo", "dpo"]}}, "training.steps: kind 'dpo' appears twice"),
+        ({"training": {"steps": ["kto"], "batch_size": 1}}, "training.steps.0: kto needs batch"),
         ({"training": {"steps": [{"kind": "kto", "batch_size": 1}]}}, "training.steps.0: kto"),
         ({"training": {"methods": ["nope"]}}, "training.methods: unknown method 'nope'"),
         ({"self_reward": {"judge": {"samples": 0}}}, "self_reward.judge.samples: Input should"),
@@ -179,12 +187,12 @@ def test_training_steps_inherit_the_shared_settings():
     assert (dpo.kind, dpo.beta, dpo.learning_rate) == ("dpo", 0.2, 2e-5)
     # Nested sections merge key by key: the step's best_of_n beside the shared min_score.
     assert dpo.sft.best_of_n and dpo.sft.min_score == 4 and not sft.sft.best_of_n
-    # Without steps, `kind` is one step (dpo by default); none is no training.
+    # The default is one DPO step; `steps: []` trains nothing.
     assert [s.kind for s in parse_config({}).training.step_list()] == ["dpo"]
-    assert [s.kind for s in parse_config({"training": {"kind": "rm"}}).training.step_list()] == [
+    assert [s.kind for s in parse_config({"training": {"steps": ["rm"]}}).training.step_list()] == [
         "rm"
     ]
-    assert parse_config({"training": {"kind": "none"}}).training.step_list() == []
+    assert parse_config({"training": {"steps": []}}).training.step_list() == []
     # The config round-trips through JSON (as the flow's tasks receive it).
     again = parse_config(cfg.model_dump_json())
     assert [s.model_dump() for s in again.training.step_list()] == [
@@ -207,3 +215,43 @@ def test_deploy_preflight_refuses_before_registering(tmp_path):
     bad.write_text("self_reward: {n_candidates: 1}\n")
     with pytest.raises(ConfigError, match=rf"{bad}: self_reward.n_candidates"):
         preflight(home=str(root), config=str(bad))
+
+
+@pytest.mark.parametrize(
+    "old, message",
+    [
+        (
+            {"self_reward": {"judge_template": "judge_additive_5pt_prefilled"}},
+            "self_reward.judge_template: no longer a setting; use self_reward.judge: "
+            "{kind: template, template: NAME}",
+        ),
+        (
+            {"self_reward": {"judge_samples": 2}},
+            "self_reward.judge_samples: no longer a setting; use self_reward.judge.samples",
+        ),
+        (
+            {"self_reward": {"judge_sampling": {"max_tokens": 8}}},
+            "self_reward.judge_sampling: no longer a setting; use self_reward.judge.sampling",
+        ),
+        (
+            {"self_reward": {"judge_model": "m"}},
+            "self_reward.judge_model: no longer a setting; use self_reward.judge.model",
+        ),
+        (
+            {"runner": {"ray_address": "auto"}},
+            "runner.ray_address: no longer a setting; use runner.address",
+        ),
+        (
+            {"training": {"kind": "dpo"}},
+            "training.kind: no longer a setting; use training.steps: [KIND]",
+        ),
+    ],
+)
+def test_an_old_key_names_the_one_to_use(old, message):
+    """One way to say each thing: a key of an earlier prefloop is refused in one line that
+    names its replacement; it is never read in its old form."""
+    from pipeline.config import parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(old, "old.yaml")
+    assert str(err.value).startswith(f"old.yaml: {message}"), str(err.value)

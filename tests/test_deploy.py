@@ -5,13 +5,12 @@ bad config fails the deploy in its pre-flight and never reaches the work pool.""
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
-from test_flows import ROOT, tiny_config
+from helpers import ROOT, tiny_config, wait_until, write_config
 
+from pipeline.engines.local_server import free_port
 from pipeline.store import Store
 
 pytestmark = pytest.mark.slow
@@ -19,19 +18,14 @@ pytestmark = pytest.mark.slow
 PREFECT = [sys.executable, "-m", "prefect"]
 
 
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
+def _answers(url: str) -> bool:
     import urllib.request
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited: {proc.stdout.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"{url} not up after {timeout}s")
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def _end(proc: subprocess.Popen | None) -> None:
@@ -49,23 +43,23 @@ def _end(proc: subprocess.Popen | None) -> None:
 def prefect_server(tmp_path_factory):
     """`prefect server start` on a free loopback port; yields the environment that points
     a client at it."""
-    import socket
-
     home = tmp_path_factory.mktemp("prefect")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api}
+    # The API alone: both tests trigger their run themselves, and the scheduler and other
+    # background services only add writes to the server's SQLite file, which under a
+    # loaded full suite left the API unanswered for minutes.
     server = subprocess.Popen(
-        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        + ["--no-services", "--analytics-off"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
-        _wait_http(f"{api}/health", 180, server)
+        wait_until(lambda: _answers(f"{api}/health"), 180, "the Prefect server", server)
         yield {"api": api, "env": env}
     finally:
         _end(server)
@@ -76,29 +70,23 @@ def _wait_final(api: str, run_id, proc: subprocess.Popen, timeout: float = 600):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    def final_state():
+        # A server busy with the worker's own writes on 2 loaded cores can miss one
+        # read's timeout (seen once in a full suite): poll again until the deadline.
+        try:
+            state = c.read_flow_run(run_id).state
+        except httpx.TimeoutException:
+            return None
+        return state if state is not None and state.is_final() else None
+
     with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as c:
-        deadline = time.monotonic() + timeout
-        while True:
-            # A server busy with the worker's own writes on 2 loaded cores can miss one
-            # read's timeout (seen once in a full suite): poll again until the deadline.
-            try:
-                state = c.read_flow_run(run_id).state
-            except httpx.TimeoutException:
-                state = None
-            if state is not None and state.is_final():
-                return state
-            assert time.monotonic() < deadline, "flow run did not finish"
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            time.sleep(2)
+        return wait_until(final_state, timeout, "the flow run to finish", proc, every=2)
 
 
 def _config(tmp_path: Path, tiny_model_dir: Path, name: str) -> tuple[Path, dict]:
-    cfg = tiny_config(tmp_path, tiny_model_dir, name=name, rounds=1, training={"kind": "none"})
+    cfg = tiny_config(tmp_path, tiny_model_dir, name=name, rounds=1, training={"steps": []})
     cfg["self_reward"]["self_instruct"]["enabled"] = False
-    path = tmp_path / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
-    return path, cfg
+    return write_config(cfg, tmp_path / f"{name}.yaml"), cfg
 
 
 def test_served_deployment_runs(prefect_server, tmp_path, tiny_model_dir):
@@ -118,16 +106,15 @@ def test_served_deployment_runs(prefect_server, tmp_path, tiny_model_dir):
         text=True,
     )
     try:
+
+        def triggered():  # the deployment appears once `serve` has registered it
+            try:
+                return run_deployment("prefloop-loop/test", timeout=0)
+            except Exception:
+                return None
+
         with temporary_settings(updates={PREFECT_API_URL: prefect_server["api"]}):
-            deadline = time.monotonic() + 120
-            while True:  # the deployment appears once `serve` has registered it
-                try:
-                    run = run_deployment("prefloop-loop/test", timeout=0)
-                    break
-                except Exception:
-                    if time.monotonic() > deadline or served.poll() is not None:
-                        raise
-                    time.sleep(2)
+            run = wait_until(triggered, 120, "the served deployment", served, every=2)
         state = _wait_final(prefect_server["api"], run.id, served)
         assert state.is_completed(), state
         with Store(cfg["db_path"], read_only=True) as store:
@@ -160,7 +147,7 @@ def test_process_worker_runs_the_deployed_round(prefect_server, tmp_path, tiny_m
 
     bad, bad_cfg = _config(tmp_path / "bad", tiny_model_dir, "bad")
     bad_cfg["self_reward"]["n_candidates"] = 1
-    bad.write_text(yaml.safe_dump(bad_cfg))
+    write_config(bad_cfg, bad)
     deploy = ["deploy", "--name", "nightly", "--pool", pool, "--param", "rounds=1"]
     refused = _prefect(deploy, {**env, "PREFLOOP_CONFIG": str(bad)})
     out = refused.stdout + refused.stderr

@@ -1,32 +1,17 @@
 """Each engine on the same requests, with a tiny random model and the real tokenizer."""
 
-import http.server
-import threading
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import CHOICE, CONVERSATIONS, FakeOpenAIServer, check_completions
 
 from pipeline.engines import PROMPT_TOO_LONG, Sampling, engine_problem, start_engine
 from pipeline.engines.vllm_engine import CPU_BLOCK_SIZE
 from pipeline.errors import EngineError, TransientEngineError
 from pipeline.schema import EngineConfig
 
-CONVERSATIONS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}],
-]
-CHOICE = [[{"role": "user", "content": "Which is better, (A) or (B)?"}]] * 3
-
-
-def _check_completions(results, n, max_tokens):
-    assert len(results) == len(CONVERSATIONS)
-    for completions in results:
-        assert len(completions) == n
-        for c in completions:
-            assert isinstance(c.text, str)
-            assert 0 < c.n_tokens <= max_tokens
-            assert c.finish_reason in ("stop", "length")
+pytestmark = pytest.mark.slow  # every test here starts an engine
 
 
 @pytest.mark.parametrize("engine_name", ["hf_engine", "vllm_engine"])
@@ -34,7 +19,7 @@ def test_generate_n_samples(request, engine_name):
     engine = request.getfixturevalue(engine_name)
     before = engine.counter.completion_tokens
     results = engine.generate(CONVERSATIONS, Sampling(n=3, temperature=1.0, max_tokens=12))
-    _check_completions(results, n=3, max_tokens=12)
+    check_completions(results, n=3, max_tokens=12)
     assert engine.counter.completion_tokens - before == sum(c.n_tokens for r in results for c in r)
     # A random model almost never repeats itself over 12 sampled tokens.
     assert len({c.text for c in results[0]}) > 1
@@ -158,52 +143,19 @@ def test_openai_refused_port_is_a_clear_error(tiny_model_dir, free_port):
             engine.generate(CONVERSATIONS, Sampling(max_tokens=4))
 
 
-class _Flaky(http.server.BaseHTTPRequestHandler):
-    failures_left = 2
-    bodies: list = []
-
-    def do_POST(self):  # noqa: N802
-        import json
-
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).bodies.append(body)
-        if type(self).failures_left > 0:
-            type(self).failures_left -= 1
-            self.send_response(503)
-            self.end_headers()
-            return
-        choices = [{"index": i, "text": "ok", "finish_reason": "stop"} for i in range(body["n"])]
-        payload = json.dumps({"choices": choices}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_openai_retries_5xx_then_succeeds(tiny_model_dir, free_port):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port), _Flaky)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def test_openai_retries_5xx_then_succeeds(tiny_model_dir):
+    server = FakeOpenAIServer(failures=2)
     try:
-        cfg = EngineConfig(
-            kind="openai",
-            base_url=f"http://127.0.0.1:{free_port}/v1",
-            max_retries=3,
-            max_concurrency=1,
-        )
+        cfg = EngineConfig(kind="openai", base_url=server.url, max_retries=3, max_concurrency=1)
         with start_engine(tiny_model_dir, cfg, seed=0) as engine:
             [[a, b]] = engine.generate(CONVERSATIONS[:1], Sampling(n=2, max_tokens=4))
         assert a.text == b.text == "ok"
-        assert len(_Flaky.bodies) == 3  # two 503s, then success
-        assert isinstance(_Flaky.bodies[0]["prompt"], list)  # token ids, rendered locally
+        assert server.hits == 3  # two 503s, then success
+        assert isinstance(server.bodies[0]["prompt"], list)  # token ids, rendered locally
     finally:
-        server.shutdown()
+        server.stop()
 
 
-@pytest.mark.slow
 def test_default_model_answers_through_vllm(default_model_dir):
     cfg = EngineConfig(kind="vllm", max_model_len=1024, cpu_kv_cache_gib=1)
     with start_engine(default_model_dir, cfg, seed=0) as engine:

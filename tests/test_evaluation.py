@@ -119,6 +119,7 @@ def test_training_metrics():
     }
 
 
+@pytest.mark.slow
 def test_compare_models_on_the_tiny_model(tiny_engine, ctx, library):
     """Both orders asked for every differing answer; identical answers are ties unasked."""
     cfg = EvaluationConfig(sampling={"max_tokens": 8})
@@ -145,6 +146,7 @@ def test_compare_models_on_the_tiny_model(tiny_engine, ctx, library):
     assert 0.0 <= win["value"] <= 1.0
 
 
+@pytest.mark.slow
 def test_relabel_pairs_on_the_tiny_model(tiny_engine, ctx, library):
     prompt = Prompt.user("Say hi.")
     base = {

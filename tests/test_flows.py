@@ -6,53 +6,18 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import ROOT, finish, start_run, tiny_config, write_config
 
-from pipeline.recipes import readme_recipes
+from pipeline.plan import round_plan
+from pipeline.recipes import sql_recipes
 from pipeline.store import Store
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def tiny_config(tmp_path: Path, model: Path, **over) -> dict:
-    cfg = {
-        "name": "flowtest",
-        "db_path": str(tmp_path / "db.duckdb"),
-        "runs_dir": str(tmp_path / "runs"),
-        "model": str(model),
-        "rounds": 2,
-        "engine": {"kind": "hf", "batch_size": 4},
-        "prompts": {
-            "files": ["data/prompts/helpful.jsonl", "data/prompts/red_team.jsonl"],
-            "per_round": 6,
-            "heldout": 4,
-        },
-        "self_reward": {
-            "judge_template": "judge_additive_5pt_prefilled",
-            "sampling": {"max_tokens": 8},
-            "self_instruct": {
-                "enabled": True,
-                "new_prompts": 3,
-                "min_words": 1,
-                "sampling": {"max_tokens": 16},
-            },
-        },
-        "rlcd": {"sampling": {"max_tokens": 8}, "rescore": True},
-        "cai": {"sampling": {"max_tokens": 8}},
-        "training": {"learning_rate": 1e-4, "batch_size": 4, "max_length": 128},
-        "evaluation": {"sampling": {"max_tokens": 8}},
-    }
-    for key, value in over.items():
-        cfg[key] = value if not isinstance(value, dict) else {**cfg.get(key, {}), **value}
-    return cfg
-
-
+@pytest.mark.slow
 def test_two_rounds(harness, tmp_path, tiny_model_dir, chromium):
     from flows.loop import loop_flow
 
@@ -81,12 +46,21 @@ def test_two_rounds(harness, tmp_path, tiny_model_dir, chromium):
         ]
         assert result["final_model"] == trained[2]
         assert store.model(trained[2])["parent_model_id"] == trained[1]
-        # Per-stage metrics, and the round's policy and snapshot.
+        # Per-stage metrics: every batch of the round's stored plan, in its order.
         stages = store.query("SELECT DISTINCT stage FROM stage_metrics WHERE round = 1")
         assert {s["stage"] for s in stages} == {
             *("self_instruct", "self_reward", "rlcd", "cai"),
             *("heldout", "agreement", "train_dpo", "heldout_new", "win_rate", "flow"),
         }
+        [r1] = store.query("SELECT plan_json FROM rounds WHERE round = 1")
+        planned = [name for name, _ in json.loads(r1["plan_json"])["stages"]]
+        assert planned == [
+            *("self_instruct", "self_reward", "rlcd", "cai", "agreement", "heldout"),
+            *("train_dpo", "heldout_new", "win_rate"),
+        ]
+        done = store.done_batches("flowtest", 1)
+        for name, batches in json.loads(r1["plan_json"])["stages"]:
+            assert {(name, b) for b in range(batches)} <= done, name
         # Each round is evaluated: M_t+1 against M_t by the run's initial model as judge.
         evals = store.evaluations("flowtest")
         metrics = {(e["round"], e["metric"], e["method"]) for e in evals}
@@ -116,18 +90,19 @@ def test_two_rounds(harness, tmp_path, tiny_model_dir, chromium):
             "WHERE p.split = 'heldout' AND g.method <> 'evaluation'"
         )[1]
         assert n_gen_prompts == 0  # held-out prompts never reach the methods
-        # Every SQL recipe in the README runs on a real run's database and finds rows.
-        for name, statement in readme_recipes():
+        # Every SQL recipe in docs/sql.md runs on a real run's database and finds rows.
+        for name, statement in sql_recipes():
             columns, rows = store.sql(statement)
             assert columns, name
             if "flagged" not in statement:  # no RLCD pair need be flagged
-                assert rows, f"README recipe {name!r} found nothing"
+                assert rows, f"SQL recipe {name!r} found nothing"
     page = Path(result["report"]).read_text()
     for section in ("key-numbers", "win-rate", "scores", "length", "agreement", "time"):
         assert f'id="{section}"' in page
-    dom = chromium(Path(result["report"]), tmp_path / "chromium")
-    drawn = re.search(r'data-plots-rendered="([^"]*)"', dom).group(1).split()
-    assert set(drawn) == {"win_rate", "scores", "length", "agreement", "time"}
+    assert "<script" not in page
+    dom = chromium.dom(Path(result["report"]), tmp_path / "chromium")
+    drawn = set(re.findall(r'<svg class="plot" data-plot="([^"]+)"', dom))
+    assert drawn == {"win_rate", "scores", "length", "agreement", "time"}
     snap = Path(r1["snapshot_dir"])
     assert (snap / "config.json").is_file() and (snap / "data-dpo" / "train.parquet").is_file()
 
@@ -139,61 +114,15 @@ def test_two_rounds(harness, tmp_path, tiny_model_dir, chromium):
         assert store.table_counts() == before
 
 
-def _run_cli(config: Path, env: dict, **kw) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,
-    )
-
-
 def _config_files(tmp_path: Path, model: Path, over: dict, names) -> dict:
-    """One YAML config per name (batch size 2), each with its own database: name ->
+    """One config file per name (batch size 2), each with its own database: name ->
     (path, config)."""
     runs = {}
     for name in names:
         cfg = tiny_config(tmp_path / name, model, **over)
         cfg["engine"]["batch_size"] = 2
-        path = tmp_path / f"{name}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(cfg))
-        runs[name] = (path, cfg)
+        runs[name] = (write_config(cfg, tmp_path / f"{name}.yaml"), cfg)
     return runs
-
-
-LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 as in /proc
-
-
-def _listening_addresses(pids: set[int]) -> set[str]:
-    """The local addresses (hex, as /proc/net/tcp* writes them) of every TCP socket these
-    processes listen on."""
-    inodes = set()
-    for pid in pids:
-        try:
-            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
-        except OSError:
-            continue
-        inodes |= {link[8:-1] for link in links if link.startswith("socket:[")}
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                found.add(fields[1].split(":")[0])
-    return found
-
-
-def _env(tmp_path: Path, own_prefect: bool = False) -> dict:
-    """A run's environment: the suite's Prefect API (conftest), or with `own_prefect` the
-    temporary server a run starts where none is configured."""
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
-    if own_prefect:
-        env["PREFECT_API_URL"] = ""
-    return env
 
 
 # Tables whose rows a run produces; their counts do not depend on timing.
@@ -248,23 +177,11 @@ def test_chaos_five_sigkills_equal_an_uninterrupted_run(tmp_path, tiny_model_dir
     the rows stored before a kill are untouched at the end)."""
     import random
 
-    over = {
-        "prompts": {"per_round": 4, "heldout": 2},
-        "self_reward": {
-            "judge_template": "judge_additive_5pt_prefilled",
-            "sampling": {"max_tokens": 8},
-            "self_instruct": {
-                "enabled": True,
-                "new_prompts": 2,
-                "min_words": 1,
-                "sampling": {"max_tokens": 16},
-            },
-        },
-    }
+    over = {"prompts": {"per_round": 4, "heldout": 2}}
     runs = _config_files(tmp_path, tiny_model_dir, over, ("whole", "chaos"))
 
     path, cfg = runs["whole"]
-    out = _run_cli(path, _env(tmp_path)).communicate(timeout=900)[0]
+    out = finish(start_run(path, tmp_path)[0])
     assert "final model" in out, out[-3000:]
     whole = _content(cfg["db_path"])
 
@@ -274,7 +191,7 @@ def test_chaos_five_sigkills_equal_an_uninterrupted_run(tmp_path, tiny_model_dir
     while len(kills) < 5:
         # Kill the whole process tree (the flow, its Prefect server, a training child)
         # after a random number of progress lines and a random extra delay.
-        proc = _run_cli(path, _env(tmp_path), start_new_session=True)
+        proc, _ = start_run(path, tmp_path, new_session=True)
         lines, wait_lines, delay = [], rng.randint(0, 3), rng.uniform(0.0, 4.0)
         for line in proc.stdout:
             lines.append(line)
@@ -293,7 +210,7 @@ def test_chaos_five_sigkills_equal_an_uninterrupted_run(tmp_path, tiny_model_dir
         printed += _batch_lines(lines)
         if Path(cfg["db_path"]).exists():
             kept |= _stored_batches(cfg["db_path"])
-    out = _run_cli(path, _env(tmp_path)).communicate(timeout=900)[0]
+    out = finish(start_run(path, tmp_path)[0])
     assert "final model" in out, out[-3000:]
     printed += _batch_lines(out.splitlines())
     assert len(printed) == len(set(printed)), sorted(printed)  # none ran twice
@@ -310,7 +227,8 @@ def test_end_to_end_smollm2_on_vllm(tmp_path, default_model_dir):
     """`prefloop run` as a user runs it: SmolLM2 through the vLLM engine, every method,
     the demo's SFT then DPO, one round (small sizes to keep the suite short)."""
     pytest.importorskip("vllm")
-    path = tmp_path / "e2e.yaml"
+    import yaml
+
     cfg = yaml.safe_load((ROOT / "data/configs/demo.yaml").read_text())
     cfg.update(db_path=str(tmp_path / "e2e.duckdb"), runs_dir=str(tmp_path / "runs"), rounds=1)
     cfg["engine"]["kind"] = "vllm"
@@ -320,8 +238,7 @@ def test_end_to_end_smollm2_on_vllm(tmp_path, default_model_dir):
     for method in ("self_reward", "rlcd", "cai"):
         cfg[method]["sampling"]["max_tokens"] = 32
     cfg["training"].update(epochs=1, max_length=192)
-    path.write_text(yaml.safe_dump(cfg))
-    out = _run_cli(path, _env(tmp_path)).communicate(timeout=900)[0]
+    out = finish(start_run(write_config(cfg, tmp_path / "e2e.yaml"), tmp_path)[0])
     assert "final model demo-r1-dpo@" in out, out[-4000:]
     assert "tok/s" in out
     with Store(cfg["db_path"], read_only=True) as store:
@@ -338,7 +255,7 @@ def test_end_to_end_smollm2_on_vllm(tmp_path, default_model_dir):
 def test_only_transient_faults_are_retried():
     from prefect.states import Failed
 
-    from flows.loop import _transient
+    from flows.stage import _transient
     from pipeline.errors import EngineError, TemplateError, TransientEngineError
 
     def retried(exc):
@@ -349,3 +266,46 @@ def test_only_transient_faults_are_retried():
     assert not retried(EngineError("option 'Answer A' is not exactly one token"))
     assert not retried(TemplateError("missing variable"))
     assert not retried(KeyError("bug"))
+
+
+def test_the_plan_lists_a_rounds_stages_in_order(tmp_path):
+    """One list of a round's stages: what the flow runs, stores as the plan and resumes
+    by. Self-instruct and the methods first, agreement and M_0's yardstick while the
+    round's engine is up, held-out answers, every training step in order, then the
+    trained model's answers, yardstick and win rate."""
+    from pipeline.config import parse_config
+    from pipeline.rounds import load_inputs
+
+    cfg = parse_config(
+        tiny_config(
+            tmp_path,
+            Path("unused"),
+            engine={"batch_size": 4},
+            training={"steps": ["sft", "dpo", "rm"]},
+            evaluation={"yardstick": {"enabled": True, "limit": 3}},
+        )
+    )
+    inputs = load_inputs(cfg)
+    plan = round_plan(cfg, inputs, round_=1, seeds=6)
+    assert [(s.name, s.batches) for s in plan] == [
+        ("self_instruct", 1),
+        ("self_reward", 3),  # 6 seeds + 3 self-instructed prompts, in batches of 4
+        ("rlcd", 2),
+        ("cai", 2),
+        ("agreement", 1),
+        ("yardstick_base", 1),
+        ("heldout", 1),
+        ("train_sft", 1),
+        ("train_dpo", 1),
+        ("train_rm", 1),
+        ("heldout_new", 1),
+        ("yardstick", 1),
+        ("win_rate", 1),
+    ]
+    assert [s.name for s in round_plan(cfg, inputs, 2, 6, generated=1)][:6] == [
+        "self_instruct", "self_reward", "rlcd", "cai", "agreement", "heldout"
+    ]  # fmt: skip
+    assert round_plan(cfg, inputs, 2, 6, generated=1)[1].batches == 2
+    quiet = cfg.model_copy(update={"training": cfg.training.model_copy(update={"steps": []})})
+    names = [s.name for s in round_plan(quiet, inputs, 1, 6)]
+    assert "heldout" not in names and "win_rate" not in names  # nothing trained to compare

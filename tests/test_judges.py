@@ -4,13 +4,11 @@ model it trained; re-judging a stored round and comparing judges."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import QUICK, TESTS, prefloop, tiny_config
 
 from pipeline.engines.scorer import RewardScorer
 from pipeline.errors import PrefloopError, TemplateError
@@ -24,7 +22,6 @@ from pipeline.seeds import load_prompts
 from pipeline.store import Store
 from pipeline.templates import TemplateLibrary
 
-TESTS = Path(__file__).resolve().parent
 ITEMS = [
     JudgeItem("Name a fruit.", "An apple.", [{"role": "user", "content": "Name a fruit."}]),
     JudgeItem("What is 2+2?", "It is 4, of course.", [{"role": "user", "content": "What is 2+2?"}]),
@@ -55,6 +52,7 @@ def template_judge(name: str, engine):
 # -- prefilled scales ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_continuation_probs_are_products_of_token_probabilities(hf_engine):
     """P(label) is the product of its tokens' probabilities after the prefix, normalised
     over the labels: checked against one plain forward pass per label."""
@@ -73,6 +71,7 @@ def test_continuation_probs_are_products_of_token_probabilities(hf_engine):
     assert probs == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_single_token_scale_reads_as_before(hf_engine):
     """The shipped 0-5 prefilled judge: one reading of the next token after the prefix,
     the softmax of the labels' logits (one call, no trie)."""
@@ -94,6 +93,7 @@ def test_single_token_scale_reads_as_before(hf_engine):
     ("template", "low", "high"),
     [("judge_score_10_prefilled", 1, 10), ("judge_percent_prefilled", 0, 100)],
 )
+@pytest.mark.slow
 def test_prefilled_scales_agree_across_engines(hf_engine, vllm_engine, template, low, high):
     """A 1-10 and a 0-100 prefilled scale (multi-token labels): scores inside the declared
     range, the same on transformers and vLLM within 1e-3."""
@@ -108,6 +108,7 @@ def test_prefilled_scales_agree_across_engines(hf_engine, vllm_engine, template,
     assert got["hf"] == pytest.approx(got["vllm"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_unreadable_labels_are_named_in_the_preflight(default_model_dir):
     """0-100 with nothing closing the score: "1" is the start of "10" in SmolLM2's
     tokenizer. The check needs only the tokenizer and names the template and the label."""
@@ -122,6 +123,7 @@ def test_unreadable_labels_are_named_in_the_preflight(default_model_dir):
 # -- reward models -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reward_model_scores_as_a_plain_forward(tiny_rm_dir):
     """Batched, padded scoring equals one unpadded forward per text through the RM's chat
     template; a text over max_model_len gets no score instead of failing the batch."""
@@ -149,11 +151,13 @@ def test_reward_model_scores_as_a_plain_forward(tiny_rm_dir):
         assert score == pytest.approx(plain, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_a_causal_lm_is_not_a_reward_model(tiny_model_dir):
     with pytest.raises(PrefloopError, match="not a reward model"):
         load_judge(JUDGES["reward_model"].config(model=str(tiny_model_dir)), TemplateLibrary())
 
 
+@pytest.mark.slow
 def test_reward_model_judge_in_self_rewarding(tiny_engine, tiny_rm_dir, ctx):
     settings = JUDGES["reward_model"].config(model=str(tiny_rm_dir))
     loaded = load_judge(settings, TemplateLibrary())
@@ -260,29 +264,13 @@ def test_compare_scores_by_hand():
 
 
 def tiny_loop(tmp_path: Path, model: Path, **over) -> dict:
-    cfg = {
-        "name": "judges",
-        "db_path": str(tmp_path / "db.duckdb"),
-        "runs_dir": str(tmp_path / "runs"),
-        "model": str(model),
-        "rounds": 1,
-        "engine": {"kind": "hf", "batch_size": 4},
-        "prompts": {"files": ["data/prompts/helpful.jsonl"], "per_round": 6},
-        "self_reward": {
-            "n_candidates": 3,
-            "sampling": {"temperature": 1.0, "max_tokens": 12},
-            "judge": {"kind": "function", "function": "judge_rules:word_count"},
-            "self_instruct": {"enabled": False},
-        },
-        "rlcd": {"enabled": False},
-        "cai": {"enabled": False},
-        "training": {"kind": "none"},
-        "evaluation": {"enabled": False},
-    }
-    cfg.update(over)
-    return cfg
+    """One quick round: Self-Rewarding alone, scored by a rule, nothing trained."""
+    base = {**QUICK, "name": "judges", "rounds": 1}
+    base.update(rlcd={"enabled": False}, training={"steps": []})
+    return tiny_config(tmp_path, model, **{**base, **over})
 
 
+@pytest.mark.slow
 def test_the_loop_scores_with_the_reward_model_it_trained(harness, tmp_path, tiny_model_dir):
     """Round 1: no reward model yet, so the fallback (a rule) judges, and `training.kind:
     rm` trains one. Round 2: the candidates are scored by round 1's reward model."""
@@ -290,7 +278,7 @@ def test_the_loop_scores_with_the_reward_model_it_trained(harness, tmp_path, tin
 
     sr = tiny_loop(tmp_path, tiny_model_dir)["self_reward"]
     sr["judge"] = {"kind": "reward_model", "model": "latest", "fallback": sr["judge"]}
-    training = {"kind": "rm", "epochs": 1, "batch_size": 2, "max_length": 128}
+    training = {"steps": ["rm"], "epochs": 1, "batch_size": 2, "max_length": 128}
     cfg = tiny_loop(tmp_path, tiny_model_dir, rounds=2, self_reward=sr, training=training)
     loop_flow(cfg)
     with Store(cfg["db_path"], read_only=True) as store:
@@ -313,17 +301,7 @@ def test_the_loop_scores_with_the_reward_model_it_trained(harness, tmp_path, tin
         assert policies[2] == {"kind": "reward_model", "model_id": rm["model_id"]}
 
 
-def prefloop(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(TESTS), **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-
-
+@pytest.mark.slow
 def test_rejudge_a_finished_round(harness, tmp_path, tiny_model_dir, tiny_rm_dir):
     """`prefloop judge` scores a finished round's stored candidates with another judge
     (a prefilled template, a reward model) without generating; a second call adds

@@ -5,86 +5,38 @@ no process outlives the run, whether it ends, fails, is interrupted or is killed
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import duckdb
 import pytest
-from conftest import SESSION_MARK, kill_and_expect_gone, marked_processes, run_mark
-from test_flows import LOOPBACK, _listening_addresses
+from helpers import (
+    LOOPBACK,
+    QUICK,
+    finish,
+    kill_and_expect_gone,
+    listening_addresses,
+    marked_processes,
+    prefloop,
+    start_run,
+    tiny_config,
+    wait_until,
+)
 
 from pipeline.errors import StoreError
 from pipeline.store import Store
 
-TESTS = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow
 COUNTED = ("generations", "judgments", "pairs", "stage_metrics", "prompts")
 
 
-def config(tmp: Path, model: Path, name: str = "live", **over) -> dict:
-    """Two tiny rounds, Self-Rewarding and RLCD in batches of 2 prompts, DPO between."""
-    cfg = {
-        "name": name,
-        "db_path": str(tmp / "db.duckdb"),
-        "runs_dir": str(tmp / "runs"),
-        "model": str(model),
-        "rounds": 2,
-        "engine": {"kind": "hf", "batch_size": 2},
-        "prompts": {"files": ["data/prompts/helpful.jsonl"], "per_round": 6, "heldout": 0},
-        "self_reward": {
-            "n_candidates": 3,
-            "sampling": {"temperature": 1.0, "max_tokens": 12},
-            "judge": {"kind": "function", "function": "judge_rules:word_count"},
-            "self_instruct": {"enabled": False},
-        },
-        "rlcd": {"tasks": ["helpfulness"], "sampling": {"max_tokens": 12}, "rescore": False},
-        "cai": {"enabled": False},
-        "training": {"kind": "dpo", "epochs": 1, "batch_size": 2, "max_length": 96},
-        "evaluation": {"enabled": False},
+def config(tmp: Path, model: Path, **over) -> dict:
+    """Two quick rounds (Self-Rewarding scored by a rule, RLCD) with DPO between; a
+    section given here changes the keys it names."""
+    merged = {
+        k: {**QUICK[k], **v} if k in QUICK and isinstance(v, dict) else v for k, v in over.items()
     }
-    cfg.update(over)
-    return cfg
-
-
-def start_run(
-    cfg: dict, tmp: Path, *extra: str, own_prefect: bool = False, sigint_ignored: bool = False
-) -> tuple[subprocess.Popen, str]:
-    """`prefloop run` as a user starts it, with its own process marker; reporting to the
-    suite's Prefect API, or with `own_prefect` to a temporary server of the run's own.
-    `sigint_ignored`: as a shell script's `prefloop run ... &` starts it."""
-    path = tmp / f"{cfg['name']}-{uuid.uuid4().hex[:6]}.yaml"
-    path.write_text(json.dumps(cfg))
-    mark = run_mark()
-    env = {**os.environ, "PYTHONPATH": str(TESTS), SESSION_MARK: mark}
-    if own_prefect:
-        env["PREFECT_API_URL"] = ""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(path), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        preexec_fn=_ignore_sigint if sigint_ignored else None,
-    )
-    return proc, mark
-
-
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    return out
-
-
-def prefloop(*args: str) -> subprocess.CompletedProcess:
-    """A `prefloop` command beside the run (a reader)."""
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=120
-    )
+    return tiny_config(tmp, model, name="live", **{**QUICK, **merged})
 
 
 def snapshot(db: Path) -> dict:
@@ -106,18 +58,6 @@ def uninterrupted(tmp_path_factory, tiny_model_dir, prefect_api):
     return snapshot(Path(cfg["db_path"]))
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the run ended before {what}: {proc.stdout.read()[-3000:]}")
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 def batches_stored(db: Path) -> int:
     if not db.exists():
         return 0
@@ -128,7 +68,6 @@ def batches_stored(db: Path) -> int:
         return 0
 
 
-@pytest.mark.slow
 def test_readers_query_throughout_a_run(tmp_path, tiny_model_dir, uninterrupted):
     """Another process queries the database every half second while a two-round run
     writes it: at least 95% of the queries answer (the others waited out their short
@@ -177,20 +116,21 @@ def test_readers_query_throughout_a_run(tmp_path, tiny_model_dir, uninterrupted)
     assert marked_processes(mark) == []
 
 
-@pytest.mark.slow
 def test_a_reader_holding_the_file_makes_the_run_wait(tmp_path, tiny_model_dir, uninterrupted):
     """A read-only DuckDB connection held open across batch boundaries: the run logs that
     it waits and for whom, continues when the reader closes, and loses nothing."""
     cfg = config(tmp_path, tiny_model_dir)
     db = Path(cfg["db_path"])
     proc, _ = start_run(cfg, tmp_path)
-    wait_for(lambda: batches_stored(db) >= 1, 300, "the first batch", proc)
+    wait_until(lambda: batches_stored(db) >= 1, 300, "the first batch", proc)
     held_from = batches_stored(db)
     reader = duckdb.connect(str(db), read_only=True)
     waiting = f"PID {os.getpid()} holds the database; waiting up to 300 s"
     # Held until the run's log says it waits for this reader, however long a batch takes.
     logs = Path(cfg["runs_dir"]) / cfg["name"] / "logs"
-    wait_for(lambda: any(waiting in f.read_text() for f in logs.glob("*.log")), 300, waiting, proc)
+    wait_until(
+        lambda: any(waiting in f.read_text() for f in logs.glob("*.log")), 300, waiting, proc
+    )
     assert reader.execute("SELECT count(*) FROM stage_metrics").fetchone()[0] == held_from
     reader.close()
     out = finish(proc)
@@ -199,12 +139,11 @@ def test_a_reader_holding_the_file_makes_the_run_wait(tmp_path, tiny_model_dir, 
     assert snapshot(db) == uninterrupted
 
 
-@pytest.mark.slow
 def test_a_failed_run_ends_in_one_line(tmp_path, tiny_model_dir):
     """A training step that crashes mid-round: the last line is `error: ...`, nothing says
     "leaked", the run's log file holds the traceback; --verbose prints it too. No process
     of the run is left."""
-    training = {"kind": "dpo", "loss_type": "no-such-loss", "batch_size": 2, "max_length": 96}
+    training = {"steps": [{"kind": "dpo", "loss_type": "no-such-loss"}], "batch_size": 2}
     prompts = {"files": ["data/prompts/helpful.jsonl"], "per_round": 4, "heldout": 0}
     cfg = config(tmp_path, tiny_model_dir, rounds=1, training=training, prompts=prompts)
     for verbose in (False, True):
@@ -223,7 +162,6 @@ def test_a_failed_run_ends_in_one_line(tmp_path, tiny_model_dir):
         assert marked_processes(mark) == []
 
 
-@pytest.mark.slow
 def test_killing_prefloop_run_leaves_no_engine_behind(tmp_path, tiny_model_dir):
     """`kill -9` of the `prefloop run` process alone (not its group) while a vLLM engine
     is up: a few seconds later no engine, server or trainer of the run is alive, and the
@@ -231,7 +169,7 @@ def test_killing_prefloop_run_leaves_no_engine_behind(tmp_path, tiny_model_dir):
     engine = {"kind": "vllm", "batch_size": 2, "max_model_len": 512, "cpu_kv_cache_gib": 0.5}
     cfg = config(tmp_path, tiny_model_dir, rounds=1, engine=engine)
     proc, mark = start_run(cfg, tmp_path, own_prefect=True)  # its Prefect server too
-    wait_for(
+    wait_until(
         lambda: any("EngineCore" in cmd for _, cmd in marked_processes(mark)),
         400,
         "vLLM's EngineCore",
@@ -250,14 +188,13 @@ def test_killing_prefloop_run_leaves_no_engine_behind(tmp_path, tiny_model_dir):
     assert not scratch.exists(), list(scratch.rglob("*"))
 
 
-@pytest.mark.slow
 def test_ctrl_c_stops_the_run_and_everything_it_started(tmp_path, tiny_model_dir):
     """SIGINT to `prefloop run` (what Ctrl-C sends): the run stops, says so in its last
     line, leaves no process (its own temporary Prefect server included), and the same
     command resumes it to the end. Everything the run started listens on loopback only.
     Started with SIGINT ignored (a script's `&` does that, and Python then keeps ignoring
     it), `kill -INT` stops it all the same."""
-    cfg = config(tmp_path, tiny_model_dir, rounds=1, training={"kind": "none"})
+    cfg = config(tmp_path, tiny_model_dir, rounds=1, training={"steps": []})
     db = Path(cfg["db_path"])
     proc, mark = start_run(cfg, tmp_path, own_prefect=True, sigint_ignored=True)
     seen = []
@@ -266,7 +203,7 @@ def test_ctrl_c_stops_the_run_and_everything_it_started(tmp_path, tiny_model_dir
         if " batch 1/" in line:
             break
     run = [pid for pid, _ in marked_processes(mark)]
-    listening = _listening_addresses(set(run))
+    listening = listening_addresses(set(run))
     assert listening and listening <= LOOPBACK, listening  # the server's port at least
     proc.send_signal(signal.SIGINT)
     out = "".join(seen) + finish(proc, timeout=120)
@@ -280,7 +217,6 @@ def test_ctrl_c_stops_the_run_and_everything_it_started(tmp_path, tiny_model_dir
         assert store.sql("SELECT status FROM rounds")[1] == [("finished",)]
 
 
-@pytest.mark.slow
 def test_kill_between_training_steps_resumes_the_missing_step(tmp_path, tiny_model_dir):
     """`kill -9` of `prefloop run` once a round's SFT step is stored and its DPO step has
     started: the same command then trains DPO alone (from the stored SFT model), and
@@ -289,8 +225,8 @@ def test_kill_between_training_steps_resumes_the_missing_step(tmp_path, tiny_mod
         tmp_path,
         tiny_model_dir,
         rounds=1,
-        cai={"revisions": 1, "sampling": {"max_tokens": 12}, "feedback": False},
-        training={"steps": ["sft", "dpo"], "epochs": 1, "batch_size": 2, "max_length": 96},
+        cai={"enabled": True, "revisions": 1, "sampling": {"max_tokens": 12}, "feedback": False},
+        training={"steps": ["sft", "dpo"]},
     )
     db = Path(cfg["db_path"])
 
@@ -302,13 +238,10 @@ def test_kill_between_training_steps_resumes_the_missing_step(tmp_path, tiny_mod
             return []
 
     proc, mark = start_run(cfg, tmp_path)
-    [sft] = wait_for(sft_stored, 400, "the SFT step's row", proc)
+    [sft] = wait_until(sft_stored, 400, "the SFT step's row", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    deadline = time.time() + 15
-    while marked_processes(mark) and time.time() < deadline:
-        time.sleep(0.5)
-    assert marked_processes(mark) == []
+    wait_until(lambda: not marked_processes(mark), 15, "the killed run's processes to end")
     with Store(db, read_only=True) as store:
         assert store.sql("SELECT kind FROM training_runs")[1] == [("sft",)]
     again, _ = start_run(cfg, tmp_path)

@@ -7,6 +7,7 @@ from pipeline.hashing import sha256_dir
 from pipeline.models import MANIFEST, pull_default, resolve_model
 
 
+@pytest.mark.slow
 def test_pull_is_a_noop_when_present(default_model_dir):
     info, pulled = pull_default()
     assert not pulled
@@ -15,6 +16,7 @@ def test_pull_is_a_noop_when_present(default_model_dir):
     assert manifest["sha256"] == info.sha256 == sha256_dir(default_model_dir, exclude=(MANIFEST,))
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_answers_in_transformers(default_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -31,6 +33,7 @@ def test_converted_checkpoint_answers_in_transformers(default_model_dir):
     assert "Paris" in answer
 
 
+@pytest.mark.slow
 def test_any_checkpoint_directory_is_a_model(tiny_model_dir):
     info = resolve_model(tiny_model_dir)
     assert info.path == tiny_model_dir.resolve()

@@ -2,6 +2,8 @@
 training kind are added here (and nowhere else) and run through real rounds of the
 tiny-model loop. A batch also runs from its arguments alone, in another directory."""
 
+import builtins
+import io
 import json
 import pickle
 import shutil
@@ -9,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+from helpers import TESTS, tiny_config
 
 from pipeline.config import load_config, parse_config
 from pipeline.errors import ConfigError
@@ -22,28 +25,15 @@ from pipeline.training import export
 from pipeline.training.common import load_splits
 from pipeline.training.kinds import TRAINING_KINDS, TrainingKind
 
-TESTS = Path(__file__).resolve().parent
-
 
 def tiny(tmp_path: Path, model: Path, **over) -> dict:
     """One round of the tiny model with every shipped method off, no training, no
     evaluation: each test turns on what it adds."""
-    cfg = {
-        "name": "registry",
-        "db_path": str(tmp_path / "db.duckdb"),
-        "runs_dir": str(tmp_path / "runs"),
-        "model": str(model),
-        "rounds": 1,
-        "engine": {"kind": "hf", "batch_size": 4},
-        "prompts": {"files": ["data/prompts/helpful.jsonl"], "per_round": 4},
-        "self_reward": {"enabled": False},
-        "rlcd": {"enabled": False},
-        "cai": {"enabled": False},
-        "training": {"kind": "none"},
-        "evaluation": {"enabled": False},
-    }
-    cfg.update(over)
-    return cfg
+    off = {"enabled": False}
+    base = {"name": "registry", "rounds": 1, "training": {"steps": []}}
+    base.update(self_reward=off, rlcd=off, cai=off, evaluation=off)
+    base["prompts"] = {"files": ["data/prompts/helpful.jsonl"], "per_round": 4, "heldout": 0}
+    return tiny_config(tmp_path, model, **{**base, **over})
 
 
 # -- a method -------------------------------------------------------------------------------
@@ -76,6 +66,7 @@ def run_longest(engine, loaded, prompts, ctx, cfg: LongestConfig, judge) -> Rows
     return rows
 
 
+@pytest.mark.slow
 def test_a_new_method_is_one_entry(harness, tmp_path, tiny_model_dir, monkeypatch):
     from flows.loop import loop_flow
 
@@ -136,6 +127,7 @@ class WordsJudge:
         return [[Sample(None, self.per_word * len(it.response.split()), "ok")] for it in items]
 
 
+@pytest.mark.slow
 def test_a_new_judge_kind_is_one_entry(harness, tmp_path, tiny_model_dir, monkeypatch):
     from flows.loop import loop_flow
 
@@ -193,6 +185,7 @@ def train_copy(spec: dict, out: Path) -> dict:
     return metrics
 
 
+@pytest.mark.slow
 def test_a_new_training_kind_is_one_entry(harness, tmp_path, tiny_model_dir, monkeypatch):
     from flows.loop import loop_flow
 
@@ -212,8 +205,8 @@ def test_a_new_training_kind_is_one_entry(harness, tmp_path, tiny_model_dir, mon
         tiny_model_dir,
         rounds=2,
         prompts={"files": ["data/prompts/helpful.jsonl"], "per_round": 4, "heldout": 2},
-        rlcd={"sampling": {"max_tokens": 8}},
-        training={"kind": "copy", "heldout_fraction": 0.25},
+        rlcd={"sampling": {"max_tokens": 8}, "rescore": False},
+        training={"steps": ["copy"], "heldout_fraction": 0.25},
         evaluation={"enabled": True, "agreement": False, "sampling": {"max_tokens": 8}},
     )
     result = loop_flow(cfg)
@@ -235,6 +228,7 @@ def test_a_new_training_kind_is_one_entry(harness, tmp_path, tiny_model_dir, mon
 # -- tasks that carry what they need --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_batch_runs_from_its_arguments_in_another_directory(
     tmp_path, tiny_engine, ctx, monkeypatch
 ):
@@ -254,14 +248,19 @@ def test_a_batch_runs_from_its_arguments_in_another_directory(
     blob = pickle.dumps(inputs)
     monkeypatch.chdir(tmp_path)  # data/ and prompts/ are not here
 
-    def no_files(*args, **kw):
-        raise AssertionError(f"a batch opened a file: {args}")
+    opened = []
 
-    monkeypatch.setattr(Path, "open", no_files)
-    monkeypatch.setattr(Path, "read_text", no_files)
-    monkeypatch.setattr(Path, "read_bytes", no_files)
+    def no_files(*args, **kw):
+        opened.append(args[:1])
+        raise AssertionError(f"a batch opened a file: {args[:1]}")
+
+    for owner, name in ((Path, "open"), (Path, "read_text"), (Path, "read_bytes")):
+        monkeypatch.setattr(owner, name, no_files)
+    monkeypatch.setattr(builtins, "open", no_files)
+    monkeypatch.setattr(io, "open", no_files)
     carried = pickle.loads(blob)
     prompts = carried.train_prompts[:2]
     for method in cfg.enabled_methods():
         rows = rounds.run_batch(method, tiny_engine, carried, prompts, ctx, cfg)
         assert rows["generations"], method
+    assert opened == []

@@ -8,13 +8,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from pipeline.errors import StoreError
 from pipeline.report import time_split, write_report
 from pipeline.store import Store
 
-ROOT = Path(__file__).resolve().parents[1]
-PLOTS = {"win_rate", "scores", "length", "agreement", "time"}
+PLOTS = {"win_rate", "scores", "length", "agreement", "time"}  # no judges compared
+PLAN = {"stages": [["self_reward", 1], ["train_dpo", 1]], "pid": 1}
 
 
 def _eval(round_, metric, value, method=None, **details):
@@ -43,6 +44,7 @@ def store_path(tmp_path) -> Path:
                 "status": "finished",
                 "started_at": start,
                 "finished_at": start + timedelta(seconds=100),
+                "plan_json": json.dumps(PLAN),
             }
             for t in (1, 2)
         ],
@@ -107,6 +109,7 @@ def store_path(tmp_path) -> Path:
             _eval(1, "agreement_pairwise", 0.8, "rlcd"),
             _eval(2, "agreement_self_judge", 0.6, "rlcd"),
             _eval(1, "tie_rate", 0.125, "self_reward"),
+            _eval(1, "pairs", 7.0, "rlcd"),
         ],
     }
     with Store(path) as store:
@@ -115,18 +118,23 @@ def store_path(tmp_path) -> Path:
 
 
 def test_time_split_leaves_the_rest_to_orchestration():
-    rounds = [{"round": 1, "wall_s": 100.0}]
+    plan = {"stages": [["self_reward", 1], ["rlcd", 1], ["train_sft", 1], ["train_dpo", 1]]}
+    rounds = [{"round": 1, "wall_s": 100.0, "plan_json": json.dumps(plan)}]
     stages = [
-        {"round": 1, "stage": "rlcd", "wall_s": 60.0, "setup_s": 20.0},
         {"round": 1, "stage": "flow", "wall_s": 5.0, "setup_s": None},
+        {"round": 1, "stage": "train_dpo", "wall_s": 6.0, "setup_s": None},
+        {"round": 1, "stage": "rlcd", "wall_s": 50.0, "setup_s": 20.0},
+        {"round": 1, "stage": "train_sft", "wall_s": 4.0, "setup_s": None},
     ]
     split = time_split(rounds, stages)[1]
-    assert split["rlcd"] == 60.0 and split["engine start"] == 20.0
+    assert split["rlcd"] == 50.0 and split["engine start"] == 20.0
     assert split["flow (store, engine stop)"] == 5.0
     assert split["orchestration"] == pytest.approx(15.0)
+    # The round's stored plan orders its stages; what is not in the plan comes after.
+    assert list(split)[1:5] == ["rlcd", "train_sft", "train_dpo", "flow (store, engine stop)"]
 
 
-def test_report_sections_numbers_and_escaping(store_path, tmp_path, chromium):
+def test_report_sections_numbers_and_escaping(store_path, tmp_path):
     page = write_report(store_path, "r", tmp_path / "out" / "report.html")
     html = page.read_text()
     for section in ("key-numbers", "win-rate", "scores", "length", "agreement", "time"):
@@ -134,14 +142,36 @@ def test_report_sections_numbers_and_escaping(store_path, tmp_path, chromium):
     assert "0.625" in html and "0.750" in html  # win rates in the key-numbers table
     assert "m1&lt;b&gt;" in html and "m1<b>" not in html  # stored text is escaped
     assert not re.search(r"""(src|href)=["']?https?:""", html)  # nothing fetched from elsewhere
+    assert "<script" not in html
     # engine start 10 + stages 82 = 92 of 100 s: orchestration 8%
     assert "8.00%" in html
-    dom = chromium(page, tmp_path / "chromium")
-    rendered = re.search(r'data-plots-rendered="([^"]*)"', dom)
-    assert rendered, "the page's script did not run"
-    assert set(rendered.group(1).split()) == PLOTS
+    assert ">7</td>" in html and "7.000" not in html  # a count prints as a count
+    assert set(re.findall(r'<svg class="plot" data-plot="([^"]+)"', html)) == PLOTS
+    again = write_report(store_path, "r", tmp_path / "again.html").read_text()
+    stamp = re.compile(r"written \d{4}-\d\d-\d\d \d\d:\d\d UTC")
+    assert stamp.sub("", again) == stamp.sub("", html)  # the same data draws the same page
 
 
+@pytest.mark.slow
+def test_the_report_is_drawn_by_a_browser(store_path, tmp_path, chromium):
+    """Chromium parses every chart into its DOM, and its screenshot has each chart's
+    colours on it (matplotlib's first series colour, C0, in every chart)."""
+    from PIL import Image
+
+    page = write_report(store_path, "r", tmp_path / "out" / "report.html")
+    dom = chromium.dom(page, tmp_path / "dom")
+    assert set(re.findall(r'<svg class="plot" data-plot="([^"]+)"', dom)) == PLOTS
+    png = chromium.screenshot(page, tmp_path / "shot", size="1200,4000")
+    image = Image.open(png).convert("RGB")
+    blue = sum(
+        1
+        for r, g, b in image.getdata()
+        if abs(r - 0x1F) < 24 and abs(g - 0x77) < 24 and abs(b - 0xB4) < 24
+    )
+    assert blue > 2000, blue  # lines, markers and bars drawn, not just an empty frame
+
+
+@pytest.mark.slow
 def test_report_cli_and_errors(store_path, tmp_path):
     out = tmp_path / "cli.html"
     cmd = [sys.executable, "-m", "flows.cli", "report", "--db", str(store_path)]

@@ -64,6 +64,7 @@ def test_assistant_tag_placement(tasks, library):
     assert pos_prefix == f"({pair.positive}) " and neg_prefix == f"({pair.negative}) "
 
 
+@pytest.mark.slow
 def test_pair_sampling_is_seeded(tiny_engine, ctx, library, tasks):
     cfg = RlcdConfig(sampling=SAMPLING, tasks=["harmlessness"], default_task="harmlessness")
     prompts = load_prompts("data/prompts/helpful.jsonl")[:6]
@@ -75,6 +76,7 @@ def test_pair_sampling_is_seeded(tiny_engine, ctx, library, tasks):
     assert len(set(ids)) > 1  # different prompts draw different pairs
 
 
+@pytest.mark.slow
 def test_batch_stored_with_neutral_prompt_and_rescore(tiny_engine, ctx, library, tasks, tmp_path):
     cfg = RlcdConfig(sampling=SAMPLING, rescore=True)
     prompts = load_prompts("data/prompts/helpful.jsonl")[:6] + [
@@ -122,6 +124,7 @@ def test_batch_stored_with_neutral_prompt_and_rescore(tiny_engine, ctx, library,
         assert sum(store.write(again).values()) == 0
 
 
+@pytest.mark.slow
 def test_rescore_orders_are_randomised(tiny_engine, ctx, library, tasks):
     cfg = RlcdConfig(sampling=SAMPLING, rescore=True)
     prompts = load_prompts("data/prompts/helpful.jsonl")[:16]

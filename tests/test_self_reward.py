@@ -105,9 +105,10 @@ def test_swapped_template_changes_parsing_without_code(library):
     assert parse_score("Score: 4", swapped) == (None, "no_match")
 
 
+@pytest.mark.slow
 def test_swapped_template_through_the_judge(tiny_engine, ctx, library):
     judge = library.get("judge_rating_10")
-    cfg = SelfRewardConfig(judge_samples=2, judge_sampling={"max_tokens": 8})
+    cfg = SelfRewardConfig(judge={"samples": 2, "sampling": {"max_tokens": 8}})
     prompt = Prompt.user("Name a prime number.")
     cands = [
         {
@@ -142,6 +143,7 @@ def test_rouge_l_and_near_duplicates():
     assert index.nearest_above("Write a haiku about autumn leaves.") is None
 
 
+@pytest.mark.slow
 def test_self_instruct_filters_and_stores(tiny_engine, ctx):
     seeds = load_prompts("data/prompts/helpful.jsonl")
     cfg = SelfInstructConfig(
@@ -167,6 +169,7 @@ def test_self_instruct_filters_and_stores(tiny_engine, ctx):
     assert index.nearest_above(copy) == 1.0
 
 
+@pytest.mark.slow
 def test_batch_in_the_store_is_idempotent(tiny_engine, ctx, tmp_path):
     library = TemplateLibrary()
     judge = library.get("judge_additive_5pt_prefilled")
@@ -211,10 +214,11 @@ def test_batch_in_the_store_is_idempotent(tiny_engine, ctx, tmp_path):
         assert store.query("SELECT count(*) AS n FROM pairs")[0]["n"] == first["pairs"]
 
 
+@pytest.mark.slow
 def test_unparsed_free_form_judgments_are_stored_not_paired(tiny_engine, ctx):
     judge = TemplateLibrary().get("judge_additive_5pt")
     cfg = SelfRewardConfig(
-        judge_samples=2, sampling={"max_tokens": 8}, judge_sampling={"max_tokens": 8}
+        sampling={"max_tokens": 8}, judge={"samples": 2, "sampling": {"max_tokens": 8}}
     )
     prompts = load_prompts("data/prompts/helpful.jsonl")[:2]
     rows = run_self_reward(
@@ -228,8 +232,9 @@ def test_unparsed_free_form_judgments_are_stored_not_paired(tiny_engine, ctx):
     assert {d["reason"] for d in rows["discards"]} == {"fewer_than_2_scored"}
 
 
+@pytest.mark.slow
 def test_a_separate_judge_model_is_recorded(tiny_engine, ctx):
-    """`self_reward.judge_model`: judgments name the judge's model, candidates the policy."""
+    """`self_reward.judge.model`: judgments name the judge's model, candidates the policy."""
     judge = TemplateLibrary().get("judge_additive_5pt_prefilled")
     cfg = SelfRewardConfig(n_candidates=2, sampling={"max_tokens": 6})
     prompts = load_prompts("data/prompts/helpful.jsonl")[:2]

@@ -4,13 +4,10 @@ when it answers, and one clear error when none answers. The servers here are sma
 stand-ins on loopback that answer the completions API with a delay of their own; the real
 `vllm serve` pair is in tests/test_cluster.py."""
 
-import http.server
-import json
 import logging
-import threading
-import time
 
 import pytest
+from helpers import FakeOpenAIServer, wait_until
 
 from pipeline.engines import Sampling, start_engine
 from pipeline.engines import servers as servers_module
@@ -20,52 +17,9 @@ from pipeline.schema import EngineConfig
 PROMPTS = [[{"role": "user", "content": f"Say {i}."}] for i in range(24)]
 
 
-class _Server:
-    """A completions endpoint on a loopback port that answers after `delay` seconds."""
-
-    def __init__(self, port: int = 0, delay: float = 0.02) -> None:
-        self.delay, self.hits = delay, 0
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802  (/models)
-                self._send({"data": [{"id": "tiny"}]})
-
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.hits += 1
-                time.sleep(outer.delay)
-                choices = [
-                    {"index": i, "text": "ok", "finish_reason": "stop"} for i in range(body["n"])
-                ]
-                self._send({"choices": choices, "usage": {"completion_tokens": body["n"]}})
-
-            def _send(self, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        if self.httpd is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
-            self.httpd = None
-
-
 @pytest.fixture
 def pair():
-    made = [_Server(), _Server()]
+    made = [FakeOpenAIServer(), FakeOpenAIServer()]
     yield made
     for s in made:
         s.stop()
@@ -78,6 +32,7 @@ def _engine(tiny_model_dir, urls, **kw):
     return start_engine(tiny_model_dir, cfg, seed=0)
 
 
+@pytest.mark.slow
 def test_requests_spread_by_load(tiny_model_dir, pair):
     """Two equal servers share the work; a slow one gets less of it (fewest in flight)."""
     with _engine(tiny_model_dir, [s.url for s in pair]) as engine:
@@ -97,6 +52,7 @@ def test_requests_spread_by_load(tiny_model_dir, pair):
     assert fast > 2 * slow, stats
 
 
+@pytest.mark.slow
 def test_a_dead_server_is_left_out_and_taken_back(tiny_model_dir, pair, caplog, monkeypatch):
     monkeypatch.setattr(servers_module, "PROBE_AFTER_S", 0.2)
     port = pair[1].port
@@ -113,15 +69,19 @@ def test_a_dead_server_is_left_out_and_taken_back(tiny_model_dir, pair, caplog, 
             dead in r.getMessage() and "stopped answering" in r.getMessage() for r in caplog.records
         )
 
-        pair[1] = _Server(port)  # back on the same port
-        time.sleep(0.5)  # past the probe pause
+        pair[1] = FakeOpenAIServer(port)  # back on the same port
+
+        def taken_back() -> bool:  # once the probe pause has passed
+            engine.generate(PROMPTS[:4], Sampling(max_tokens=4))
+            return engine.server_stats()[dead]["up"]
+
         with caplog.at_level(logging.WARNING, logger="prefloop.engines"):
-            engine.generate(PROMPTS, Sampling(max_tokens=4))
-        assert engine.server_stats()[dead]["up"]
+            wait_until(taken_back, 10, "the server to be taken back", every=0.1)
         assert pair[1].hits > 0
         assert any("answers again" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_no_server_answers_is_one_clear_error(tiny_model_dir, pair, caplog):
     with _engine(tiny_model_dir, [s.url for s in pair], max_retries=1) as engine:
         pair[0].stop()
@@ -147,6 +107,7 @@ def test_base_url_list_is_checked():
         EngineConfig(kind="openai", base_url=[])
 
 
+@pytest.mark.slow
 def test_each_stage_counts_only_its_own_requests(tiny_model_dir, pair):
     """Two batches on one engine at once (the thread runner's workers): each one's tally
     has its own requests, so stage_metrics.servers_json does not count the other's."""

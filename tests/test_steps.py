@@ -7,12 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-from test_flows import tiny_config
+import pytest
+from helpers import TESTS, tiny_config, write_config
 
 from pipeline.store import Store
 
-TESTS = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow
 
 
 def _steps_config(tmp_path: Path, model: Path) -> dict:
@@ -24,7 +24,7 @@ def _steps_config(tmp_path: Path, model: Path) -> dict:
         model,
         name="steps",
         self_reward={
-            "judge_template": "judge_additive_5pt_prefilled",
+            "judge": {"kind": "template", "template": "judge_additive_5pt_prefilled"},
             "sampling": {"max_tokens": 8},
             "self_instruct": {"enabled": False},
         },
@@ -88,7 +88,7 @@ def test_two_rounds_of_sft_then_dpo(harness, tmp_path, tiny_model_dir):
     # Export for each kind in TRL's formats; a script importing nothing from prefloop
     # trains TRL's SFTTrainer and KTOTrainer on them.
     path = tmp_path / "steps.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    write_config(cfg, path)
     for kind in ("sft", "kto"):
         out = subprocess.run(
             [sys.executable, "-m", "flows.cli", "export", "--config", str(path), "--round", "1"]

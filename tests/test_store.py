@@ -190,6 +190,7 @@ def _hold(path, read_only: bool) -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.slow
 def test_second_writer_gets_a_clear_error(tmp_path):
     """A writer that finds the file held past its wait: one line naming the holder."""
     path = tmp_path / "db.duckdb"
@@ -210,6 +211,7 @@ def test_second_writer_gets_a_clear_error(tmp_path):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_a_store_holds_no_connection_between_uses(tmp_path):
     """Between writes another process can read; a reader that arrives while the file is
     held waits for it and answers."""
@@ -287,6 +289,7 @@ with Store(sys.argv[1]) as store:
 """
 
 
+@pytest.mark.slow
 def test_disk_full_rolls_back_the_batch_and_keeps_earlier_ones(tmp_path):
     """A batch that cannot be written (file size limit: the disk is full) is rolled back
     with one clear error; the batches stored before it are intact and the file opens."""

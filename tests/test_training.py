@@ -6,15 +6,14 @@ import json
 
 import pytest
 from datasets import load_dataset
+from helpers import GOOD, REVISED, write_round
 from transformers import AutoTokenizer
 
 from pipeline.config import RunConfig
 from pipeline.engines import Sampling, start_engine
-from pipeline.hashing import row_id
 from pipeline.models import resolve_model
 from pipeline.rounds import round_dir
 from pipeline.schema import EngineConfig
-from pipeline.seeds import load_prompts
 from pipeline.store import Store
 from pipeline.training.export import PAIR_COLUMNS, read_dataset, split_pairs, write_dataset
 from pipeline.training.kinds import TRAINING_KINDS
@@ -22,104 +21,10 @@ from pipeline.training.launch import TrainingError
 from pipeline.training.step import export_step, train_round, train_step
 
 RUN = "train-test"
-GOOD = "Sure! Here is a clear, friendly and complete answer to your question."
-BAD = "no"
 
 
-REVISED = "Here is a careful, harmless and helpful answer, revised after a critique."
-
-
-def _write_round(
-    store: Store, model_dir, n: int = 24, soft: bool = False, round_: int = 1, cai: bool = False
-) -> None:
-    """A round of a run: the tiny model, and an easy preference (the same good answer
-    over the same curt one) on the seed prompts. With `cai`, each prompt also has a
-    stored CAI revision (an `sft_examples` row) and the two candidates are scored by the
-    round's judge (GOOD 5, BAD 1); a later re-judge scores them the other way round."""
-    model = resolve_model(model_dir)
-    store.write({"models": [model.record("base")]})
-    if store.round_info(RUN, round_) is None:
-        store.upsert_round(RUN, round_, model.model_id)
-    prompts = (
-        load_prompts("data/prompts/helpful.jsonl") + load_prompts("data/prompts/red_team.jsonl")
-    )[:n]
-    rows = {"prompts": [], "generations": [], "pairs": [], "sft_examples": [], "judgments": []}
-    rejudged = []
-
-    def generation(p, method, role, idx, text):
-        gid = row_id(RUN, round_, p.prompt_id, method, idx)
-        rows["generations"].append(
-            {
-                "generation_id": gid,
-                "run_id": RUN,
-                "round": round_,
-                "method": method,
-                "prompt_id": p.prompt_id,
-                "model_id": model.model_id,
-                "role": role,
-                "sample_idx": idx,
-                "text": text,
-                "sampling_json": "{}",
-                "seed": 0,
-            }
-        )
-        return gid
-
-    def judgment(gid, judge, score):
-        return {
-            "judgment_id": row_id(gid, judge),
-            "run_id": RUN,
-            "round": round_,
-            "method": "self_reward",
-            "generation_id": gid,
-            "sample_idx": 0,
-            "model_id": model.model_id,
-            "template_id": judge,
-            "judge_id": judge,
-            "raw_output": "",
-            "score": score,
-            "parse_status": "ok",
-            "sampling_json": "{}",
-            "seed": 0,
-        }
-
-    for i, p in enumerate(prompts):
-        rows["prompts"].append(p.record(RUN, round_))
-        ids = [generation(p, "self_reward", "candidate", k, t) for k, t in enumerate((GOOD, BAD))]
-        rows["pairs"].append(
-            {
-                "pair_id": row_id(RUN, round_, "pair", p.prompt_id),
-                "run_id": RUN,
-                "round": round_,
-                "method": "rlcd" if soft else "self_reward",
-                "variant": "test",
-                "prompt_id": p.prompt_id,
-                "chosen_generation_id": ids[0],
-                "rejected_generation_id": ids[1],
-                "margin": None if soft else 2.0,
-                "soft_label": (0.6 + 0.4 * (i % 2)) if soft else None,
-                "flagged": i == 0,
-                "flag_reason": "test" if i == 0 else None,
-                "model_id": model.model_id,
-            }
-        )
-        if cai:
-            rid = generation(p, "cai", "revision", 0, REVISED)
-            rows["sft_examples"].append(
-                {
-                    "sft_id": row_id(rid, "sft"),
-                    "run_id": RUN,
-                    "round": round_,
-                    "method": "cai",
-                    "prompt_id": p.prompt_id,
-                    "generation_id": rid,
-                }
-            )
-            rows["judgments"] += [judgment(ids[0], "own", 5.0), judgment(ids[1], "own", 1.0)]
-            rejudged += [judgment(ids[0], "later", 0.0), judgment(ids[1], "later", 9.0)]
-    store.write(rows)
-    if rejudged:
-        store.write({"judgments": rejudged})
+def _write_round(store: Store, model_dir, **kw) -> None:
+    write_round(store, model_dir, RUN, **kw)
 
 
 def _cfg(tmp_path, **training) -> RunConfig:
@@ -147,6 +52,7 @@ def _train(store: Store, cfg: RunConfig, kind: str | None = None) -> dict:
     return train_step(store, step, RUN, 1, folder, cfg.seed)
 
 
+@pytest.mark.slow
 def test_export_round_trips(tmp_path, tiny_model_dir, tiny_engine):
     cfg = _cfg(tmp_path)
     with Store(cfg.db_path) as store:
@@ -186,6 +92,7 @@ def test_export_round_trips(tmp_path, tiny_model_dir, tiny_engine):
     assert trl_prompt == tiny_engine.render(example["prompt"])
 
 
+@pytest.mark.slow
 def test_dpo_full_learns_and_registers(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path)
     with Store(cfg.db_path) as store:
@@ -213,6 +120,7 @@ def test_dpo_full_learns_and_registers(tmp_path, tiny_model_dir):
         assert out.n_tokens > 0
 
 
+@pytest.mark.slow
 def test_dpo_lora_saves_merged_checkpoint(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, lora={"r": 4, "alpha": 8}, reference="initial", epochs=1)
     with Store(cfg.db_path) as store:
@@ -228,8 +136,9 @@ def test_dpo_lora_saves_merged_checkpoint(tmp_path, tiny_model_dir):
         assert out.finish_reason in {"stop", "length"}
 
 
+@pytest.mark.slow
 def test_reward_model_with_soft_labels(tmp_path, tiny_model_dir):
-    cfg = _cfg(tmp_path, kind="rm", epochs=2)
+    cfg = _cfg(tmp_path, steps=["rm"], epochs=2)
     with Store(cfg.db_path) as store:
         _write_round(store, tiny_model_dir, soft=True)
         result = _train(store, cfg)
@@ -239,6 +148,7 @@ def test_reward_model_with_soft_labels(tmp_path, tiny_model_dir):
         assert store.model(result["model_id"])["kind"] == "reward"
 
 
+@pytest.mark.slow
 def test_failing_child_reports_log_and_changes_nothing(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, loss_type="no-such-loss")
     with Store(cfg.db_path) as store:
@@ -252,6 +162,7 @@ def test_failing_child_reports_log_and_changes_nothing(tmp_path, tiny_model_dir)
     assert not (folder / "model-dpo").exists() and not (folder / "model-dpo.partial").exists()
 
 
+@pytest.mark.slow
 def test_export_counts(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, heldout_fraction=0.0)
     with Store(cfg.db_path) as store:
@@ -290,6 +201,7 @@ def test_launcher_uses_accelerate_on_cuda(tmp_path):
     assert ACCELERATE_DEFAULT.is_file()
 
 
+@pytest.mark.slow
 def test_cli_export_status_pairs_train(tmp_path, tiny_model_dir):
     import subprocess
     import sys
@@ -323,6 +235,7 @@ def test_cli_export_status_pairs_train(tmp_path, tiny_model_dir):
     assert "train-test-r1-dpo@" in status and "self_reward:8" in status
 
 
+@pytest.mark.slow
 def test_sft_data_revisions_and_best_of_n(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, steps=[{"kind": "sft", "sft": {"best_of_n": True, "min_score": 4}}])
     [step] = cfg.training.step_list()
@@ -342,6 +255,7 @@ def test_sft_data_revisions_and_best_of_n(tmp_path, tiny_model_dir):
         assert sum(export_step(store, high, RUN, 1, tmp_path / "h", 0).values()) == 6
 
 
+@pytest.mark.slow
 def test_sft_step_lowers_heldout_loss(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, steps=["sft"], epochs=2)
     with Store(cfg.db_path) as store:
@@ -357,6 +271,7 @@ def test_sft_step_lowers_heldout_loss(tmp_path, tiny_model_dir):
         assert out.n_tokens > 0
 
 
+@pytest.mark.slow
 def test_kto_data_and_step(tmp_path, tiny_model_dir):
     cfg = _cfg(
         tmp_path,
@@ -387,6 +302,7 @@ def test_kto_data_and_step(tmp_path, tiny_model_dir):
         assert store.model(result["model_id"])["kind"] == "policy"
 
 
+@pytest.mark.slow
 def test_steps_chain_and_resume_after_a_failed_step(tmp_path, tiny_model_dir):
     """[sft, dpo, rm]: SFT from the round's model, DPO from (and against) the SFT model,
     the reward model beside them. A failing DPO step leaves SFT stored and nothing of
@@ -421,6 +337,7 @@ def test_steps_chain_and_resume_after_a_failed_step(tmp_path, tiny_model_dir):
             assert (folder / f"data-{kind}" / "train.parquet").is_file()
 
 
+@pytest.mark.slow
 def test_reference_round_and_initial(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, steps=["sft", {"kind": "dpo", "reference": "round"}], epochs=1)
     with Store(cfg.db_path) as store:
@@ -433,6 +350,7 @@ def test_reference_round_and_initial(tmp_path, tiny_model_dir):
         assert spec["reference_model"] == store.model(runs["sft"]["base_model_id"])["path"]
 
 
+@pytest.mark.slow
 def test_data_window_all_rounds_each_pair_once(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, data="all", heldout_fraction=0.2)
     [step] = cfg.training.step_list()

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import tiny_config
 
 from pipeline.evaluation.yardstick import accuracy, wilson
 from pipeline.verifiable import prompts
@@ -245,12 +246,11 @@ def test_judge_function_scores_by_the_checks():
     assert score_on_topic("a prompt that is not in the set", "x") is None
 
 
+@pytest.mark.slow
 def test_loop_with_function_judge_and_yardstick(harness, tmp_path, tiny_model_dir):
     """Two tiny rounds on the verifiable prompts, Self-Rewarding judged by the checkers:
     candidates scored by the function judge, pairs, and the yardstick of M_0, M_1 and M_2
     in `evaluations` (four accuracies each, with counts and intervals) and the report."""
-    from test_flows import tiny_config
-
     from flows.loop import loop_flow
     from pipeline.store import Store
 
@@ -276,7 +276,6 @@ def test_loop_with_function_judge_and_yardstick(harness, tmp_path, tiny_model_di
             "yardstick": {"enabled": True, "limit": 6, "sampling": {"max_tokens": 12}},
         },
     )
-    cfg["self_reward"].pop("judge_template")  # tiny_config's judge, replaced by `judge`
     result = loop_flow(cfg)
     with Store(cfg["db_path"], read_only=True) as store:
         [[judged, scores]] = store.sql(
