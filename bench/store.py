@@ -21,7 +21,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.recipes import readme_recipes  # noqa: E402
+from pipeline.recipes import sql_recipes  # noqa: E402
 from pipeline.store import Store  # noqa: E402
 
 RUN = "bench"
@@ -228,10 +228,10 @@ def main() -> None:
         print(f"  ratio arrow / row-by-row  {arrow_rate / rbr_rate:8.0f}x")
         print(f"  target >= 500,000 rows/s: {'met' if arrow_rate >= 500_000 else 'MISSED'}")
 
-        print(f"\nREADME recipes on {args.pairs:,} pairs (best of {args.repeats})")
+        print(f"\nSQL recipes on {args.pairs:,} pairs (best of {args.repeats})")
         worst = 0.0
         with Store(Path(tmp) / "bench.duckdb", read_only=True) as store:
-            for name, statement in readme_recipes():
+            for name, statement in sql_recipes():
                 best = float("inf")
                 for _ in range(args.repeats):
                     start = time.perf_counter()

@@ -283,6 +283,23 @@ def train(
         typer.echo(f"round {round_}: every step is stored ({have}); --kind K trains one again")
 
 
+def _print_comparison(comparison: dict, other: str, judge_id: str) -> None:
+    typer.echo(f"compare  {other} (a) vs {judge_id} (b), {comparison['prompts']} prompts")
+    for name in ("pair_agreement", "kendall_tau", "same_best", "same_worst"):
+        typer.echo(f"  {name:<22} {_cell(comparison[name])}")
+    for side in ("a", "b"):
+        summary = comparison[side]
+        scores = summary["scores"]
+        spread = (
+            f"mean {scores['mean']:.3f} sd {scores['std']:.3f} [{scores['min']:.3f}, "
+            f"{scores['max']:.3f}]"
+            if scores["n"]
+            else "no scores"
+        )
+        failures = _cell(summary["parse_failure_rate"])
+        typer.echo(f"  judge {side}: parse failures {failures}, {spread}")
+
+
 @app.command("judge")
 def judge_cmd(
     round_: RoundOpt,
@@ -308,10 +325,7 @@ def judge_cmd(
     """Score a finished round's stored Self-Rewarding candidates with another judge (no
     generation), store its judgments, and compare it with the round's own judge. Resumable
     and idempotent: what the judge has scored is skipped."""
-    from pathlib import Path as _Path
-
-    from pipeline.engines import start_engine
-    from pipeline.engines.scorer import RewardScorer
+    from pipeline.engines import start_for_role
     from pipeline.rejudge import METHOD, compare_judges, judge_settings_from, rejudge_round
     from pipeline.store import Store
 
@@ -320,9 +334,7 @@ def judge_cmd(
     settings = judge_settings_from(judge, model)
 
     def start(model_path: str, role: str):
-        if role == "score":
-            return RewardScorer.start(_Path(model_path), cfg.engine, cfg.seed + round_)
-        return start_engine(_Path(model_path), cfg.engine, cfg.seed + round_)
+        return start_for_role(Path(model_path), cfg.engine, cfg.seed + round_, role)
 
     store = Store(cfg.db_path, lock_timeout_s=cfg.db_lock_timeout_s)  # held per write
     result = rejudge_round(store, cfg, run_id, round_, settings, start)
@@ -337,21 +349,7 @@ def judge_cmd(
         return
     comparison, rows = compare_judges(store, run_id, round_, other, result.judge_id)
     store.write({"evaluations": rows})
-    typer.echo(f"compare  {other} (a) vs {result.judge_id} (b), {comparison['prompts']} prompts")
-    for name in ("pair_agreement", "kendall_tau", "same_best", "same_worst"):
-        typer.echo(f"  {name:<22} {_cell(comparison[name])}")
-    for side in ("a", "b"):
-        summary = comparison[side]
-        scores = summary["scores"]
-        spread = (
-            f"mean {scores['mean']:.3f} sd {scores['std']:.3f} [{scores['min']:.3f}, "
-            f"{scores['max']:.3f}]"
-            if scores["n"]
-            else "no scores"
-        )
-        typer.echo(
-            f"  judge {side}: parse failures {_cell(summary['parse_failure_rate'])}, {spread}"
-        )
+    _print_comparison(comparison, other, result.judge_id)
 
 
 # -- the main job ------------------------------------------------------------------------
@@ -557,6 +555,34 @@ def pairs(
         typer.echo(f"prompt:   {_cell(r['prompt'], 300)}")
         typer.echo(f"chosen:   {_cell(r['chosen'], 300)}")
         typer.echo(f"rejected: {_cell(r['rejected'], 300)}")
+
+
+@app.command("docs")
+def docs_cmd(
+    check: bool = typer.Option(False, "--check", help="Only say whether a page is stale."),
+):
+    """Regenerate the pages made from the code and the kept results: docs/configuration.md
+    (every config key) and the tables of docs/experiments.md (bench/results/*.jsonl)."""
+    from pipeline import reference
+
+    if check:
+        stale = [
+            str(path)
+            for path, text in (
+                (reference.CONFIG_PAGE, reference.config_reference()),
+                (
+                    reference.EXPERIMENTS_PAGE,
+                    reference.experiments_page(reference.EXPERIMENTS_PAGE.read_text()),
+                ),
+            )
+            if path.read_text() != text
+        ]
+        if stale:
+            raise PrefloopError(f"{', '.join(stale)}: stale; run `prefloop docs`")
+        typer.echo("docs up to date")
+        return
+    changed = reference.write_pages()
+    typer.echo("\n".join(f"wrote {p}" for p in changed) or "docs up to date")
 
 
 _RUN_LOG: Path | None = None  # the running `prefloop run`'s log file

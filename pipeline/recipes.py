@@ -1,6 +1,6 @@
-"""The README's SQL recipes, read from the README itself: the tests run each one against a
-real run's database and the store benchmark times them, so the documented queries cannot
-silently break or slow down."""
+"""The documented SQL recipes (the README's short look and docs/sql.md), read from the pages
+themselves: the tests run each one against a real run's database and the store benchmark
+times them, so the documented queries cannot silently break or slow down."""
 
 import re
 from pathlib import Path
@@ -10,11 +10,15 @@ from pipeline.paths import REPO_ROOT
 _BLOCK = re.compile(r"```sql\n(.*?)```", re.DOTALL)
 
 
-def readme_recipes(readme: Path = REPO_ROOT / "README.md") -> list[tuple[str, str]]:
-    """(name, statement) for every statement in the README's sql blocks. A recipe's name
+PAGES = (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "sql.md")
+
+
+def sql_recipes(pages: tuple[Path, ...] = PAGES) -> list[tuple[str, str]]:
+    """(name, statement) for every statement in the pages' sql blocks. A recipe's name
     is the first line of the comment above it; statements end with `;`."""
     recipes: list[tuple[str, str]] = []
-    for block in _BLOCK.findall(readme.read_text(encoding="utf-8")):
+    blocks = [b for page in pages for b in _BLOCK.findall(page.read_text(encoding="utf-8"))]
+    for block in blocks:
         name, comment_open, statement = "", False, []
         for line in block.splitlines():
             if line.startswith("--"):
