@@ -37,6 +37,7 @@ bench: $(STAMP) $(MODEL)
 	$(PY) bench/training.py
 	$(PY) bench/orchestration.py
 	$(PY) bench/cluster.py
+	$(PY) bench/explorer.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline flows tests bench

@@ -194,13 +194,13 @@ def improvement_table(records: list[dict[str, Any]]) -> list[str]:
 
 
 def experiment_tables(results: Path = RESULTS) -> str:
-    """The generated part of docs/experiments.md: one table per kept results file."""
+    """The generated part of docs/experiments.md: a table per kept improvement results
+    file (bench/improvement.py's)."""
     out = [BEGIN, ""]
-    for path in sorted(results.glob("*.jsonl")):
+    for path in sorted(results.glob("improvement*.jsonl")):
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         out += [f"### `bench/results/{path.name}` ({len(records)} runs)", ""]
-        if path.stem == "improvement":
-            out += improvement_table(records)
+        out += improvement_table(records)
         out.append("")
     out.append(END)
     return "\n".join(out)

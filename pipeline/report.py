@@ -29,6 +29,7 @@ from pipeline.evaluation.metrics import (
 )
 from pipeline.evaluation.yardstick import INSTRUCTION_STRICT, PROMPT_STRICT
 from pipeline.evaluation.yardstick import LABELS as YARDSTICK_LABELS
+from pipeline.explorer import explorer_data, page_json
 from pipeline.plan import FLOW
 from pipeline.store import Store
 from pipeline.training.kinds import TRAINING_KINDS
@@ -330,15 +331,24 @@ def report_path(runs_dir: Path | str, run_id: str) -> Path:
     return Path(runs_dir) / run_id / "report.html"
 
 
+def explorer_section(store: Store, run_id: str) -> dict[str, Any] | None:
+    """The pairs explorer's data (None: a page without the section)."""
+    return explorer_data(**store.explorer_rows(run_id))
+
+
 def write_report(db_path: Path | str, run_id: str, out: Path | str) -> Path:
     """Write the run's report; returns its path. Reads the store read-only."""
     with Store(db_path, read_only=True) as store:
         data = store.report_data(run_id)
+        explorer = explorer_section(store, run_id) if data["rounds"] else None
     if not data["rounds"]:
         raise StoreError(f"{db_path}: run {run_id!r} has no rounds to report")
+    page = build(data, run_id, str(db_path))
+    page["explorer"] = explorer
+    page["explorer_json"] = Markup(page_json(explorer)) if explorer else ""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(render(build(data, run_id, str(db_path))), encoding="utf-8")
+    tmp.write_text(render(page), encoding="utf-8")
     tmp.replace(out)
     return out

@@ -270,11 +270,12 @@ class Chromium:
     def __init__(self, binary: str) -> None:
         self.binary = binary
 
-    def _run(self, path: Path, tmp: Path, *args: str) -> str:
+    def _run(self, path: Path, tmp: Path, *args: str, fragment: str = "") -> str:
         import subprocess
 
+        url = path.resolve().as_uri() + (f"#{fragment}" if fragment else "")
         out = subprocess.run(
-            [self.binary, *self.FLAGS, f"--user-data-dir={tmp}", *args, path.resolve().as_uri()],
+            [self.binary, *self.FLAGS, f"--user-data-dir={tmp}", *args, url],
             capture_output=True,
             text=True,
             timeout=120,
@@ -282,12 +283,13 @@ class Chromium:
         assert out.returncode == 0, out.stderr[-2000:]
         return out.stdout
 
-    def dom(self, path: Path, tmp: Path) -> str:
-        return self._run(path, tmp, "--dump-dom")
+    def dom(self, path: Path, tmp: Path, fragment: str = "") -> str:
+        return self._run(path, tmp, "--dump-dom", fragment=fragment)
 
-    def screenshot(self, path: Path, tmp: Path, size: str = "1200,2400") -> Path:
+    def screenshot(self, path: Path, tmp: Path, size: str = "1200,2400", fragment: str = ""):
+        tmp.mkdir(parents=True, exist_ok=True)
         png = tmp / f"{path.stem}.png"
-        self._run(path, tmp, f"--screenshot={png}", f"--window-size={size}")
+        self._run(path, tmp, f"--screenshot={png}", f"--window-size={size}", fragment=fragment)
         return png
 
 

@@ -99,7 +99,8 @@ def test_two_rounds(harness, tmp_path, tiny_model_dir, chromium):
     page = Path(result["report"]).read_text()
     for section in ("key-numbers", "win-rate", "scores", "length", "agreement", "time"):
         assert f'id="{section}"' in page
-    assert "<script" not in page
+    assert "plotsRendered" not in page  # no script for a test
+    assert 'id="pairs"' in page  # the pairs explorer
     dom = chromium.dom(Path(result["report"]), tmp_path / "chromium")
     drawn = set(re.findall(r'<svg class="plot" data-plot="([^"]+)"', dom))
     assert drawn == {"win_rate", "scores", "length", "agreement", "time"}

@@ -142,7 +142,7 @@ def test_report_sections_numbers_and_escaping(store_path, tmp_path):
     assert "0.625" in html and "0.750" in html  # win rates in the key-numbers table
     assert "m1&lt;b&gt;" in html and "m1<b>" not in html  # stored text is escaped
     assert not re.search(r"""(src|href)=["']?https?:""", html)  # nothing fetched from elsewhere
-    assert "<script" not in html
+    assert "plotsRendered" not in html and "getBBox" not in html  # no script for a test
     # engine start 10 + stages 82 = 92 of 100 s: orchestration 8%
     assert "8.00%" in html
     assert ">7</td>" in html and "7.000" not in html  # a count prints as a count
@@ -185,3 +185,108 @@ def test_report_cli_and_errors(store_path, tmp_path):
     assert missing.stderr.strip() == f"error: {store_path}: run 'nope' has no rounds to report"
     with pytest.raises(StoreError, match="no database here yet"):
         write_report(tmp_path / "absent.duckdb", "r", out)
+
+
+def _explored(path: Path) -> Path:
+    """A finished round of four pairs over two methods, with everything the explorer
+    opens: judgments with raw output, an RLCD descriptor, a CAI critique, an A/B
+    question, a discard, and an answer that tries to close the page's script."""
+    run, rows = "x", {k: [] for k in ("prompts", "generations", "pairs", "judgments")}
+    rows.update(critiques=[], comparisons=[], discards=[])
+    for i, method in enumerate(("rlcd", "rlcd", "cai", "self_reward")):
+        pid, gids = f"p{i}", [f"g{i}a", f"g{i}b"]
+        text = f"Question {i}?"
+        rows["prompts"].append(
+            {"run_id": run, "prompt_id": pid, "round": 1, "source": "seed", "text": text,
+             "messages_json": json.dumps([{"role": "user", "content": text}])}
+        )  # fmt: skip
+        for k, gid in enumerate(gids):
+            answer = (
+                "</script><script>document.title='owned'</script>" if i == 3 else f"answer {i}{k}"
+            )
+            meta = {"descriptor": "harmless, helpful"} if method == "rlcd" and k == 0 else None
+            rows["generations"].append(
+                {"generation_id": gid, "run_id": run, "round": 1, "method": method,
+                 "prompt_id": pid, "model_id": "m@1", "role": "r", "sample_idx": k,
+                 "text": answer, "n_tokens": 3, "finish_reason": "stop", "sampling_json": "{}",
+                 "seed": 0, "meta_json": json.dumps(meta) if meta else None}
+            )  # fmt: skip
+            rows["judgments"].append(
+                {"judgment_id": f"j{gid}", "run_id": run, "round": 1, "method": method,
+                 "generation_id": gid, "sample_idx": 0, "model_id": "m@1", "judge_id": "judge@7",
+                 "template_id": "judge@7", "raw_output": f"Score: {2 - k}", "score": 2.0 - k,
+                 "parse_status": "ok", "sampling_json": "{}", "seed": 0}
+            )  # fmt: skip
+        rows["pairs"].append(
+            {"pair_id": f"pair{i}", "run_id": run, "round": 1, "method": method, "variant": "v",
+             "prompt_id": pid, "chosen_generation_id": gids[0], "rejected_generation_id": gids[1],
+             "margin": float(i), "model_id": "m@1"}
+        )  # fmt: skip
+    rows["critiques"].append(
+        {"critique_id": "c2", "run_id": run, "round": 1, "prompt_id": "p2", "step": 0,
+         "principle_id": "harm", "input_generation_id": "g2b", "critique": "Too curt.",
+         "revision_generation_id": "g2a", "model_id": "m@1", "template_id": "t@1"}
+    )  # fmt: skip
+    rows["comparisons"].append(
+        {"comparison_id": "q0", "run_id": run, "round": 1, "method": "rlcd", "prompt_id": "p0",
+         "generation_a_id": "g0a", "generation_b_id": "g0b", "model_id": "m@1",
+         "template_id": "choice@1", "prob_a": 0.75}
+    )  # fmt: skip
+    rows["discards"].append(
+        {"run_id": run, "round": 1, "method": "self_reward", "stage": "pairs", "item_id": "p9",
+         "reason": "tie", "detail": "scores 3.0 and 3.0"}
+    )  # fmt: skip
+    rows["rounds"] = [{"run_id": run, "round": 1, "model_id": "m@1", "status": "finished"}]
+    with Store(path) as store:
+        store.write(rows)
+    return path
+
+
+def test_the_pairs_explorer_carries_every_pair_and_what_made_it(tmp_path):
+    page = write_report(_explored(tmp_path / "db.duckdb"), "x", tmp_path / "r.html")
+    html = page.read_text()
+    assert 'id="pairs"' in html
+    raw = re.search(r'<script type="application/json" id="pairs-data">(.*?)</script>', html, re.S)
+    data = json.loads(raw.group(1))
+    assert [p["id"] for p in data["pairs"]] == ["pair2", "pair0", "pair1", "pair3"]
+    rlcd = next(p for p in data["pairs"] if p["id"] == "pair0")
+    assert rlcd["chosen"]["meta"] == {"descriptor": "harmless, helpful"}
+    assert rlcd["chosen"]["judgments"][0] == {
+        "judge": "judge@7", "score": 2.0, "status": "ok", "raw": "Score: 2"
+    }  # fmt: skip
+    assert rlcd["questions"][0]["prob_a"] == 0.75
+    cai = next(p for p in data["pairs"] if p["id"] == "pair2")
+    assert cai["critiques"] == [
+        {"step": 0, "principle": "harm", "critique": "Too curt.", "revision": "g2a"}
+    ]
+    assert data["discards"][0]["reason"] == "tie" and data["discards"][0]["count"] == 1
+    assert "</script><script>document.title" not in html  # generated text stays data
+    assert data["note"] == {"total": 4, "shown": 4, "sampled": False}
+
+
+def test_past_its_size_the_explorer_carries_a_stated_sample():
+    from pipeline.explorer import sample
+
+    pairs = [{"pair_id": f"{i:03d}", "round": 1 + i % 2, "method": "m"} for i in range(10)]
+    kept, note = sample(pairs, 4)
+    assert note == {"total": 10, "shown": 4, "sampled": True, "per_group": 2}
+    assert [p["pair_id"] for p in kept] == ["000", "002", "001", "003"]
+
+
+@pytest.mark.slow
+def test_the_explorer_filters_and_opens_a_pair_in_a_browser(tmp_path, chromium):
+    """The page's state is in its address: a method filter narrows the list, `open`
+    shows the pair with both answers, its judge's raw output and its descriptor."""
+    page = write_report(_explored(tmp_path / "db.duckdb"), "x", tmp_path / "r.html")
+    dom = chromium.dom(page, tmp_path / "all")
+    assert 'data-shown="4"' in dom
+    view = "pairs?method=rlcd&open=pair0"
+    dom = chromium.dom(page, tmp_path / "rlcd", fragment=view)
+    assert 'data-shown="2"' in dom and dom.count('<tr data-pair="') == 2
+    detail = dom[dom.index('id="pair-detail"') :]
+    assert 'data-pair="pair0"' in detail[:200]
+    assert "answer 00" in detail and "answer 01" in detail and "Score: 2" in detail
+    assert "harmless, helpful" in detail
+    assert "<title>prefloop report: x</title>" in dom  # the injected script never ran
+    png = chromium.screenshot(page, tmp_path / "shot", size="1200,2600", fragment=view)
+    assert png.stat().st_size > 10_000

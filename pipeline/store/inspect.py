@@ -5,7 +5,7 @@ from typing import Any
 import duckdb
 
 from pipeline.errors import StoreError
-from pipeline.store.connection import Connection
+from pipeline.store.connection import PAIRS_WITH_TEXTS, Connection
 
 
 class InspectQueries(Connection):
@@ -109,6 +109,49 @@ class InspectQueries(Connection):
                 "sum(completion_tokens) AS completion_tokens FROM stage_metrics "
                 "WHERE run_id = ? GROUP BY ALL ORDER BY round, stage",
                 [run_id],
+            ),
+        }
+
+    def explorer_rows(self, run_id: str) -> dict[str, list[dict[str, Any]]]:
+        """What the report's pairs explorer shows: every pair with its prompt, both
+        generations (text, tokens, finish, template, meta), the judgments of those
+        generations, the run's critiques and A/B questions, and its discards."""
+        key = [run_id]
+        return {
+            "pairs": self.query(
+                "SELECT p.pair_id, p.round, p.method, p.variant, p.prompt_id, p.model_id, "
+                "p.margin, p.soft_label, p.flagged, p.flag_reason, pr.text AS prompt, "
+                "pr.messages_json, p.chosen_generation_id, c.text AS chosen, "
+                "c.n_tokens AS chosen_tokens, c.finish_reason AS chosen_finish, "
+                "c.template_id AS chosen_template, c.meta_json AS chosen_meta, "
+                "p.rejected_generation_id, r.text AS rejected, r.n_tokens AS rejected_tokens, "
+                "r.finish_reason AS rejected_finish, r.template_id AS rejected_template, "
+                f"r.meta_json AS rejected_meta {PAIRS_WITH_TEXTS} WHERE p.run_id = ? "
+                "ORDER BY p.round, p.method, p.pair_id",
+                key,
+            ),
+            "judgments": self.query(
+                "SELECT j.generation_id, j.judge_id, j.score, j.parse_status, j.raw_output "
+                "FROM judgments j WHERE j.run_id = ? AND j.generation_id IN (SELECT "
+                "unnest([chosen_generation_id, rejected_generation_id]) FROM pairs "
+                "WHERE run_id = j.run_id) ORDER BY j.generation_id, j.judge_id, j.sample_idx",
+                key,
+            ),
+            "critiques": self.query(
+                "SELECT round, prompt_id, step, principle_id, critique, revision_generation_id "
+                "FROM critiques WHERE run_id = ? ORDER BY round, prompt_id, step",
+                key,
+            ),
+            "comparisons": self.query(
+                "SELECT generation_a_id, generation_b_id, prob_a, template_id, principle_id, "
+                "raw_output, meta_json FROM comparisons WHERE run_id = ? "
+                "AND method <> 'evaluation' ORDER BY comparison_id",
+                key,
+            ),
+            "discards": self.query(
+                "SELECT round, method, stage, reason, item_id, detail FROM discards "
+                "WHERE run_id = ? ORDER BY round, method, stage, reason, item_id",
+                key,
             ),
         }
 
