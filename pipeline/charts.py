@@ -87,15 +87,19 @@ def bar_chart(
     y_range: tuple[float, float] | None = None,
     stacked: bool = False,
 ) -> Markup:
-    """Bars per group (x) and series (colour), side by side or stacked."""
+    """Bars per group (x) and series (colour), side by side or stacked. Past ten series
+    (a round's time split) the colours come from a 20-colour map, so none repeats."""
+    import matplotlib.pyplot as plt
+
     fig, ax = _figure(title, y_label)
+    colors = plt.get_cmap("tab20").colors if len(series) > 10 else [None] * len(series)
     width = 0.8 / (1 if stacked else max(len(series), 1))
     base = [0.0] * len(groups)
     for i, (label, by_group) in enumerate(series.items()):
         values = [by_group.get(g, 0.0) or 0.0 for g in groups]
         offset = 0.0 if stacked else (i - (len(series) - 1) / 2) * width
         xs = [k + offset for k in range(len(groups))]
-        ax.bar(xs, values, width, bottom=base if stacked else None, label=label)
+        ax.bar(xs, values, width, bottom=base if stacked else None, label=label, color=colors[i])
         if stacked:
             base = [b + v for b, v in zip(base, values, strict=True)]
     ax.set_xticks(range(len(groups)), list(groups))
