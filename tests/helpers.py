@@ -304,11 +304,18 @@ def wait_until(
         if found:
             return found
         if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read()[-3000:] if proc.stdout else ""
-            raise AssertionError(f"the run ended before {what}: {out}")
+            raise AssertionError(f"the process ended before {what}: {_output(proc)}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(every)
+
+
+def _output(proc: subprocess.Popen) -> str:
+    """The end of what a watched process wrote: its pipe, or its log file."""
+    if proc.stdout is not None:
+        return proc.stdout.read()[-3000:]
+    log = getattr(proc, "log_path", None)
+    return Path(log).read_text(errors="replace")[-3000:] if log else ""
 
 
 # -- prefloop as a user runs it --------------------------------------------------------------

@@ -28,6 +28,17 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _start(cmd: list[str], env: dict, log: Path, cwd: Path = ROOT) -> subprocess.Popen:
+    """A long-lived process with its output in a log file: a pipe nobody reads fills up
+    (64 KiB) and then blocks the process's next write, which froze the Prefect server's
+    API mid-suite. A failure shows the log's end (`wait_until`)."""
+    out = open(log, "w")  # noqa: SIM115  (closed by _end)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc.log_path = log  # type: ignore[attr-defined]
+    proc.log_file = out  # type: ignore[attr-defined]
+    return proc
+
+
 def _end(proc: subprocess.Popen | None) -> None:
     if proc is None:
         return
@@ -37,6 +48,7 @@ def _end(proc: subprocess.Popen | None) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    proc.log_file.close()
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +59,12 @@ def prefect_server(tmp_path_factory):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api}
-    # The API alone: both tests trigger their run themselves, and the scheduler and other
-    # background services only add writes to the server's SQLite file, which under a
-    # loaded full suite left the API unanswered for minutes.
-    server = subprocess.Popen(
+    # The API alone: both tests trigger their run themselves.
+    server = _start(
         [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
         + ["--no-services", "--analytics-off"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        env,
+        home / "server.log",
     )
     try:
         wait_until(lambda: _answers(f"{api}/health"), 180, "the Prefect server", server)
@@ -96,14 +104,11 @@ def test_served_deployment_runs(prefect_server, tmp_path, tiny_model_dir):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     path, cfg = _config(tmp_path, tiny_model_dir, "served")
-    served = subprocess.Popen(
+    served = _start(
         [sys.executable, "-m", "flows.cli", "serve", "--config", str(path)]
         + ["--cron", "0 0 1 1 *", "--name", "test"],
-        cwd=ROOT,
-        env=prefect_server["env"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        prefect_server["env"],
+        tmp_path / "serve.log",
     )
     try:
 
@@ -166,13 +171,11 @@ def test_process_worker_runs_the_deployed_round(prefect_server, tmp_path, tiny_m
         for line in triggered.stdout.splitlines()
         if "UUID:" in line
     )
-    worker = subprocess.Popen(
+    worker = _start(
         [*PREFECT, "worker", "start", "--pool", pool, "--limit", "1"],
+        env,
+        tmp_path / "worker.log",
         cwd=tmp_path,  # the pull step moves the run into PREFLOOP_HOME
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
     )
     try:
         state = _wait_final(prefect_server["api"], run_id, worker)
