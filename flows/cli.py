@@ -566,17 +566,7 @@ def docs_cmd(
     from pipeline import reference
 
     if check:
-        stale = [
-            str(path)
-            for path, text in (
-                (reference.CONFIG_PAGE, reference.config_reference()),
-                (
-                    reference.EXPERIMENTS_PAGE,
-                    reference.experiments_page(reference.EXPERIMENTS_PAGE.read_text()),
-                ),
-            )
-            if path.read_text() != text
-        ]
+        stale = [str(p) for p in reference.stale_pages()]
         if stale:
             raise PrefloopError(f"{', '.join(stale)}: stale; run `prefloop docs`")
         typer.echo("docs up to date")

@@ -47,17 +47,14 @@ def run_stage_batches(r: Round, s: Stage) -> None:
 
 
 def run_round(r: Round) -> None:
-    """The round's stages in order; the plan is written again once self-instruct has
-    made its prompts (the methods' batches follow from them)."""
+    """The round's stages in order. Self-instruct runs first and the plan is written
+    again with the prompts it made, since the methods' batches follow from them."""
     r.write_plan()
-    for s in r.stages():
-        if s.name == SELF_INSTRUCT:
-            run_stage_batches(r, s)
-            r.generated = stage.generated_prompts(r)
-            r.write_plan()
-            break
-    else:
-        r.generated = []
+    first = r.stages()[0]
+    if first.name == SELF_INSTRUCT:
+        run_stage_batches(r, first)
+    r.generated = stage.generated_prompts(r)  # [] when no method takes them
+    r.write_plan()
     for s in r.stages():
         if s.name != SELF_INSTRUCT:
             run_stage_batches(r, s)

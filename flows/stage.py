@@ -119,7 +119,7 @@ def generated_prompts(r: Round) -> list:
 def method_batch(r: Round, stage: Stage, batch: int) -> None:
     """Submit one batch of a method to the task runner; `Round.drain` stores it."""
     cfg, size = r.cfg, r.cfg.engine.batch_size
-    prompts = rounds.method_prompts(cfg, stage.method, r.seeds, r.generated or [])
+    prompts = rounds.method_prompts(cfg, stage.method, r.seeds, r.generated)
     chosen = prompts[batch * size : (batch + 1) * size]
     work = partial(
         rounds.run_batch,

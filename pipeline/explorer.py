@@ -51,7 +51,8 @@ def _side(p: Mapping[str, Any], side: str, judged: Mapping[str, list]) -> dict[s
 def _by_generation(
     judgments: Sequence[Mapping[str, Any]], comparisons: Sequence[Mapping[str, Any]]
 ) -> tuple[dict[str, list], dict[str, list]]:
-    """Per generation: its judgments, and the A/B questions it was part of."""
+    """Per generation: its judgments; per unordered pair of generations: the A/B
+    questions asked about the two."""
     judged: dict[str, list] = defaultdict(list)
     for j in judgments:
         judged[j["generation_id"]].append(
@@ -62,7 +63,7 @@ def _by_generation(
                 "raw": j["raw_output"],
             }
         )
-    asked: dict[str, list] = defaultdict(list)
+    asked: dict[frozenset, list] = defaultdict(list)
     for c in comparisons:
         entry = {
             "prob_a": c["prob_a"],
@@ -73,8 +74,7 @@ def _by_generation(
             "raw": c["raw_output"],
             "meta": _meta(c["meta_json"]),
         }
-        for gid in {c["generation_a_id"], c["generation_b_id"]}:
-            asked[gid].append(entry)
+        asked[frozenset((c["generation_a_id"], c["generation_b_id"]))].append(entry)
     return judged, asked
 
 
@@ -95,7 +95,6 @@ def _critique_chains(critiques: Sequence[Mapping[str, Any]]) -> dict[tuple, list
 
 def _pair(p: Mapping[str, Any], judged: dict, asked: dict, chains: dict) -> dict[str, Any]:
     chosen, rejected = _side(p, "chosen", judged), _side(p, "rejected", judged)
-    both = [q for q in asked.get(chosen["id"], []) if q in asked.get(rejected["id"], [])]
     return {
         "id": p["pair_id"],
         "round": p["round"],
@@ -111,7 +110,7 @@ def _pair(p: Mapping[str, Any], judged: dict, asked: dict, chains: dict) -> dict
         "rejected": rejected,
         "judges": sorted({j["judge"] for s in (chosen, rejected) for j in s["judgments"]}),
         "critiques": chains.get((p["round"], p["prompt_id"]), []) if p["method"] == "cai" else [],
-        "questions": both,
+        "questions": asked.get(frozenset((chosen["id"], rejected["id"])), []),
     }
 
 

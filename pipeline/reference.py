@@ -212,13 +212,22 @@ def experiments_page(current: str, results: Path = RESULTS) -> str:
     return current[:start] + experiment_tables(results) + current[end:]
 
 
-def write_pages() -> list[Path]:
-    """Regenerate both pages; returns those that changed."""
-    changed = []
-    for path, text in (
+def pages() -> list[tuple[Path, str]]:
+    """Each generated page with what it should hold now."""
+    return [
         (CONFIG_PAGE, config_reference()),
         (EXPERIMENTS_PAGE, experiments_page(EXPERIMENTS_PAGE.read_text())),
-    ):
+    ]
+
+
+def stale_pages() -> list[Path]:
+    return [path for path, text in pages() if not path.is_file() or path.read_text() != text]
+
+
+def write_pages() -> list[Path]:
+    """Regenerate the pages; returns those that changed."""
+    changed = []
+    for path, text in pages():
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
             changed.append(path)
