@@ -10,12 +10,12 @@ from typing import Annotated
 
 import typer
 
-from flows.runlog import ERROR_FILE, one_line, record_failure
+from flows.runlog import ERROR_FILE, console, one_line, record_failure
 from pipeline.config import load_config
 from pipeline.errors import PrefloopError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-models_app = typer.Typer(no_args_is_help=True, help="Pull and list models.")
+models_app = typer.Typer(no_args_is_help=True, help="Pull, list and resolve models.")
 templates_app = typer.Typer(no_args_is_help=True, help="List, show and render prompt templates.")
 db_app = typer.Typer(no_args_is_help=True, help="Inspect the database.")
 app.add_typer(models_app, name="models")
@@ -55,6 +55,25 @@ def models_list():
         typer.echo("no models yet; run `prefloop models pull`")
     for m in models:
         typer.echo(f"{m.name}\t{m.sha256[:12]}\t{m.path}")
+
+
+@models_app.command("resolve")
+def models_resolve(
+    model: Annotated[
+        str, typer.Argument(help="A name under data/models, a path, or org/name[@rev].")
+    ],
+):
+    """Where a model name resolves: its directory, its Hub revision (a commit) when it is a
+    Hub id, its content hash and the model id a run stores."""
+    from pipeline.models import resolve_model
+
+    info = resolve_model(model)
+    typer.echo(f"path     {info.path}")
+    if info.repo is not None:
+        typer.echo(f"repo     {info.repo}")
+        typer.echo(f"revision {info.revision}")
+    typer.echo(f"sha256   {info.sha256}")
+    typer.echo(f"model id {info.model_id}")
 
 
 # -- templates ----------------------------------------------------------------------------
@@ -375,13 +394,16 @@ def run(
     ] = None,
     judge_template: JudgeOpt = None,
     verbose: Annotated[
-        bool, typer.Option("--verbose", help="Print tracebacks too (the log file has them).")
+        bool,
+        typer.Option(
+            "--verbose", help="Print every line, tracebacks too (the log file has them all)."
+        ),
     ] = False,
 ):
     """Run the iterative loop: generate pairs with every enabled method, train, repeat.
     Re-running the same command resumes where it stopped. The full log, tracebacks
     included, goes to runs/<run>/logs/; a failure ends with one `error:` line."""
-    from flows.runlog import start_run_log
+    from flows.runlog import console, start_run_log
     from flows.supervise import is_worker, watch_supervisor
     from pipeline.preflight import preflight
 
@@ -395,21 +417,21 @@ def run(
     check_runner(cfg)  # runner.kind ray without the ray extra installed fails here
     global _RUN_LOG
     _RUN_LOG = start_run_log(cfg.runs_dir, cfg.name, verbose)
-    typer.echo(
+    say = console()  # the terminal: the run's stdout goes to its log file
+    say.write(
         f"prompts  {len(inputs.train_prompts)} for generation, {len(inputs.heldout_prompts)} "
-        f"held out, {inputs.duplicate_prompts} duplicates ignored"
+        f"held out, {inputs.duplicate_prompts} duplicates ignored\n"
+        f"log      {_RUN_LOG.resolve()}\n"
     )
-    typer.echo(f"log      {_RUN_LOG.resolve()}")
     result = loop_flow(cfg.model_dump(mode="json"), rounds=rounds)
-    typer.echo(
-        f"run      {result['run_id']}: {result['rounds']} rounds, "
-        f"final model {result['final_model']}"
-    )
-    typer.echo(f"database {Path(result['db_path']).resolve()}")
-    typer.echo(f"rounds   {Path(cfg.runs_dir).resolve() / cfg.name}")
-    typer.echo(f"report   {Path(result['report']).resolve()}")
-    typer.echo(
-        f"inspect  prefloop status --config {config}; prefloop pairs --config {config} --round 1"
+    say.write(
+        f"run      {result['run_id']}: {result['rounds']} rounds, final model "
+        f"{result['final_model']}\n"
+        f"database {Path(result['db_path']).resolve()}\n"
+        f"rounds   {Path(cfg.runs_dir).resolve() / cfg.name}\n"
+        f"report   {Path(result['report']).resolve()}\n"
+        f"inspect  prefloop status --config {config}; prefloop pairs --config {config} "
+        "--round 1\n"
     )
 
 
@@ -496,7 +518,8 @@ def status(
 
 def _live_line(r: dict) -> str:
     """One line for a round that is not finished: running (its process is alive) or
-    stopped (resume it with the same command)."""
+    stopped (resume it with the same command). In a training step, what its trainer
+    reported: step i of n, its loss and the time it has left at its own pace."""
     from datetime import datetime
 
     from pipeline.progress import alive, duration, round_progress
@@ -507,12 +530,59 @@ def _live_line(r: dict) -> str:
         return f"stopped  {name}: not running (run the same command to resume)"
     p = round_progress(plan, r["done"], r["pairs"], r["started_at"], datetime.now())
     where = p["stage"] + (f" batch {p['batch']} of {p['batches']}" if p["batch"] else "")
+    trainer = _trainer_progress(r.get("snapshot_dir"), p["stage"])
     pairs = ", ".join(f"{m} {n}" for m, n in p["pairs"].items()) or "none yet"
     speed = f"{p['tokens_per_s']:.0f} tok/s" if p["tokens_per_s"] else "- tok/s"
     return (
-        f"running  {name}: {where} | pairs {pairs} | {speed} | elapsed "
+        f"running  {name}: {trainer or where} | pairs {pairs} | {speed} | elapsed "
         f"{duration(p['elapsed_s'])} | about {duration(p['left_s'])} left"
     )
+
+
+def _trainer_progress(folder: str | None, stage: str) -> str | None:
+    """`train_dpo: step 12 of 40, loss 0.61, about 1m20s left` from the file the training
+    child writes in the round's folder; None outside a training step or before it wrote."""
+    from pipeline.progress import training_progress
+    from pipeline.training.kinds import TRAINING_KINDS, train_stage
+    from pipeline.training.launch import progress_file, read_progress
+
+    kind = next((k for k in TRAINING_KINDS if train_stage(k) == stage), None)
+    if folder is None or kind is None:
+        return None
+    record = read_progress(progress_file(Path(folder), kind))
+    return f"{stage}: {training_progress(record, time.time())}" if record else None
+
+
+@app.command("prompts")
+def prompts_cmd(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    round_: Annotated[int, typer.Option("--round", help="The round whose draw to list.")] = 1,
+    limit: Annotated[int, typer.Option("--limit", help="List at most this many.")] = 20,
+):
+    """The prompts a round would draw (`prompts.per_round` of them, by seed and round), each
+    with its source (a file, or a dataset and split), after the counts per source."""
+    from collections import Counter
+
+    from pipeline.rounds import load_inputs, round_prompts
+
+    cfg = load_config(config, overrides)
+    inputs = load_inputs(cfg)
+    sources = Counter(p.source for p in inputs.train_prompts)
+    typer.echo(
+        f"prompts  {len(inputs.train_prompts)} for generation "
+        f"({', '.join(f'{n} from {s}' for s, n in sources.items())}), "
+        f"{len(inputs.heldout_prompts)} held out, {inputs.duplicate_prompts} duplicates ignored"
+    )
+    drawn = round_prompts(inputs, cfg, round_)
+    typer.echo(
+        f"round {round_} draws {len(drawn)}"
+        + (f", the first {limit}:" if len(drawn) > limit else ":")
+    )
+    width = max((len(p.source) for p in drawn[:limit]), default=0)
+    for p in drawn[:limit]:
+        task = f" [{p.task}]" if p.task else ""
+        typer.echo(f"{p.source:<{width}}  {p.prompt_id[:8]}{task}  {_cell(p.text, 90)}")
 
 
 @app.command("pairs")
@@ -609,13 +679,13 @@ def _fail(exc: BaseException, line: str) -> None:
         if target:
             Path(target).write_text(text + "\n")
         else:
-            typer.echo(text, err=True)
+            typer.echo(text, file=console(err=True))
 
     if _RUN_LOG is None:  # before the run started: nothing else to end
         say(line)
         raise SystemExit(2)
     record_failure(_RUN_LOG, exc)
-    typer.echo(f"log      {_RUN_LOG.resolve()} (the full traceback)", err=True)
+    typer.echo(f"log      {_RUN_LOG.resolve()} (the full traceback)", file=console(err=True))
     say(line)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -7,10 +7,12 @@ of the model renders prompts exactly as the flow's machine would.
 """
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -90,14 +92,25 @@ def tokenizer_dir(spec: EngineSpec) -> Path | None:
 
 _ENGINES: dict[EngineSpec, EngineBase | RewardScorer] = {}
 _LOCK = threading.Lock()
+log = logging.getLogger("prefloop.engines")
 
 
 def get_engine(spec: EngineSpec) -> EngineBase | RewardScorer:
+    """The spec's engine in this process, started on first use (one console line: the
+    engines' own start-up output goes to the run's log file)."""
     with _LOCK:
         if spec not in _ENGINES:
             cfg = EngineConfig.model_validate_json(spec.engine_json)
+            began = time.perf_counter()
             _ENGINES[spec] = start_for_role(
                 Path(spec.model_path), cfg, spec.seed, spec.role, tokenizer_dir(spec)
+            )
+            log.info(
+                "engine %s started for %s (%s) in %.0fs",
+                _ENGINES[spec].kind,
+                spec.model_id,
+                spec.role,
+                time.perf_counter() - began,
             )
         return _ENGINES[spec]
 

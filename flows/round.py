@@ -6,7 +6,6 @@ flows/evaluate.py; their order: pipeline/plan.py.
 """
 
 import json
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from datetime import UTC, datetime
 from prefect import get_run_logger
 
 from flows.engines import EngineSpec, close_engines, engine_spec
+from flows.runlog import console
 from pipeline import rounds
 from pipeline.config import parse_config
 from pipeline.engines import GENERATE, SCORE
@@ -77,7 +77,7 @@ class Round:
                 ctx.round,
                 ctx.model_id,
                 pair_policy_json=json.dumps(self.pair_policies(), sort_keys=True),
-                snapshot_dir=str(self.folder),
+                snapshot_dir=str(self.folder.resolve()),  # `status` reads it from anywhere
             )
             self.done = self.store.done_batches(ctx.run_id, ctx.round)
             self.attempt = sum(stage == FLOW for stage, _ in self.done)  # resumed: 1, 2...
@@ -166,8 +166,8 @@ class Round:
             m["wall_s"],
             m["tokens_per_s"] or 0.0,
         )
-        if total > 1 and sys.stderr.isatty():  # a bar for long stages, in the terminal only
-            sys.stderr.write(
+        if total > 1 and console(err=True).isatty():  # a bar for long stages, in a terminal
+            console(err=True).write(
                 f"round {self.ctx.round} {stage:<13} {progress_bar(batch + 1, total)}\n"
             )
 

@@ -130,7 +130,8 @@ class RunConfig(StrictModel):
     db_path: Path = Path("data/prefloop.duckdb")
     # Where each round leaves its folder: config, data snapshots, checkpoints, report.
     runs_dir: Path = Path("data/runs")
-    # The initial policy: a name under data/models/ or a checkpoint directory.
+    # The initial policy: a name under data/models/, a checkpoint directory, or a Hugging
+    # Face Hub id (`org/name`, `org/name@revision`) from huggingface_hub's cache.
     model: str = "smollm2-135m-instruct"
     # Rounds `prefloop run` runs (--rounds overrides).
     rounds: int = Field(1, ge=1)

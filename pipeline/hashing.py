@@ -28,11 +28,12 @@ def sha256_file(path: Path) -> str:
 
 
 def sha256_dir(path: Path, exclude: tuple[str, ...] = ()) -> str:
-    """Hash of a directory's files (relative names and contents), order independent."""
+    """Hash of a directory's files (relative names and contents), order independent;
+    `exclude`: files or top-level folders left out."""
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = f.relative_to(path).as_posix()
-        if rel in exclude:
+        if rel in exclude or rel.split("/", 1)[0] in exclude:
             continue
         h.update(rel.encode() + b"\0" + sha256_file(f).encode() + b"\n")
     return h.hexdigest()

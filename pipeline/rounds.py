@@ -21,6 +21,7 @@ from pipeline.judging import JudgePlan, build_judge, load_judge, plan_judge
 from pipeline.judging.labels import PAIRWISE_VARS
 from pipeline.judging.parsing import choice_parser
 from pipeline.methods import METHODS
+from pipeline.prompt_datasets import load_dataset_prompts
 from pipeline.rows import RoundContext, Rows
 from pipeline.seeds import Prompt, load_prompts
 from pipeline.self_instruct import SelfInstructConfig, write_new_prompts
@@ -69,10 +70,17 @@ def load_inputs(cfg: RunConfig) -> RoundInputs:
     prompts: list[Prompt] = []
     for path in cfg.prompts.files:
         prompts += load_prompts(path)
+    for index, source in enumerate(cfg.prompts.datasets):
+        prompts += load_dataset_prompts(source, index)
     unique = list({p.prompt_id: p for p in prompts}.values())
-    files = ", ".join(map(str, cfg.prompts.files))
+    files = (
+        ", ".join([*map(str, cfg.prompts.files), *(d.path for d in cfg.prompts.datasets)])
+        or "prompts.files"
+    )
     if not unique:
-        raise ConfigError(f"{files}: no prompts (prompts.files must name at least one prompt)")
+        raise ConfigError(
+            f"{files}: no prompts (prompts.files or prompts.datasets must give at least one)"
+        )
     if len(unique) <= cfg.prompts.heldout:
         raise ConfigError(
             f"prompts.heldout: {cfg.prompts.heldout} held-out prompts leave none of the "

@@ -19,6 +19,7 @@ from pydantic import (
     ValidationError,
     WrapValidator,
     field_validator,
+    model_validator,
 )
 
 from pipeline.errors import ConfigError
@@ -179,6 +180,9 @@ class StepSettings(StrictModel):
     kto: KtoDataConfig = KtoDataConfig()
     # CUDA: the `accelerate launch` config file (None: data/configs/accelerate/single_gpu.yaml).
     accelerate_config: Path | None = None
+    # Where the trainer also logs, by transformers' integration names (tensorboard, wandb,
+    # mlflow, trackio, ...); tensorboard's event files go in the step's model folder, logs/.
+    report_to: list[str] = []
 
 
 class TrainingConfig(StepSettings):
@@ -282,9 +286,38 @@ class EvaluationConfig(StrictModel):
     yardstick: YardstickConfig = YardstickConfig()
 
 
+class PromptDataset(StrictModel):
+    """Prompts from a dataset `datasets` loads: a Hub dataset, a local parquet / json /
+    jsonl / csv file, or a folder `save_to_disk` wrote."""
+
+    # A Hub dataset id (`org/name`), a data file, or a save_to_disk folder.
+    path: str
+    # The dataset's configuration (subset), where it has several.
+    name: str | None = None
+    # The split to read (a single data file is its train split).
+    split: str = "train"
+    # The column holding each prompt's text (default: `prompt`, else `messages_column`).
+    column: str | None = None
+    # A column of chat messages ({role, content} lists): the conversation up to its last
+    # user turn is the prompt (a chat dataset's answers are left out).
+    messages_column: str | None = None
+    # A task name for every prompt of it (e.g. harmlessness: RLCD's descriptors).
+    task: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]*$")
+    # Its first `limit` rows only (None = all).
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_column(self) -> "PromptDataset":
+        if self.column is not None and self.messages_column is not None:
+            raise ValueError("give column or messages_column, not both")
+        return self
+
+
 class PromptsConfig(StrictModel):
     # Prompt files (JSON Lines: prompt or messages, optional task).
     files: list[Path] = [Path("data/prompts/helpful.jsonl")]
+    # Prompts from datasets, beside the files (`files: []` for datasets alone).
+    datasets: list[PromptDataset] = []
     # Prompts used per round (None = all); heldout prompts are kept out of generation.
     per_round: int | None = Field(None, ge=1)
     # Prompts held out of generation for the win rate, chosen by a hash.

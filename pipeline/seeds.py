@@ -104,6 +104,16 @@ def _prompt(path: Path, lineno: int, row: object) -> Prompt:
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ConfigError(f"{where}: expected 'prompt' (string) or 'messages' (non-empty list)")
+    check_messages(messages, where)
+    if messages[-1]["role"] != "user":
+        raise ConfigError(f"{where}: the last message must be the user's")
+    return Prompt.from_messages(messages, task=task, source=source)
+
+
+def check_messages(messages: Any, where: str) -> None:
+    """A non-empty list of {role: system/user/assistant, content: str}."""
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError(f"{where}: messages must be a non-empty list")
     for m in messages:
         if not (
             isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str)
@@ -111,6 +121,3 @@ def _prompt(path: Path, lineno: int, row: object) -> Prompt:
             raise ConfigError(
                 f"{where}: each message needs a role (system/user/assistant) and string content"
             )
-    if messages[-1]["role"] != "user":
-        raise ConfigError(f"{where}: the last message must be the user's")
-    return Prompt.from_messages(messages, task=task, source=source)

@@ -207,6 +207,12 @@ def _yardstick(content: str):
     return make
 
 
+def _dataset_column(tmp):
+    """A parquet file of questions, and a config that reads a `prompt` column from it."""
+    _file("q.jsonl", '{"question": "Why?", "id": 1}\n')(tmp)
+    return _config(f"prompts:\n  datasets: [{{path: {tmp / 'q.jsonl'}, column: prompt}}]\n")(tmp)
+
+
 def _model(tmp):
     (tmp / "m").mkdir()
     return ["--set", f"model={tmp / 'm'}"]
@@ -262,6 +268,16 @@ MATRIX = [
     ("empty prompts", _prompts(b"\n\n"), "p.jsonl: no prompts"),
     ("model directory not a model", _model, "no config.json"),
     (
+        "dataset without the column named",
+        _dataset_column,
+        "q.jsonl): no column 'prompt'; it has question, id",
+    ),
+    (
+        "Hub id not in the cache, offline",
+        lambda tmp: ["--set", "model=prefloop-test/not-cached@v1"],
+        "model 'prefloop-test/not-cached@v1': not in the Hugging Face cache",
+    ),
+    (
         "prefilled labels the tokenizer cannot read",
         _judge((Path(__file__).parent / "data" / "judge_percent_unreadable.j2").read_text()),
         "j.j2: label '1' reads as the start of label '10'",
@@ -292,6 +308,11 @@ MATRIX = [
         _config("cai:\n  enabled: false\ntraining:\n  steps: [sft, dpo]\n"),
         "c.yaml: training.steps.0: sft has nothing to train on: it reads cai, and the enabled "
         "methods kept by training.methods are rlcd, self_reward",
+    ),
+    (
+        "training logs to an integration transformers does not know",
+        _config("training:\n  report_to: [tensorbored]\n"),
+        "c.yaml: training.report_to: 'tensorbored' is not one of azure_ml, clearml,",
     ),
     (
         "kto with a batch of one",

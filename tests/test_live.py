@@ -4,6 +4,7 @@ no process outlives the run, whether it ends, fails, is interrupted or is killed
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -256,3 +257,34 @@ def test_kill_between_training_steps_resumes_the_missing_step(tmp_path, tiny_mod
         [[n]] = store.sql("SELECT count(*) FROM stage_metrics WHERE stage = 'train_sft'")[1]
         assert n == 1
         assert store.sql("SELECT status FROM rounds")[1] == [("finished",)]
+
+
+def test_status_and_console_follow_the_trainer(tmp_path, tiny_model_dir):
+    """While a round's DPO step trains, `prefloop status` says the trainer's own step i of
+    n, its loss and the time it has left, from what the training child writes; the
+    console says it too, shows one line per engine start and none of the libraries' own
+    lines or Prefect's task states, which are all in the run's log file."""
+    training = {"steps": ["dpo"], "epochs": 10, "batch_size": 1}
+    cfg = config(tmp_path, tiny_model_dir, rounds=1, training=training)
+    db = Path(cfg["db_path"])
+    proc, mark = start_run(cfg, tmp_path)
+    seen: list[str] = []
+
+    def trainer_step() -> bool:
+        out = prefloop("status", "--db", str(db)).stdout
+        seen.extend(ln for ln in out.splitlines() if "train_dpo: step " in ln)
+        step = seen and re.search(r"train_dpo: step (\d+) of (\d+)", seen[-1])
+        return bool(step) and 0 < int(step[1]) < int(step[2])
+
+    wait_until(trainer_step, 400, "the trainer's step in `prefloop status`", proc, every=1)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    line = seen[-1]
+    assert line.startswith("running  live round 1: train_dpo: step "), line
+    assert re.search(r"step \d+ of \d+, loss [0-9.]+, about \d+m\d\ds left \|", line), line
+    assert re.search(r"training dpo: step \d+ of \d+, loss", out), out[-3000:]
+    assert re.search(r"engine hf started for \S+ \(generate\) in \d+s", out), out[-3000:]
+    assert "Finished in state" not in out and "Beginning flow run" not in out, out[-3000:]
+    [log] = [ln.split()[1] for ln in out.splitlines() if ln.startswith("log ")]
+    assert "Finished in state Completed()" in Path(log).read_text()
+    assert marked_processes(mark) == []

@@ -3,6 +3,8 @@ on the tiny model in a child process, chained steps, the data window, registrati
 a failing child."""
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 from datasets import load_dataset
@@ -11,13 +13,15 @@ from transformers import AutoTokenizer
 
 from pipeline.config import RunConfig
 from pipeline.engines import Sampling, start_engine
-from pipeline.models import resolve_model
+from pipeline.hashing import sha256_dir
+from pipeline.models import NOT_HASHED, resolve_model
+from pipeline.progress import training_left_s, training_progress
 from pipeline.rounds import round_dir
 from pipeline.schema import EngineConfig
 from pipeline.store import Store
 from pipeline.training.export import PAIR_COLUMNS, read_dataset, split_pairs, write_dataset
 from pipeline.training.kinds import TRAINING_KINDS
-from pipeline.training.launch import TrainingError
+from pipeline.training.launch import TrainingError, progress_file, read_progress
 from pipeline.training.step import export_step, train_round, train_step
 
 RUN = "train-test"
@@ -111,8 +115,14 @@ def test_dpo_full_learns_and_registers(tmp_path, tiny_model_dir):
         model = store.model(result["model_id"])
         assert model["parent_model_id"] == store.round_info(RUN, 1)["model_id"]
         assert model["round"] == 1 and model["kind"] == "policy"
-    # The snapshot training read is in the round folder, next to the checkpoint.
-    assert (tmp_path / "runs" / RUN / "round-1" / "data-dpo" / "train.parquet").is_file()
+    # The snapshot training read is in the round folder, next to the checkpoint, and so is
+    # the child's last progress record: every step done, its last loss.
+    folder = tmp_path / "runs" / RUN / "round-1"
+    assert (folder / "data-dpo" / "train.parquet").is_file()
+    progress = read_progress(progress_file(folder, "dpo"))
+    assert progress["phase"] == "saving the model"
+    assert progress["step"] == progress["steps"] == m["steps"]
+    assert progress["loss"] == m["final_step_loss"]
     # The next round's engine serves the checkpoint.
     assert resolve_model(model["path"]).sha256 == model["sha256"]
     with start_engine(model["path"], EngineConfig(kind="hf"), seed=0) as engine:
@@ -180,6 +190,34 @@ def test_export_counts(tmp_path, tiny_model_dir):
             assert (len(back["train"]), len(back["test"])) == (4, 0), fmt
         result = _train(store, cfg.model_copy(update={}), "dpo")
         assert result["metrics"]["heldout_pairs"] == 0 and result["metrics"]["steps"] > 0
+
+
+def test_training_progress_in_words(tmp_path):
+    """What the console and `prefloop status` say about a training child: its phase, or
+    step i of n with the latest loss and the time left at its own pace so far."""
+    from transformers import TrainerControl, TrainerState
+
+    from pipeline.training.common import Progress
+
+    path = tmp_path / "model-dpo.progress.json"
+    assert read_progress(path) is None
+    callback = Progress(str(path))
+    callback.update(phase="held-out numbers before training")
+    assert training_progress(read_progress(path), 0.0) == "held-out numbers before training"
+    state, control = TrainerState(max_steps=40), TrainerControl()
+    callback.on_train_begin(None, state, control)
+    assert training_progress(read_progress(path), time.time()) == "step 0 of 40"
+    record = {**read_progress(path), "train_started": 100.0}
+    record.update(step=10, updated=120.0, loss=0.61234)
+    assert training_progress(record, 125.0) == "step 10 of 40, loss 0.6123, about 0m55s left"
+    assert training_left_s(record, 500.0) == 0.0  # overdue, never negative
+    state.global_step = 11
+    callback.on_log(None, state, control, logs={"loss": 0.5})
+    assert read_progress(path)["step"] == 11 and read_progress(path)["loss"] == 0.5
+    Progress(str(path), main_process=False).update(phase="saving the model")
+    assert read_progress(path)["step"] == 11  # only the main process writes
+    path.write_text('{"phase": "trai')  # a torn write reads as nothing yet
+    assert read_progress(path) is None
 
 
 def test_launcher_uses_accelerate_on_cuda(tmp_path):
@@ -257,7 +295,11 @@ def test_sft_data_revisions_and_best_of_n(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_sft_step_lowers_heldout_loss(tmp_path, tiny_model_dir):
-    cfg = _cfg(tmp_path, steps=["sft"], epochs=2)
+    """And logs to tensorboard (`report_to`) in the checkpoint's logs/, which its content
+    hash leaves out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tmp_path, steps=["sft"], epochs=2, report_to=["tensorboard"])
     with Store(cfg.db_path) as store:
         _write_round(store, tiny_model_dir, n=12, cai=True)
         result = _train(store, cfg)
@@ -266,6 +308,11 @@ def test_sft_step_lowers_heldout_loss(tmp_path, tiny_model_dir):
         assert m["heldout_loss"] < m["heldout_loss_before"]
         model = store.model(result["model_id"])
         assert model["kind"] == "policy" and result["model_id"].startswith(f"{RUN}-r1-sft@")
+    [events] = {f.parent for f in Path(model["path"], "logs").rglob("events.out.tfevents.*")}
+    board = EventAccumulator(str(events))
+    board.Reload()
+    assert len(board.Scalars("train/loss")) == m["steps"]
+    assert sha256_dir(Path(model["path"]), exclude=NOT_HASHED) == model["sha256"]
     with start_engine(model["path"], EngineConfig(kind="hf"), seed=0) as engine:
         [[out]] = engine.generate([[{"role": "user", "content": "Hi"}]], Sampling(max_tokens=4))
         assert out.n_tokens > 0

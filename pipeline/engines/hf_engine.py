@@ -10,6 +10,7 @@ from pipeline.schema import EngineConfig
 
 @dataclass
 class HfEngine(EngineBase):
+    kind = "hf"  # what the run's console calls it
     model: object = None
     batch_size: int = 16
 

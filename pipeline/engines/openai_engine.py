@@ -21,6 +21,7 @@ from pipeline.schema import EngineConfig
 
 @dataclass
 class OpenAIEngine(EngineBase):
+    kind = "openai"  # what the run's console calls it
     pool: ServerPool | None = None
     served_model: str = ""
     max_concurrency: int = 16  # requests in flight per server

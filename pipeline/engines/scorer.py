@@ -36,6 +36,7 @@ def check_reward_model(path: Path) -> None:
 
 @dataclass
 class RewardScorer:
+    kind = "reward_model"  # what the run's console calls it
     model_path: Path
     seed: int
     max_model_len: int

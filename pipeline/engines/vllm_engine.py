@@ -55,6 +55,7 @@ def _scratch_env(scratch: str) -> Iterator[None]:
 
 @dataclass
 class VllmEngine(EngineBase):
+    kind = "vllm"  # what the run's console calls it
     llm: object = None
     scratch: str | None = None
 

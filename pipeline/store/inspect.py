@@ -159,7 +159,7 @@ class InspectQueries(Connection):
         """Rounds not finished yet, with their plan, what each stage stored so far, and
         their pairs per method."""
         rounds = self.query(
-            "SELECT run_id, round, model_id, started_at, plan_json FROM rounds "
+            "SELECT run_id, round, model_id, started_at, plan_json, snapshot_dir FROM rounds "
             "WHERE status <> 'finished' AND (? IS NULL OR run_id = ?) ORDER BY run_id, round",
             [run_id, run_id],
         )

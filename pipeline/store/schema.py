@@ -273,6 +273,12 @@ MIGRATIONS: list[list[str]] = [
     [
         "ALTER TABLE stage_metrics ADD COLUMN servers_json VARCHAR",
     ],
+    # v8: a model named by its Hugging Face Hub id keeps the repo and the commit of the
+    # snapshot it resolved to (NULL for a local directory).
+    [
+        "ALTER TABLE models ADD COLUMN repo VARCHAR",
+        "ALTER TABLE models ADD COLUMN revision VARCHAR",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,6 +1,7 @@
 """What the training jobs share (runs inside the training child process)."""
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from pipeline.training.export import read_dataset
 
@@ -31,9 +33,13 @@ def load_policy(path: str, cuda: bool):
 
 
 def trainer_args(spec, out: Path) -> dict[str, Any]:
-    """TrainingArguments shared by every kind's TRL config."""
+    """TrainingArguments shared by every kind's TRL config. The trainer's logs for
+    `report_to` (tensorboard's event files, wandb's run folder) go in the checkpoint's logs/
+    unless the environment says where."""
     t = spec["training"]
     cuda = spec["device"] == "cuda"
+    for variable in ("TENSORBOARD_LOGGING_DIR", "WANDB_DIR"):
+        os.environ.setdefault(variable, str(out / "logs"))
     return {
         "output_dir": str(out / "trainer"),
         "learning_rate": t["learning_rate"],
@@ -48,7 +54,7 @@ def trainer_args(spec, out: Path) -> dict[str, Any]:
         "logging_steps": 1,
         "save_strategy": "no",
         "eval_strategy": "no",
-        "report_to": [],
+        "report_to": t.get("report_to") or [],
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
     }
@@ -88,6 +94,34 @@ def save(trainer, tokenizer, base_model: str, out: Path, metrics: dict[str, Any]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
 
 
+class Progress(TrainerCallback):
+    """Writes the step's progress where its spec says (`progress_file`), replaced whole
+    each time: the phase, trainer step i of n, the latest loss, when training began.
+    The parent's console and `prefloop status` read it; only the main process writes."""
+
+    def __init__(self, path: str, main_process: bool = True) -> None:
+        self.path = Path(path) if path and main_process else None
+        self.record: dict[str, Any] = {}
+
+    def update(self, **fields: Any) -> None:
+        if self.path is None:
+            return
+        self.record.update(fields, updated=time.time())
+        partial = self.path.with_name(self.path.name + f".{os.getpid()}")
+        partial.write_text(json.dumps(self.record))
+        os.replace(partial, self.path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.update(phase="training", step=0, steps=state.max_steps, train_started=time.time())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.update(step=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.update(step=state.global_step, loss=logs["loss"])
+
+
 def last_loss(trainer) -> float | None:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return losses[-1] if losses else None
@@ -118,15 +152,20 @@ def run_trainer(
     """What every kind does with its TRL trainer: held-out numbers before training (as
     `<name>_before`, where `before`), train, held-out numbers after (`eval_keys`: TRL's
     eval key -> prefloop's name; `after` adds the kind's own), save. Returns `metrics`."""
+    progress = Progress(spec.get("progress_file", ""), trainer.accelerator.is_main_process)
+    trainer.add_callback(progress)
     held_out = trainer.eval_dataset is not None
     if held_out and before:
+        progress.update(phase="held-out numbers before training")
         found = trainer.evaluate()
         metrics.update({f"{name}_before": found.get(key) for key, name in eval_keys.items()})
     metrics.update(fit(trainer))
     if held_out:
+        progress.update(phase="held-out numbers after training")
         found = trainer.evaluate()
         metrics.update({name: found.get(key) for key, name in eval_keys.items()})
         if after is not None:
             metrics.update(after())
+    progress.update(phase="saving the model")
     save(trainer, tokenizer, spec["base_model"], out, metrics)
     return metrics

@@ -7,22 +7,27 @@ error with the child's last log lines, and leaves no half-written checkpoint beh
 
 import ctypes
 import json
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PrefloopError
 from pipeline.paths import DATA_DIR
+from pipeline.progress import training_progress
 
 ACCELERATE_DEFAULT = DATA_DIR / "configs" / "accelerate" / "single_gpu.yaml"
 LOG_TAIL = 15
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PROGRESS_EVERY_S = 15.0  # how often the parent logs the child's progress, at most
+log = logging.getLogger("prefloop.training")
 
 
 class TrainingError(PrefloopError):
@@ -41,6 +46,26 @@ class TrainSpec:
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | auto (cuda where the child runs has it)
     extra: dict[str, Any] = field(default_factory=dict)
+    progress_file: str = ""  # where the child reports its progress ("" = nowhere)
+
+
+def checkpoint_dir(folder: Path, kind: str) -> Path:
+    """Where a round's step of `kind` leaves its model (under the round's folder)."""
+    return Path(folder) / f"model-{kind}"
+
+
+def progress_file(folder: Path, kind: str) -> Path:
+    """Where that step's training child reports its progress: the phase, trainer step i
+    of n, the latest loss. `prefloop status` and the run's console read it."""
+    return Path(folder) / f"model-{kind}.progress.json"
+
+
+def read_progress(path: Path | str) -> dict[str, Any] | None:
+    """The child's latest progress record; None before its first (or a torn read)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def cuda_available() -> bool:
@@ -79,6 +104,25 @@ def _die_with_parent() -> None:
         pass  # not Linux: an orphan finishes on its own; the resumed run still starts clean
 
 
+def _wait_reporting(proc: subprocess.Popen, spec: TrainSpec, timeout_s: float | None) -> None:
+    """Wait for the child (TimeoutExpired past `timeout_s`); every PROGRESS_EVERY_S, log
+    what it reported when that changed."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    last = None
+    while True:
+        left = PROGRESS_EVERY_S if deadline is None else deadline - time.monotonic()
+        try:
+            proc.wait(max(0.0, min(PROGRESS_EVERY_S, left)))
+            return
+        except subprocess.TimeoutExpired:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+        record = read_progress(spec.progress_file) if spec.progress_file else None
+        if record and (record.get("phase"), record.get("step")) != last:
+            last = (record.get("phase"), record.get("step"))
+            log.info("training %s: %s", spec.kind, training_progress(record, time.time()))
+
+
 def run_training(
     spec: TrainSpec, accelerate_config: Path | None = None, timeout_s: float | None = None
 ) -> dict:
@@ -100,20 +144,22 @@ def run_training(
         "TOKENIZERS_PARALLELISM": "false",
     }
     cmd = command(spec_path, spec.device, accelerate_config)
-    with open(log_path, "w") as log:
+    if spec.progress_file:
+        Path(spec.progress_file).unlink(missing_ok=True)  # a killed attempt's
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+        )
         try:
-            proc = subprocess.run(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                timeout=timeout_s,
-                preexec_fn=_die_with_parent,
-            )
+            _wait_reporting(proc, spec, timeout_s)
         except subprocess.TimeoutExpired:
             raise TrainingError(
                 f"training timed out after {timeout_s:.0f}s; log: {log_path}"
             ) from None
+        finally:
+            if proc.poll() is None:  # timed out, or this process was interrupted
+                proc.kill()
+                proc.wait()
     if proc.returncode != 0:
         shutil.rmtree(partial, ignore_errors=True)
         tail = log_path.read_text(errors="replace").strip().splitlines()[-LOG_TAIL:]

@@ -20,7 +20,7 @@ from pipeline.schema import TrainingConfig
 from pipeline.store import Store
 from pipeline.training.export import first_round, write_dataset
 from pipeline.training.kinds import TRAINING_KINDS, train_stage
-from pipeline.training.launch import TrainSpec, run_training
+from pipeline.training.launch import TrainSpec, checkpoint_dir, progress_file, run_training
 
 
 def export_step(
@@ -151,12 +151,13 @@ def train_step(
         trainer=TRAINING_KINDS[name].trainer,
         base_model=base["path"],
         data_dir=str(data_dir),
-        output_dir=str(folder / f"model-{name}"),
+        output_dir=str(checkpoint_dir(folder, name)),
         training=step.model_dump(mode="json"),
         reference_model=reference["path"] if reference else None,
         seed=seed + round_,
         device="auto",  # where the child runs: cuda if that machine has it
         extra={"rounds": [first_round(step, round_), round_]},
+        progress_file=str(progress_file(folder, name)),
     )
     metrics = launch(spec, step.accelerate_config)
     wall = time.perf_counter() - begin
