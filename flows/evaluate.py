@@ -108,7 +108,7 @@ def compare(r: Round, stage: Stage, batch: int) -> None:
         d["wins"],
         d["ties"],
         d["losses"],
-        d["flip_rate"],
+        None if d["flip_rate"] is None else round(d["flip_rate"], 2),
     )
 
 

@@ -166,20 +166,32 @@ def train(r: Round, stage: Stage, batch: int) -> None:
         cfg.seed,
         launch=training_launcher(cfg),
     )
-    held = {
-        k: round(v, 3)
-        for k, v in result["metrics"].items()
-        if k.startswith("heldout_") and isinstance(v, float)
-    }
     r.logger.info(
         "round %d %s training: %d rows, %.0fs, held-out %s; model %s",
         ctx.round,
         result["step"],
         result["rows"]["train"],
         result["wall_s"],
-        held,
+        held_out_words(result["metrics"]),
         result["model_id"],
     )
+
+
+def held_out_words(metrics: dict[str, Any]) -> str:
+    """`loss 0.693 -> 0.754, reward_accuracy 0.000 -> 0.375` (before -> after, where the
+    step measured before), or `none` when nothing was held out."""
+    shown = []
+    for key, value in metrics.items():
+        if not key.startswith("heldout_") or key.endswith("_before"):
+            continue
+        if not isinstance(value, float):
+            continue
+        before = metrics.get(f"{key}_before")
+        name = key.removeprefix("heldout_")
+        shown.append(
+            f"{name} {before:.3f} -> {value:.3f}" if before is not None else f"{name} {value:.3f}"
+        )
+    return ", ".join(shown) or "none"
 
 
 RUNNERS: dict[str, Callable[[Round, Stage, int], Any]] = {

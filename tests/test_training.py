@@ -427,3 +427,13 @@ def test_data_window_all_rounds_each_pair_once(tmp_path, tiny_model_dir):
         assert sorted([*snap["train"]["pair_id"], *snap["test"]["pair_id"]]) == sorted(ids)
         [run] = store.query("SELECT config_json FROM training_runs")
         assert json.loads(run["config_json"])["extra"]["rounds"] == [1, 2]
+
+
+def test_a_steps_held_out_numbers_in_words():
+    """The console line of a finished step: before -> after where measured before."""
+    from flows.stage import held_out_words
+
+    metrics = {"heldout_loss": 0.7539, "heldout_loss_before": 0.6931, "heldout_pairs": 6}
+    metrics |= {"heldout_reward_accuracy": 0.125, "train_loss": 0.7}
+    assert held_out_words(metrics) == "loss 0.693 -> 0.754, reward_accuracy 0.125"
+    assert held_out_words({"train_loss": 1.0}) == "none"
