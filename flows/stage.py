@@ -7,6 +7,7 @@ Method batches are submitted to the task runner and stored in order as they arri
 (`Round.drain`); every other stage runs at once and is stored before the next starts.
 """
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -25,12 +26,19 @@ from pipeline.plan import Stage
 from pipeline.rows import RoundContext, Rows, stage_metrics_row
 from pipeline.training.step import train_next_step
 
+log = logging.getLogger("prefloop.flow")
+
 
 def _transient(task, task_run, state) -> bool:
-    """Retry faults that may pass (a server's 5xx, timeouts); a bug or bad input fails
-    at once instead of being retried into the same error."""
+    """Retry faults that may pass (a server's 5xx, timeouts), saying so on the console;
+    a bug or bad input fails at once instead of being retried into the same error.
+    Prefect asks only while the task has retries left."""
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, (TransientEngineError, ConnectionError, TimeoutError))
+    retry = isinstance(exc, (TransientEngineError, ConnectionError, TimeoutError))
+    if retry:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        log.warning("batch %s failed (%s); retrying it", getattr(task_run, "name", "?"), first)
+    return retry
 
 
 def _token_counts(engines: list) -> tuple[int, int]:
