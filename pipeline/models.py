@@ -115,11 +115,8 @@ def resolve_hub_model(spec: str) -> ModelInfo:
     try:
         path = Path(snapshot_download(repo, revision=revision, allow_patterns=list(HUB_FILES)))
     except LocalEntryNotFoundError:
-        why = (
-            "the Hub is offline (HF_HUB_OFFLINE=1)"
-            if constants.HF_HUB_OFFLINE
-            else ("the Hub could not be reached")
-        )
+        offline = constants.HF_HUB_OFFLINE
+        why = "the Hub is offline (HF_HUB_OFFLINE=1)" if offline else "the Hub could not be reached"
         raise ModelError(
             f"model {spec!r}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}"
         ) from None

@@ -57,7 +57,8 @@ def checkpoint_dir(folder: Path, kind: str) -> Path:
 def progress_file(folder: Path, kind: str) -> Path:
     """Where that step's training child reports its progress: the phase, trainer step i
     of n, the latest loss. `prefloop status` and the run's console read it."""
-    return Path(folder) / f"model-{kind}.progress.json"
+    out = checkpoint_dir(folder, kind)
+    return out.with_name(out.name + ".progress.json")
 
 
 def read_progress(path: Path | str) -> dict[str, Any] | None:
