@@ -654,6 +654,9 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow it
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network
+    # A run without PREFECT_API_URL starts a temporary server; Prefect gives it 20 s,
+    # which a machine busy loading a model (or compiling vLLM's graphs) can overrun.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.supervise import is_worker, supervise
 
     if len(sys.argv) > 1 and sys.argv[1] == "run" and not is_worker():
