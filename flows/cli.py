@@ -371,6 +371,66 @@ def judge_cmd(
     _print_comparison(comparison, other, result.judge_id)
 
 
+@app.command("eval")
+def eval_cmd(
+    round_: RoundOpt,
+    tasks: Annotated[str, typer.Option("--tasks", help="lm-eval tasks, comma-separated.")],
+    include_path: Annotated[
+        Path | None, typer.Option("--include-path", help="A folder of your own task YAMLs.")
+    ] = None,
+    limit: Annotated[
+        float | None, typer.Option("--limit", help="The first K documents of each task.")
+    ] = None,
+    run: RunOpt = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+):
+    """Run lm-evaluation-harness tasks on a stored round's model (--round 0: the run's
+    initial model; N: the model round N trained) and store every metric in `evaluations`
+    as `<task>/<metric>`. A task stored for that model already is skipped, so a killed
+    call resumes and a repeated one adds nothing. The rest of `evaluation.benchmarks`
+    (few-shot, batch size, answer length) and the engine come from the config."""
+    from pipeline.evaluation.benchmarks import (
+        benchmark_task,
+        measured_model,
+        result_line,
+        tasks_problem,
+    )
+    from pipeline.rounds import round_dir
+    from pipeline.rows import RoundContext
+    from pipeline.schema import BenchmarksConfig
+    from pipeline.store import Store
+
+    cfg = load_config(config, overrides)
+    run_id = run or cfg.name
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    settings = BenchmarksConfig(
+        **{
+            **cfg.evaluation.benchmarks.model_dump(),
+            "tasks": names,
+            "include_path": include_path or cfg.evaluation.benchmarks.include_path,
+            "limit": limit if limit is not None else cfg.evaluation.benchmarks.limit,
+        }
+    )
+    with Store(cfg.db_path, read_only=True) as store:
+        model_id = measured_model(store, cfg.training.step_list(), run_id, round_)
+        path = store.model(model_id)["path"]
+    problem = tasks_problem(names, settings.include_path) if names else "tasks: none given"
+    if problem:
+        raise PrefloopError(f"--{problem.replace('include_path', 'include-path', 1)}")
+    store = Store(cfg.db_path, lock_timeout_s=cfg.db_lock_timeout_s)  # held per write
+    ctx = RoundContext(run_id, round_, model_id, cfg.seed)
+    folder = round_dir(cfg.runs_dir, run_id, max(round_, 1)) / "benchmarks"
+    engine = cfg.evaluation.engine or cfg.engine
+    for task in names:
+        if task in store.benchmarked(run_id, round_, model_id):
+            typer.echo(f"benchmark {task} of {model_id} (M_{round_}): already stored")
+            continue
+        rows = benchmark_task(ctx, model_id, path, task, settings, engine, folder)
+        store.write(rows)
+        typer.echo(result_line(task, model_id, round_, rows))
+
+
 # -- the main job ------------------------------------------------------------------------
 
 

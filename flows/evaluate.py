@@ -1,23 +1,24 @@
 """Evaluating a round in the flow: held-out answers of the round's model and of the one
-training made, the yardstick of either (and of the run's initial model, once), the win
-rate of the new model over the old by a fixed judge, and the round's pair statistics and
-trainer metrics. Each runs on the evaluation's engine; the round's engine is reused when
-that is the same one.
+training made, the yardstick and lm-eval's benchmarks of either (and of the run's initial
+model, once), the win rate of the new model over the old by a fixed judge, and the round's
+pair statistics and trainer metrics. Each runs on the evaluation's engine; the round's
+engine is reused when that is the same one (lm-eval starts its own, in a child process).
 """
 
 import json
 from functools import partial
 
 from flows.round import Round
-from flows.stage import run_now
+from flows.stage import run_now, run_stage
 from pipeline import rounds
 from pipeline.config import RunConfig
+from pipeline.evaluation.benchmarks import benchmark_task
 from pipeline.evaluation.metrics import WIN_RATE, round_statistics
 from pipeline.evaluation.stages import compare_models, heldout_answers
 from pipeline.evaluation.yardstick import PROMPT_STRICT, instruction_following
 from pipeline.models import resolve_model
 from pipeline.plan import Stage
-from pipeline.rows import RoundContext
+from pipeline.rows import RoundContext, Rows
 from pipeline.store import Store
 
 
@@ -72,6 +73,32 @@ def yardstick(r: Round, stage: Stage, batch: int) -> None:
         *d["ci95"],
         d["n"],
     )
+
+
+def benchmark(r: Round, stage: Stage, batch: int) -> None:
+    """One lm-eval task (the stage's batch-th) on a model, in a child process of its own,
+    stored as its round's (0: the run's initial model). A task stored for that model
+    already (`prefloop eval` ran it) is not run again."""
+    model_id = stage_model(r, stage)
+    measured_round = 0 if stage.model == "initial" else r.ctx.round
+    ctx = RoundContext(r.ctx.run_id, measured_round, model_id, r.ctx.seed)
+    settings = r.cfg.evaluation.benchmarks
+    task = settings.tasks[batch]
+    with r.clock():
+        stored = task in r.store.benchmarked(ctx.run_id, ctx.round, model_id)
+        path = r.store.model(model_id)["path"]
+    work = partial(
+        benchmark_task,
+        ctx,
+        model_id,
+        path,
+        task,
+        settings,
+        r.cfg.evaluation.engine or r.cfg.engine,
+        r.folder / "benchmarks",
+    )
+    rows = run_stage(stage.name, batch, 0 if stored else 1, r.ctx, Rows if stored else work, {})
+    r.write(rows, stage.name, batch, stage.batches)
 
 
 def compare(r: Round, stage: Stage, batch: int) -> None:
@@ -134,4 +161,4 @@ def eval_judge(store: Store, cfg: RunConfig, run_id: str) -> str:
     return judge.model_id
 
 
-RUNNERS = {"answers": answers, "yardstick": yardstick, "compare": compare}
+RUNNERS = {"answers": answers, "yardstick": yardstick, "benchmark": benchmark, "compare": compare}

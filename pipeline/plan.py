@@ -24,10 +24,14 @@ YARDSTICK_BASE = "yardstick_base"
 HELDOUT = "heldout"
 HELDOUT_NEW = "heldout_new"
 YARDSTICK = "yardstick"
+BENCHMARKS_BASE = "benchmarks_base"
+BENCHMARKS = "benchmarks"
 WIN_RATE = WIN_RATE_METRIC  # the stage is named for what it stores
 FLOW = "flow"  # the flow's own time (store work, engine shutdowns); one row per attempt
 
-Kind = Literal["self_instruct", "method", "agreement", "answers", "yardstick", "train", "compare"]
+Kind = Literal[
+    "self_instruct", "method", "agreement", "answers", "yardstick", "benchmark", "train", "compare"
+]
 Model = Literal["round", "initial", "trained"]
 
 
@@ -38,12 +42,13 @@ class Stage:
     batches: int = 1
     method: str | None = None  # kind method: which one
     step: str | None = None  # kind train: the training kind
-    model: Model = "round"  # kinds answers and yardstick: whose answers
+    model: Model = "round"  # kinds answers, yardstick and benchmark: whose answers
 
     @property
     def uses_engines(self) -> bool:
-        """Training needs the memory: every engine is stopped before a train stage."""
-        return self.kind != "train"
+        """Training and lm-eval's own model need the memory: every engine is stopped
+        before a train or benchmark stage."""
+        return self.kind not in ("train", "benchmark")
 
 
 def compares_models(cfg: RunConfig, inputs: RoundInputs) -> bool:
@@ -74,7 +79,13 @@ def round_plan(
         stages.append(Stage(YARDSTICK_BASE, "yardstick", model="initial"))
     if compare:
         stages.append(Stage(HELDOUT, "answers", model="round"))
+    # lm-eval's tasks, one batch each, where no engine is up: M_0 before training, M_t after.
+    tasks = len(evaluation.benchmarks.tasks)
+    if tasks and round_ == 1:
+        stages.append(Stage(BENCHMARKS_BASE, "benchmark", batches=tasks, model="initial"))
     stages += [Stage(train_stage(s.kind), "train", step=s.kind) for s in cfg.training.step_list()]
+    if tasks:
+        stages.append(Stage(BENCHMARKS, "benchmark", batches=tasks, model="trained"))
     if compare:
         stages.append(Stage(HELDOUT_NEW, "answers", model="trained"))
     if inputs.yardstick:

@@ -13,6 +13,7 @@ from pipeline.config import RunConfig
 from pipeline.engines import engine_kind, engine_problem, start_engine
 from pipeline.engines.base import continuation_tokens
 from pipeline.errors import ConfigError, EngineError, TemplateError
+from pipeline.evaluation.benchmarks import tasks_problem
 from pipeline.judging import JudgePlan
 from pipeline.models import ModelInfo, resolve_model
 from pipeline.rounds import RoundInputs, judge_plans, load_inputs
@@ -44,6 +45,10 @@ def preflight(cfg: RunConfig, source: str = "config", *, ping: bool = True) -> R
             _ping(model, engine, cfg.seed)
     check_label_templates(cfg, inputs, plans)
     check_training_steps(cfg, source)
+    benchmarks = cfg.evaluation.benchmarks
+    problem = tasks_problem(benchmarks.tasks, benchmarks.include_path)
+    if problem:
+        raise ConfigError(f"{source}: evaluation.benchmarks.{problem}")
     # Held by another process, or from a newer prefloop: fail here (a reader holding it
     # briefly is waited for, a few seconds at most).
     with Store(cfg.db_path, lock_timeout_s=min(cfg.db_lock_timeout_s, PREFLIGHT_WAIT_S)):

@@ -17,6 +17,7 @@ from markupsafe import Markup
 
 from pipeline.charts import bar_chart, histogram, line_chart
 from pipeline.errors import StoreError
+from pipeline.evaluation.benchmarks import SOURCE as BENCHMARK_SOURCE
 from pipeline.evaluation.metrics import (
     AGREEMENT_PAIRWISE,
     AGREEMENT_SELF_JUDGE,
@@ -186,7 +187,9 @@ def build(data: Mapping[str, Any], run_id: str, db_path: str) -> dict[str, Any]:
     methods = sorted({p["method"] for p in data["pairs"]})
     split = time_split(data["rounds"], data["stages"])
     comparisons = judge_comparisons(evals)
+    benchmark_table = benchmarks(evals)
     plots = {
+        "benchmarks": _benchmarks_plot(benchmark_table),
         "win_rate": _win_rate_plot(evals),
         "yardstick": _yardstick_plot(evals),
         "scores": _scores_plot(data["scores"]),
@@ -206,6 +209,7 @@ def build(data: Mapping[str, Any], run_id: str, db_path: str) -> dict[str, Any]:
         "plots": plots,
         "judge_comparisons": comparisons,
         "instruction_kinds": instruction_kinds(evals),
+        "benchmarks": benchmark_table,
         "training": training_steps(data.get("training", [])),
     }
 
@@ -279,6 +283,35 @@ def instruction_kinds(evaluations: Sequence[Mapping[str, Any]]) -> dict[str, Any
             cells.append({"share": followed / n, "followed": followed, "n": n} if n else None)
         rows.append({"kind": k, "cells": cells})
     return {"rounds": list(per_round), "rows": rows}
+
+
+def benchmarks(evaluations: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """lm-eval's metrics (`<task>/<metric>`) per model: for each metric, per round its
+    value, stderr and sample count, or None where that round's model was not measured."""
+    found: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for e in evaluations:
+        d = json.loads(e["details_json"] or "{}")
+        if d.get("source") == BENCHMARK_SOURCE and e["value"] is not None:
+            cell = {"value": e["value"], "stderr": d["stderr"], "n": d["n"]}
+            found[e["metric"]][e["round"]] = cell
+    rounds = sorted({t for per in found.values() for t in per})
+    rows = [{"metric": m, "cells": [found[m].get(t) for t in rounds]} for m in sorted(found)]
+    return {"rounds": rounds, "rows": rows}
+
+
+def _benchmarks_plot(table: Mapping[str, Any]) -> Markup | None:
+    series: dict[str, list[tuple[int, float]]] = {}
+    bars: dict[str, list[tuple[int, float, float]]] = {}
+    for row in table["rows"]:
+        cells = [(t, c) for t, c in zip(table["rounds"], row["cells"], strict=True) if c]
+        series[row["metric"]] = [(t, c["value"]) for t, c in cells]
+        bars[row["metric"]] = [
+            (t, c["value"] - c["stderr"], c["value"] + c["stderr"]) for t, c in cells if c["stderr"]
+        ]
+    if not series:
+        return None
+    title = "lm-evaluation-harness metrics of M_t (bars: ± one stderr)"
+    return line_chart("benchmarks", title, series, "value", intervals=bars)
 
 
 def judge_comparisons(evaluations: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -260,6 +260,28 @@ class YardstickConfig(StrictModel):
     sampling: SamplingConfig = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=256)
 
 
+class BenchmarksConfig(StrictModel):
+    """Standard benchmarks through lm-evaluation-harness (the `eval` extra) on the run's
+    initial model and every round's model: any task lm-eval knows (`ifeval`, `gsm8k`,
+    ...) or one of the user's own task YAMLs under `include_path`. Each metric lands in
+    `evaluations` as `<task>/<metric>`."""
+
+    # lm-eval task (or group) names; none = no benchmarks.
+    tasks: list[str] = []
+    # The first N documents of each task (a fraction below 1: that share); None = all.
+    limit: float | None = Field(None, gt=0)
+    # Few-shot examples per prompt; None = each task's own default.
+    num_fewshot: int | None = Field(None, ge=0)
+    # A folder of the user's own task YAMLs (lm-eval's TaskManager include_path).
+    include_path: Path | None = None
+    # New tokens at most per generated answer (generate_until tasks).
+    max_gen_toks: int = Field(256, ge=1)
+    # Requests per batch the backend is given.
+    batch_size: int = Field(8, ge=1)
+    # Prompts go through the model's chat template, as the instruct models here expect.
+    apply_chat_template: bool = True
+
+
 class EvaluationConfig(StrictModel):
     """After each round: M_t+1 against M_t on the held-out prompts, judged pairwise by a
     fixed judge (both orders), plus pair statistics, cross-method agreement and, when
@@ -284,6 +306,8 @@ class EvaluationConfig(StrictModel):
     engine: EngineConfig | None = None
     # The judge-free yardstick (off by default; data/configs/verifiable.yaml turns it on).
     yardstick: YardstickConfig = YardstickConfig()
+    # lm-evaluation-harness tasks on M_0 and every M_t (none by default).
+    benchmarks: BenchmarksConfig = BenchmarksConfig()
 
 
 class PromptDataset(StrictModel):

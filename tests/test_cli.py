@@ -339,6 +339,16 @@ MATRIX = [
         _yardstick('{"prompt": "Hi", "checks": [{"type": "lowercase"}], "topic": "how to"}\n'),
         "y.jsonl:1: topic: 'how to' has no word that says what it is about",
     ),
+    (
+        "benchmark task lm-eval does not know",
+        _config("evaluation:\n  benchmarks:\n    tasks: [ifevall]\n"),
+        "c.yaml: evaluation.benchmarks.tasks: unknown lm-eval task 'ifevall' (lm-eval 0.4",
+    ),
+    (
+        "benchmark task folder that does not exist",
+        _config("evaluation:\n  benchmarks:\n    tasks: [x]\n    include_path: /no/tasks\n"),
+        "c.yaml: evaluation.benchmarks.include_path: /no/tasks: no such folder",
+    ),
     pytest.param(
         "engine setting the engine refuses",
         _config("engine:\n  kind: vllm\n  block_size: 48\n"),

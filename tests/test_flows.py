@@ -272,8 +272,8 @@ def test_only_transient_faults_are_retried():
 def test_the_plan_lists_a_rounds_stages_in_order(tmp_path):
     """One list of a round's stages: what the flow runs, stores as the plan and resumes
     by. Self-instruct and the methods first, agreement and M_0's yardstick while the
-    round's engine is up, held-out answers, every training step in order, then the
-    trained model's answers, yardstick and win rate."""
+    round's engine is up, held-out answers, M_0's benchmarks, every training step in
+    order, then the trained model's benchmarks, answers, yardstick and win rate."""
     from pipeline.config import parse_config
     from pipeline.rounds import load_inputs
 
@@ -283,7 +283,10 @@ def test_the_plan_lists_a_rounds_stages_in_order(tmp_path):
             Path("unused"),
             engine={"batch_size": 4},
             training={"steps": ["sft", "dpo", "rm"]},
-            evaluation={"yardstick": {"enabled": True, "limit": 3}},
+            evaluation={
+                "yardstick": {"enabled": True, "limit": 3},
+                "benchmarks": {"tasks": ["ifeval", "gsm8k"]},
+            },
         )
     )
     inputs = load_inputs(cfg)
@@ -296,9 +299,11 @@ def test_the_plan_lists_a_rounds_stages_in_order(tmp_path):
         ("agreement", 1),
         ("yardstick_base", 1),
         ("heldout", 1),
+        ("benchmarks_base", 2),  # a task a batch, with every engine stopped
         ("train_sft", 1),
         ("train_dpo", 1),
         ("train_rm", 1),
+        ("benchmarks", 2),
         ("heldout_new", 1),
         ("yardstick", 1),
         ("win_rate", 1),

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.engines.base import Completion, EngineBase, Sampling, hashed_seed
 from pipeline.errors import EngineError
@@ -61,38 +62,9 @@ class VllmEngine(EngineBase):
 
     @classmethod
     def start(cls, model_path: Path, cfg: EngineConfig, seed: int) -> "VllmEngine":
-        import torch
         from vllm import LLM
 
-        on_gpu = torch.cuda.is_available()
-        problem = block_size_problem(cfg, on_gpu)
-        if problem:
-            raise EngineError(f"engine.{problem}")
-        dtype = cfg.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if on_gpu else "float32"
-        kwargs: dict = dict(
-            model=str(model_path),
-            dtype=dtype,
-            max_model_len=cfg.max_model_len,
-            enable_prefix_caching=cfg.prefix_caching,
-            block_size=cfg.block_size if on_gpu or cfg.block_size else CPU_BLOCK_SIZE,
-            disable_log_stats=not cfg.engine_stats,
-            enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
-            seed=seed,
-        )
-        if on_gpu:
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        else:
-            if cfg.cpu_reserved_cores is not None:  # read by the engine process it starts
-                os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(cfg.cpu_reserved_cores)
-            # On CPU, gpu_memory_utilization is a share of the NUMA node's memory, checked
-            # against what is free at start; an explicit KV-cache size avoids that check.
-            kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gib * (1 << 30))
-            # Every request carries its own seed (_generate_ids), and vLLM-CPU 0.32's
-            # worker dies on a seeded request whose prefill is split across steps ("CPU
-            # Generator does not use offset"): no chunked prefill on CPU.
-            kwargs["enable_chunked_prefill"] = False
+        kwargs = llm_kwargs(model_path, cfg, seed)
         scratch = tempfile.mkdtemp(prefix="vllm-", dir=os.environ.get(SCRATCH_ENV))
         try:
             with _scratch_env(scratch):
@@ -163,3 +135,41 @@ class VllmEngine(EngineBase):
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None
+
+
+def llm_kwargs(model_path: Path | str, cfg: EngineConfig, seed: int) -> dict[str, Any]:
+    """vllm.LLM's arguments for this engine config on this machine (the benchmarks' lm-eval
+    backend starts its LLM with them too). On CPU it also sets the reserved-cores variable
+    the engine process reads."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    problem = block_size_problem(cfg, on_gpu)
+    if problem:
+        raise EngineError(f"engine.{problem}")
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if on_gpu else "float32"
+    kwargs: dict[str, Any] = dict(
+        model=str(model_path),
+        dtype=dtype,
+        max_model_len=cfg.max_model_len,
+        enable_prefix_caching=cfg.prefix_caching,
+        block_size=cfg.block_size if on_gpu or cfg.block_size else CPU_BLOCK_SIZE,
+        disable_log_stats=not cfg.engine_stats,
+        enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
+        seed=seed,
+    )
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        return kwargs
+    if cfg.cpu_reserved_cores is not None:  # read by the engine process it starts
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(cfg.cpu_reserved_cores)
+    # On CPU, gpu_memory_utilization is a share of the NUMA node's memory, checked
+    # against what is free at start; an explicit KV-cache size avoids that check.
+    kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gib * (1 << 30))
+    # Every request carries its own seed (_generate_ids), and vLLM-CPU 0.32's worker dies
+    # on a seeded request whose prefill is split across steps ("CPU Generator does not use
+    # offset"): no chunked prefill on CPU.
+    kwargs["enable_chunked_prefill"] = False
+    return kwargs

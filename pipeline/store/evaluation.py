@@ -112,6 +112,16 @@ class EvaluationQueries(Connection):
             lengths.setdefault(r.pop("round"), {}).update(r)
         return lengths
 
+    def benchmarked(self, run_id: str, round_: int, model_id: str) -> set[str]:
+        """The lm-eval tasks (as asked for) stored for this model as this round's."""
+        rows = self._run(
+            "SELECT DISTINCT details_json->>'requested' FROM evaluations WHERE run_id = ? "
+            "AND round = ? AND details_json->>'source' = 'lm-eval' "
+            "AND details_json->>'model' = ?",
+            [run_id, round_, model_id],
+        )
+        return {r[0] for r in rows}
+
     def evaluations(self, run_id: str) -> list[dict[str, Any]]:
         return self.query(
             "SELECT round, metric, method, value, details_json FROM evaluations "

@@ -95,7 +95,7 @@ def command(spec_path: Path, device: str, accelerate_config: Path | None) -> lis
     ]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: the child gets SIGKILL when the process that started it dies, so a killed run
     never leaves a trainer writing into the folder its resumed run trains into."""
     try:
@@ -149,7 +149,7 @@ def run_training(
         Path(spec.progress_file).unlink(missing_ok=True)  # a killed attempt's
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
-            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
         )
         try:
             _wait_reporting(proc, spec, timeout_s)

