@@ -24,7 +24,7 @@ from pipeline.plan import FLOW, Stage, round_plan
 from pipeline.progress import plan_record, progress_bar
 from pipeline.rows import RoundContext, Rows, stage_metrics_row
 from pipeline.store import Store
-from pipeline.training.step import stored_policy
+from pipeline.training.kinds import stored_policy
 
 
 def now() -> datetime:

@@ -179,6 +179,9 @@ def run_benchmark(spec: BenchmarkSpec, folder: Path) -> dict[str, Any]:
     Path(spec.output).unlink(missing_ok=True)
     scratch = tempfile.mkdtemp(prefix="lm-eval-", dir=os.environ.get(SCRATCH_ENV))
     env = {**os.environ, "TMPDIR": scratch, "VLLM_RPC_BASE_PATH": scratch}
+    # vLLM's engine core in the child itself, not in a grandchild: the child dies with its
+    # parent (PDEATHSIG), and an EngineCore of its own was seen outliving a killed child.
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     cmd = [sys.executable, "-m", "pipeline.evaluation.benchmarks", str(spec_path)]
     try:
@@ -294,7 +297,7 @@ def result_line(task: str, model_id: str, round_: int, rows: Rows, shown: int = 
 def measured_model(store, training_steps: list, run_id: str, round_: int) -> str:
     """M_round of a stored run: 0 is the run's initial model, N the policy round N's stored
     training steps made (its own model when it trained none)."""
-    from pipeline.training.step import stored_policy
+    from pipeline.training.kinds import stored_policy
 
     first = store.first_round_model(run_id)
     if first is None:

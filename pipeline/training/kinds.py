@@ -83,3 +83,14 @@ def produces_policy(kind: str) -> bool:
 def train_stage(kind: str) -> str:
     """The round stage (`stage_metrics.stage`) of a training step of this kind."""
     return f"train_{kind}"
+
+
+def stored_policy(store, steps: list, run_id: str, round_: int, start: str) -> str:
+    """The policy these stored steps of a round hand on: the last stored policy step's
+    model, else `start` (the round's model)."""
+    policy = start
+    for step in steps:
+        output = store.finished_training(run_id, round_, step.kind)
+        if output is not None and TRAINING_KINDS[step.kind].produces == "policy":
+            policy = output
+    return policy

@@ -19,7 +19,7 @@ from pipeline.rows import RoundContext, stage_metrics_row
 from pipeline.schema import TrainingConfig
 from pipeline.store import Store
 from pipeline.training.export import first_round, write_dataset
-from pipeline.training.kinds import TRAINING_KINDS, train_stage
+from pipeline.training.kinds import TRAINING_KINDS, stored_policy, train_stage
 from pipeline.training.launch import TrainSpec, checkpoint_dir, progress_file, run_training
 
 
@@ -178,19 +178,6 @@ def round_steps(training: Any, only: str | None = None) -> list[TrainingConfig]:
         return steps
     shared = training.model_dump(exclude={"steps"})
     return [TrainingConfig.model_validate({**shared, "kind": only})]
-
-
-def stored_policy(
-    store: Store, steps: list[TrainingConfig], run_id: str, round_: int, start: str
-) -> str:
-    """The policy these stored steps of a round hand on: the last stored policy step's
-    model, else `start` (the round's model)."""
-    policy = start
-    for step in steps:
-        output = store.finished_training(run_id, round_, step.kind)
-        if output is not None and TRAINING_KINDS[step.kind].produces == "policy":
-            policy = output
-    return policy
 
 
 def train_next_step(
