@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import QUICK, prefloop, tiny_config, write_config
+from helpers import QUICK, prefloop, tiny_config, write_config, write_round
 
 from pipeline.evaluation.benchmarks import SOURCE, benchmark_rows, summarize
 from pipeline.rows import RoundContext
@@ -189,11 +189,12 @@ def test_a_run_and_prefloop_eval_store_lm_eval_metrics(tmp_path, tiny_model_dir,
 
 @pytest.mark.slow
 def test_eval_refuses_before_running_anything(tmp_path, tiny_model_dir):
-    """An unknown task, a round that is not stored: one line each, nothing added."""
-    cfg = tiny_config(tmp_path, tiny_model_dir, **{**QUICK, "name": "b", "rounds": 1})
-    cfg["training"] = {**cfg["training"], "steps": []}
+    """On a stored round: an unknown task, a round that is not stored, one line each
+    and nothing added to the database."""
+    cfg = tiny_config(tmp_path, tiny_model_dir, name="b", rounds=1)
+    with Store(cfg["db_path"]) as store:
+        write_round(store, tiny_model_dir, "b", n=2)
     path = write_config(cfg, tmp_path / "b.yaml")
-    assert prefloop("run", "--config", path, timeout=900).returncode == 0
     before = Path(cfg["db_path"]).read_bytes()
     for args, message in (
         (
