@@ -1,0 +1,323 @@
+"""prefloop side by side with distilabel: the same preference job on the same server.
+
+    .venv/bin/python bench/peers.py [--prompts 64] [--skip-resume]
+
+One `vllm serve` of SmolLM2-135M-Instruct on loopback; both tools talk to it through its
+OpenAI-compatible API. The job, for each: 64 prompts (data/prompts: helpful, red team,
+then verifiable ones), 4 candidates each (T 0.7, top-p 0.9, 96 tokens), every candidate
+rated once by prefloop's judge_additive_5pt rubric (T 0.7, top-p 0.9, 128 tokens, the
+last "Score: N" line in 0-5), best against worst, equal scores making no pair.
+
+- prefloop: `prefloop run` of a one-round config (Self-Rewarding alone, the openai
+  engine, batches of 16 prompts, no training, no evaluation).
+- distilabel: bench/peers_distilabel.py, run by the newest distilabel the registry serves
+  in a virtual environment of its own (.venv-peers; made on first use), batches of 16.
+
+Printed and appended to bench/results/peers.jsonl, for each tool: wall time, generated
+tokens (the server's own counter) and tokens/s, pairs and pairs per minute, the server's
+requests running over time (sampled every 0.5 s: mean and peak), and the ratios. Then
+each is killed (its whole process group, SIGKILL) at half its uninterrupted wall time and
+started again the same way: the time to finish, the tokens generated again beyond the
+uninterrupted run's (work redone), and candidates rated at the end against 256 (lost).
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.engines.local_server import (  # noqa: E402
+    launch_vllm_server,
+    stop_server,
+    wait_vllm_server,
+)
+from pipeline.store import Store  # noqa: E402
+
+MODEL = ROOT / "data" / "models" / "smollm2-135m-instruct"
+PEER_VENV = ROOT / ".venv-peers"
+# The newest distilabel the registry serves (2026-12-03); it imports `requests` without
+# declaring it, so that comes too.
+PEER = ["distilabel[openai]==1.5.3", "requests"]
+SERVED = "smol"
+CANDIDATES = 4
+ANSWER = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 96}
+JUDGE = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 128}
+TEMPLATE = ROOT / "prompts" / "judge_additive_5pt.j2"
+BATCH = 16
+
+
+def job_prompts(n: int) -> list[str]:
+    texts = []
+    for name in ("helpful", "red_team", "verifiable_train"):
+        for line in (ROOT / "data" / "prompts" / f"{name}.jsonl").read_text().splitlines():
+            texts.append(json.loads(line)["prompt"])
+    return texts[:n]
+
+
+def peer_python() -> Path:
+    """distilabel's own virtual environment, made on first use."""
+    python = PEER_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PEER], check=True)
+    return python
+
+
+class Server:
+    """The server's counters and its running requests, sampled every 0.5 s."""
+
+    def __init__(self, url: str) -> None:
+        self.metrics_url = url.removesuffix("/v1") + "/metrics"
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def read(self) -> dict[str, float]:
+        import httpx
+
+        text = httpx.get(self.metrics_url, timeout=10).text
+        found = {}
+        for name in ("num_requests_running", "generation_tokens_total", "prompt_tokens_total"):
+            m = re.search(rf"^vllm:{name}\{{[^}}]*\}} (\S+)$", text, re.M)
+            found[name] = float(m.group(1)) if m else 0.0
+        return found
+
+    def __enter__(self) -> "Server":
+        self.samples = []
+        self._stop.clear()
+        self.start = time.monotonic()
+        self.before = self.read()
+
+        def poll() -> None:
+            while not self._stop.wait(0.5):
+                try:
+                    running = self.read()["num_requests_running"]
+                except Exception:  # noqa: BLE001 (a busy server misses a sample)
+                    continue
+                self.samples.append((time.monotonic() - self.start, running))
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        after = self.read()
+        self.tokens = after["generation_tokens_total"] - self.before["generation_tokens_total"]
+        self.prompt_tokens = after["prompt_tokens_total"] - self.before["prompt_tokens_total"]
+
+    def occupancy(self) -> dict[str, float]:
+        running = [r for _, r in self.samples] or [0.0]
+        return {"mean_running": round(statistics.mean(running), 2), "peak_running": max(running)}
+
+
+def _group(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    out = open(log, "a")  # noqa: SIM115 (closed with the process)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+    )
+    proc.out = out  # type: ignore[attr-defined]
+    return proc
+
+
+def _run(
+    cmd: list[str], log: Path, kill_after: float | None, env: dict | None = None
+) -> tuple[float, bool]:
+    """Run to the end, or SIGKILL its whole process group after `kill_after` s; returns
+    the wall time and whether it was killed."""
+    start = time.monotonic()
+    proc = _group(cmd, log, env)
+    try:
+        proc.wait(kill_after)
+        killed = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed = True
+    finally:
+        proc.out.close()  # type: ignore[attr-defined]
+    if not killed and proc.returncode != 0:
+        raise SystemExit(
+            f"{cmd[:3]} failed ({proc.returncode}); log: {log}\n{log.read_text()[-3000:]}"
+        )
+    time.sleep(1)  # the killed group's requests leave the server
+    return time.monotonic() - start, killed
+
+
+class Prefloop:
+    name = "prefloop"
+
+    def __init__(self, tmp: Path, url: str, prompts: list[str]) -> None:
+        self.tmp = tmp
+        (tmp / "prompts.jsonl").write_text(
+            "".join(json.dumps({"prompt": p}) + "\n" for p in prompts)
+        )
+        self.n = len(prompts)
+        self.url = url
+
+    def command(self, tag: str) -> list[str]:
+        cfg = {
+            "name": "peers",
+            "db_path": str(self.tmp / f"{tag}.duckdb"),
+            "runs_dir": str(self.tmp / f"runs-{tag}"),
+            "model": str(MODEL),
+            "rounds": 1,
+            "engine": {"kind": "openai", "base_url": self.url, "served_model_name": SERVED,
+                       "max_model_len": 1024, "batch_size": BATCH, "max_concurrency": BATCH},
+            "prompts": {"files": [str(self.tmp / "prompts.jsonl")], "per_round": self.n,
+                        "heldout": 0},
+            "self_reward": {
+                "n_candidates": CANDIDATES, "sampling": ANSWER,
+                "judge": {"kind": "template", "template": "judge_additive_5pt", "samples": 1,
+                          "sampling": JUDGE},
+                "self_instruct": {"enabled": False},
+            },
+            "rlcd": {"enabled": False},
+            "cai": {"enabled": False},
+            "training": {"steps": []},
+            "evaluation": {"enabled": False},
+        }  # fmt: skip
+        path = self.tmp / f"{tag}.yaml"
+        path.write_text(json.dumps(cfg))
+        return [
+            str(ROOT / ".venv" / "bin" / "python"),
+            "-m",
+            "flows.cli",
+            "run",
+            "--config",
+            str(path),
+        ]
+
+    def counts(self, tag: str) -> dict[str, int]:
+        with Store(self.tmp / f"{tag}.duckdb", read_only=True) as store:
+            [(pairs,)] = store.sql("SELECT count(*) FROM pairs")[1]
+            [(rated,)] = store.sql("SELECT count(DISTINCT generation_id) FROM judgments")[1]
+        return {"pairs": pairs, "rated": rated}
+
+
+class Distilabel:
+    name = "distilabel"
+
+    def __init__(self, tmp: Path, url: str, prompts: list[str], python: Path) -> None:
+        self.tmp, self.url, self.prompts, self.python = tmp, url, prompts, python
+
+    def command(self, tag: str) -> list[str]:
+        job = {
+            "prompts": self.prompts, "base_url": self.url, "model": SERVED,
+            "candidates": CANDIDATES, "answer": ANSWER, "judge": JUDGE,
+            "judge_template": str(TEMPLATE), "cache_dir": str(self.tmp / f"cache-{tag}"),
+            "out": str(self.tmp / f"{tag}.json"),
+        }  # fmt: skip
+        path = self.tmp / f"{tag}-job.json"
+        path.write_text(json.dumps(job))
+        return [str(self.python), str(ROOT / "bench" / "peers_distilabel.py"), str(path)]
+
+    def counts(self, tag: str) -> dict[str, int]:
+        out = json.loads((self.tmp / f"{tag}.json").read_text())
+        return {"pairs": out["pairs"], "rated": out["rated"], "columns": out["columns"]}
+
+
+def clean_run(tool, server: Server, log: Path) -> dict:
+    with server:
+        wall, _ = _run(tool.command("clean"), log, None, _env(tool))
+    counts = tool.counts("clean")
+    return {
+        "wall_s": round(wall, 1),
+        "tokens": server.tokens,
+        "tokens_per_s": round(server.tokens / wall, 1),
+        "prompt_tokens": server.prompt_tokens,
+        "pairs_per_min": round(counts["pairs"] / wall * 60, 2),
+        **counts,
+        **server.occupancy(),
+    }
+
+
+def resumed_run(tool, server: Server, log: Path, clean: dict) -> dict:
+    """Killed at half the clean run's wall time, then the same command to the end."""
+    with server:
+        first, killed = _run(tool.command("resume"), log, clean["wall_s"] / 2, _env(tool))
+        second, _ = _run(tool.command("resume"), log, None, _env(tool))
+    counts = tool.counts("resume")
+    return {
+        "killed_at_s": round(first, 1),
+        "killed": killed,
+        "finish_after_restart_s": round(second, 1),
+        "total_wall_s": round(first + second, 1),
+        "tokens": server.tokens,
+        "tokens_redone": server.tokens - clean["tokens"],
+        "redone_share": round((server.tokens - clean["tokens"]) / clean["tokens"], 3),
+        "rated": counts["rated"],
+        "pairs": counts["pairs"],
+    }
+
+
+def _env(tool) -> dict:
+    env = {**os.environ}
+    if tool.name == "distilabel":  # its own environment, nothing of ours on the path
+        env.pop("PYTHONPATH", None)
+        env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--skip-resume", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peers.jsonl")
+    args = parser.parse_args()
+    python = peer_python()
+    version = subprocess.run(
+        [str(python), "-c", "import distilabel; print(distilabel.__version__)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix="bench-peers-"))
+    proc, url = launch_vllm_server(
+        MODEL, tmp, served_name=SERVED, max_model_len=1024, kv_cache_mib=2048
+    )
+    try:
+        wait_vllm_server(proc, url)
+        server = Server(url)
+        prompts = job_prompts(args.prompts)
+        tools = [Prefloop(tmp, url, prompts), Distilabel(tmp, url, prompts, python)]
+        record = {"bench": "peers", "distilabel": version, "prompts": len(prompts),
+                  "candidates": CANDIDATES, "answer": ANSWER, "judge": JUDGE, "batch": BATCH,
+                  "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+        for tool in tools:
+            record[tool.name] = {"clean": clean_run(tool, server, tmp / f"{tool.name}.log")}
+            print(tool.name, json.dumps(record[tool.name]["clean"]), flush=True)
+        p, d = record["prefloop"]["clean"], record["distilabel"]["clean"]
+        record["ratio_pairs_per_min"] = round(p["pairs_per_min"] / d["pairs_per_min"], 3)
+        record["ratio_tokens_per_s"] = round(p["tokens_per_s"] / d["tokens_per_s"], 3)
+        print(
+            f"prefloop / distilabel: pairs per minute {record['ratio_pairs_per_min']}, "
+            f"generated tokens/s {record['ratio_tokens_per_s']} (target >= 1.0)"
+        )
+        if not args.skip_resume:
+            for tool in tools:
+                clean = record[tool.name]["clean"]
+                resumed = resumed_run(tool, server, tmp / f"{tool.name}.log", clean)
+                resumed["lost"] = CANDIDATES * len(prompts) - resumed["rated"]
+                record[tool.name]["resume"] = resumed
+                print(tool.name, "killed and resumed:", json.dumps(resumed), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    finally:
+        stop_server(proc)
+        print(f"logs and stores: {tmp}")
+
+
+if __name__ == "__main__":
+    main()
