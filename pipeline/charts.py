@@ -32,12 +32,15 @@ def _figure(title: str, y_label: str):
 def _svg(fig, ax, name: str, legend: bool) -> Markup:
     import matplotlib.pyplot as plt
 
-    if legend and ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
+    labels = ax.get_legend_handles_labels()[1]
+    if legend and labels:  # long labels (lm-eval's task/metric names) one a row
+        ncol = 3 if max(map(len, labels)) <= 24 else 1
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol)
     fig.tight_layout()
     buf = io.StringIO()
     plt.rcParams["svg.hashsalt"] = name
-    fig.savefig(buf, format="svg", metadata={"Date": None})
+    # "tight": the figure grows to hold a legend wider or taller than the axes.
+    fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
     plt.close(fig)
     svg = _HEADER.sub("", buf.getvalue(), count=1)
     return Markup(svg.replace("<svg ", f'<svg class="plot" data-plot="{name}" ', 1))
