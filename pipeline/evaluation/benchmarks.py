@@ -41,7 +41,6 @@ from pipeline.rows import RoundContext, Rows
 from pipeline.schema import BenchmarksConfig, EngineConfig
 
 SOURCE = "lm-eval"  # details_json.source of a benchmark's rows
-LOG_TAIL = 15
 NOT_INSTALLED = "lm-eval is not installed; install prefloop's eval extra: pip install -e '.[eval]'"
 log = logging.getLogger("prefloop.benchmarks")
 
@@ -170,7 +169,7 @@ def model_args(spec: BenchmarkSpec) -> dict[str, Any]:
 def run_benchmark(spec: BenchmarkSpec, folder: Path) -> dict[str, Any]:
     """Run one task in a child process; returns its summary (see `summarize`). vLLM's
     sockets go to a scratch folder removed afterwards."""
-    from pipeline.training.launch import die_with_parent
+    from pipeline.training.launch import child_failed, die_with_parent
 
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{spec.task}-{hashlib.sha256(spec.output.encode()).hexdigest()[:8]}"
@@ -198,11 +197,7 @@ def run_benchmark(spec: BenchmarkSpec, folder: Path) -> dict[str, Any]:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if proc.returncode != 0 or not Path(spec.output).exists():
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-LOG_TAIL:]
-        raise BenchmarkError(
-            f"lm-eval task {spec.task} failed with exit code {proc.returncode}; last log lines "
-            f"from {log_path}:\n" + "\n".join(f"  | {line}" for line in tail)
-        )
+        raise BenchmarkError(child_failed(f"lm-eval task {spec.task}", proc.returncode, log_path))
     return json.loads(Path(spec.output).read_text())
 
 

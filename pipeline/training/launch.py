@@ -105,6 +105,14 @@ def die_with_parent() -> None:
         pass  # not Linux: an orphan finishes on its own; the resumed run still starts clean
 
 
+def child_failed(what: str, code: int | None, log_path: Path) -> str:
+    """`<what> failed with exit code N; last log lines from LOG:` and the log's end."""
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-LOG_TAIL:]
+    return f"{what} failed with exit code {code}; last log lines from {log_path}:\n" + "\n".join(
+        f"  | {line}" for line in tail
+    )
+
+
 def _wait_reporting(proc: subprocess.Popen, spec: TrainSpec, timeout_s: float | None) -> None:
     """Wait for the child (TimeoutExpired past `timeout_s`); every PROGRESS_EVERY_S, log
     what it reported when that changed."""
@@ -163,11 +171,7 @@ def run_training(
                 proc.wait()
     if proc.returncode != 0:
         shutil.rmtree(partial, ignore_errors=True)
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-LOG_TAIL:]
-        raise TrainingError(
-            f"training ({spec.kind}) failed with exit code {proc.returncode}; last log lines "
-            f"from {log_path}:\n" + "\n".join(f"  | {line}" for line in tail)
-        )
+        raise TrainingError(child_failed(f"training ({spec.kind})", proc.returncode, log_path))
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
