@@ -49,12 +49,12 @@ if spec.backend == "vllm":
 import lm_eval
 from lm_eval.tasks import TaskManager
 r = lm_eval.simple_evaluate(
-    model=spec.backend, model_args=model_args(spec), tasks=[spec.task],
+    model=spec.backend, model_args=model_args(spec), tasks=spec.tasks,
     batch_size=spec.batch_size, gen_kwargs={"max_gen_toks": spec.max_gen_toks},
     task_manager=TaskManager(include_path=spec.include_path, include_defaults=False),
     apply_chat_template=True, log_samples=False, random_seed=0, numpy_random_seed=0,
     torch_random_seed=0, fewshot_random_seed=0)
-json.dump(r["results"][spec.task], open(sys.argv[2], "w"))
+json.dump(r["results"][spec.tasks[0]], open(sys.argv[2], "w"))
 """
 
 
@@ -104,7 +104,7 @@ def prefloop_side(tmp: Path, backend: str, tasks: Path) -> tuple[float, dict]:
 def direct_side(tmp: Path, backend: str, tasks: Path) -> tuple[float, dict]:
     from pipeline.evaluation.benchmarks import benchmark_spec
 
-    spec = benchmark_spec(MODEL, "ifeval_bench", SETTINGS, _engine(backend), 0, tmp / "x.json")
+    spec = benchmark_spec(MODEL, ["ifeval_bench"], SETTINGS, _engine(backend), 0, tmp, "x")
     spec.include_path = str(tasks)
     spec_path, out = tmp / "direct.json", tmp / "direct-out.json"
     spec_path.write_text(json.dumps(spec.__dict__, default=str))

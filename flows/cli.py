@@ -391,44 +391,46 @@ def eval_cmd(
     call resumes and a repeated one adds nothing. The rest of `evaluation.benchmarks`
     (few-shot, batch size, answer length) and the engine come from the config."""
     from pipeline.evaluation.benchmarks import (
-        benchmark_task,
+        TaskProblem,
+        benchmark_tasks,
         measured_model,
         result_line,
-        tasks_problem,
+        setup_problem,
     )
     from pipeline.rounds import round_dir
-    from pipeline.rows import RoundContext
-    from pipeline.schema import BenchmarksConfig
+    from pipeline.rows import RoundContext, Rows
     from pipeline.store import Store
 
     cfg = load_config(config, overrides)
     run_id = run or cfg.name
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    settings = BenchmarksConfig(
-        **{
-            **cfg.evaluation.benchmarks.model_dump(),
-            "tasks": names,
-            "include_path": include_path or cfg.evaluation.benchmarks.include_path,
-            "limit": limit if limit is not None else cfg.evaluation.benchmarks.limit,
-        }
+    given = {"tasks": names, "include_path": include_path, "limit": limit}
+    settings = cfg.evaluation.benchmarks.model_copy(
+        update={k: v for k, v in given.items() if v is not None}
     )
     with Store(cfg.db_path, read_only=True) as store:
         model_id = measured_model(store, cfg.training.step_list(), run_id, round_)
         path = store.model(model_id)["path"]
-    problem = tasks_problem(names, settings.include_path) if names else "tasks: none given"
+        stored = store.benchmarked(run_id, round_, model_id)
+    # The task names themselves are checked by lm-eval's child, before it loads the model.
+    problem = setup_problem(settings.include_path) if names else "tasks: none given"
     if problem:
         raise PrefloopError(f"--{problem.replace('include_path', 'include-path', 1)}")
-    store = Store(cfg.db_path, lock_timeout_s=cfg.db_lock_timeout_s)  # held per write
+    for task in (t for t in names if t in stored):
+        typer.echo(f"benchmark {task} of {model_id} (M_{round_}): already stored")
     ctx = RoundContext(run_id, round_, model_id, cfg.seed)
     folder = round_dir(cfg.runs_dir, run_id, max(round_, 1)) / "benchmarks"
-    engine = cfg.evaluation.engine or cfg.engine
-    for task in names:
-        if task in store.benchmarked(run_id, round_, model_id):
-            typer.echo(f"benchmark {task} of {model_id} (M_{round_}): already stored")
-            continue
-        rows = benchmark_task(ctx, model_id, path, task, settings, engine, folder)
-        store.write(rows)
+
+    def measured(task: str, rows: Rows) -> None:  # opened for writing once there is a result
+        Store(cfg.db_path, lock_timeout_s=cfg.db_lock_timeout_s).write(rows)
         typer.echo(result_line(task, model_id, round_, rows))
+
+    missing, engine = [t for t in names if t not in stored], cfg.evaluation.engine or cfg.engine
+    try:
+        if missing:
+            benchmark_tasks(ctx, model_id, path, missing, settings, engine, folder, measured)
+    except TaskProblem as e:
+        raise PrefloopError(f"--{e}") from None
 
 
 # -- the main job ------------------------------------------------------------------------

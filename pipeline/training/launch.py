@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -113,23 +114,50 @@ def child_failed(what: str, code: int | None, log_path: Path) -> str:
     )
 
 
-def _wait_reporting(proc: subprocess.Popen, spec: TrainSpec, timeout_s: float | None) -> None:
-    """Wait for the child (TimeoutExpired past `timeout_s`); every PROGRESS_EVERY_S, log
-    what it reported when that changed."""
+def run_child(
+    cmd: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    tick: Callable[[], None] | None = None,
+    every_s: float = PROGRESS_EVERY_S,
+    timeout_s: float | None = None,
+) -> int:
+    """Run a child to its end, its output in `log_path`, dying with this process; call
+    `tick()` every `every_s` while it runs. It is killed when this process is
+    interrupted, when `tick` raises, or past `timeout_s` (TimeoutExpired). Its exit code."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    last = None
-    while True:
-        left = PROGRESS_EVERY_S if deadline is None else deadline - time.monotonic()
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
+        )
         try:
-            proc.wait(max(0.0, min(PROGRESS_EVERY_S, left)))
-            return
-        except subprocess.TimeoutExpired:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise
+            while True:
+                left = every_s if deadline is None else deadline - time.monotonic()
+                try:
+                    return proc.wait(max(0.0, min(every_s, left)))
+                except subprocess.TimeoutExpired:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
+                if tick is not None:
+                    tick()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _progress_reporter(spec: TrainSpec) -> Callable[[], None]:
+    """Logs what the child reported, when that changed."""
+    last = None
+
+    def report() -> None:
+        nonlocal last
         record = read_progress(spec.progress_file) if spec.progress_file else None
         if record and (record.get("phase"), record.get("step")) != last:
             last = (record.get("phase"), record.get("step"))
             log.info("training %s: %s", spec.kind, training_progress(record, time.time()))
+
+    return report
 
 
 def run_training(
@@ -155,23 +183,13 @@ def run_training(
     cmd = command(spec_path, spec.device, accelerate_config)
     if spec.progress_file:
         Path(spec.progress_file).unlink(missing_ok=True)  # a killed attempt's
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(
-            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
-        )
-        try:
-            _wait_reporting(proc, spec, timeout_s)
-        except subprocess.TimeoutExpired:
-            raise TrainingError(
-                f"training timed out after {timeout_s:.0f}s; log: {log_path}"
-            ) from None
-        finally:
-            if proc.poll() is None:  # timed out, or this process was interrupted
-                proc.kill()
-                proc.wait()
-    if proc.returncode != 0:
+    try:
+        code = run_child(cmd, env, log_path, _progress_reporter(spec), timeout_s=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise TrainingError(f"training timed out after {timeout_s:.0f}s; log: {log_path}") from None
+    if code != 0:
         shutil.rmtree(partial, ignore_errors=True)
-        raise TrainingError(child_failed(f"training ({spec.kind})", proc.returncode, log_path))
+        raise TrainingError(child_failed(f"training ({spec.kind})", code, log_path))
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
