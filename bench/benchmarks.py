@@ -29,7 +29,12 @@ from pipeline.schema import BenchmarksConfig, EngineConfig  # noqa: E402
 from pipeline.store import Store  # noqa: E402
 
 MODEL = ROOT / "data" / "models" / "smollm2-135m-instruct"
-TOPICS = ["tea", "rivers", "bicycles", "volcanoes", "libraries", "owls", "bread", "winter"]
+TOPICS = [  # 32 topics x 3 instructions: up to 96 documents; --docs takes the first ones
+    "tea", "rivers", "bicycles", "volcanoes", "libraries", "owls", "bread", "winter",
+    "bridges", "honey", "trains", "coral reefs", "chess", "lighthouses", "maps", "rain",
+    "gardens", "clocks", "whales", "deserts", "kites", "museums", "cheese", "glaciers",
+    "violins", "ants", "harbors", "paper", "comets", "forests", "soap", "markets",
+]  # fmt: skip
 KINDS = [  # IFEval instructions whose checks need no nltk data
     ("Write a short note about {t}. Do not use any commas.", "punctuation:no_comma", {}),
     ("Describe {t} in all lowercase letters.", "change_case:english_lowercase", {}),
