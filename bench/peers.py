@@ -5,8 +5,11 @@
 One `vllm serve` of SmolLM2-135M-Instruct on loopback; both tools talk to it through its
 OpenAI-compatible API. The job, for each: 64 prompts (data/prompts: helpful, red team,
 then verifiable ones), 4 candidates each (T 0.7, top-p 0.9, 96 tokens), every candidate
-rated once by prefloop's judge_additive_5pt rubric (T 0.7, top-p 0.9, 128 tokens, the
-last "Score: N" line in 0-5), best against worst, equal scores making no pair.
+rated once by prefloop's judge_additive_5pt_prefilled rubric (the reply starts "Score: ";
+the score is the expected value of the next token over 0-5: SmolLM2-135M does not write
+a score line on its own), best against worst, equal scores making no pair. prefloop reads
+each digit's exact log-probability (one echo request per digit, 6 per candidate);
+distilabel asks once per candidate for the top 20 (vLLM's `continue_final_message`).
 
 - prefloop: `prefloop run` of a one-round config (Self-Rewarding alone, the openai
   engine, batches of 16 prompts, no training, no evaluation).
@@ -52,8 +55,8 @@ PEER = ["distilabel[openai]==1.5.3", "requests"]
 SERVED = "smol"
 CANDIDATES = 4
 ANSWER = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 96}
-JUDGE = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 128}
-TEMPLATE = ROOT / "prompts" / "judge_additive_5pt.j2"
+JUDGE = {"temperature": 0.0, "max_tokens": 1}  # one token after the prefilled "Score: "
+TEMPLATE = ROOT / "prompts" / "judge_additive_5pt_prefilled.j2"
 BATCH = 16
 
 
@@ -180,8 +183,7 @@ class Prefloop:
                         "heldout": 0},
             "self_reward": {
                 "n_candidates": CANDIDATES, "sampling": ANSWER,
-                "judge": {"kind": "template", "template": "judge_additive_5pt", "samples": 1,
-                          "sampling": JUDGE},
+                "judge": {"kind": "template", "template": TEMPLATE.stem},
                 "self_instruct": {"enabled": False},
             },
             "rlcd": {"enabled": False},

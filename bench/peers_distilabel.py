@@ -8,13 +8,14 @@ JOB.json: {"prompts": [...], "base_url", "model", "candidates", "answer": {tempe
 top_p, max_tokens}, "judge": {...}, "judge_template": PATH, "cache_dir", "out"}.
 
 Pipeline: LoadDataFromDicts -> TextGeneration (num_generations = candidates, one row per
-candidate) -> a rating Task that sends prefloop's judge template, rendered per
-candidate, and parses its "Score: N" line with the template's own pattern and range ->
-a global step that makes best vs worst per prompt (equal scores: no pair). With
+candidate) -> a rating Task that sends prefloop's prefilled judge template, rendered per
+candidate, and reads the score from the next token's log-probabilities -> a global step
+that makes best vs worst per prompt (equal scores: no pair). With
 `use_cache=True`, a run killed part way resumes from the batches distilabel cached.
 """
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -28,24 +29,28 @@ from distilabel.steps.tasks import Task, TextGeneration
 BATCH = 16  # rows per batch through every step
 
 
-def _template(path: str) -> tuple[jinja2.Template, re.Pattern, float, float]:
-    """prefloop's template body (its front matter is a Jinja comment) and its parser."""
+def _template(path: str) -> tuple[jinja2.Template, float, float, str]:
+    """prefloop's template body (its front matter is a Jinja comment), its score range and
+    the reply's prefilled start."""
     text = Path(path).read_text()
-    pattern = re.search(r"pattern: '(.*)'", text).group(1)
     low = float(re.search(r"\n  min: (\S+)", text).group(1))
     high = float(re.search(r"\n  max: (\S+)", text).group(1))
+    prefix = re.search(r'\n  prefix: "(.*)"', text).group(1)
     body = jinja2.Environment(keep_trailing_newline=True).from_string(text)
-    return body, re.compile(pattern), low, high
+    return body, low, high, prefix
 
 
-class RateWithTemplate(Task):
-    """One judge call per candidate with prefloop's rubric text; the last score line wins."""
+class RatePrefilled(Task):
+    """One judge call per candidate with prefloop's rubric text and its prefilled reply
+    ("Score: "): the server continues that reply (vLLM's `continue_final_message`) by one
+    token and returns its top log-probabilities; the score is the expected value over
+    the digits in range among them (G-Eval style), as prefloop's prefilled judge reads."""
 
     template_path: str
 
     def load(self) -> None:
         super().load()
-        self._body, self._pattern, self._low, self._high = _template(self.template_path)
+        self._body, self._low, self._high, self._prefix = _template(self.template_path)
 
     @property
     def inputs(self) -> list[str]:
@@ -53,18 +58,33 @@ class RateWithTemplate(Task):
 
     @property
     def outputs(self) -> list[str]:
-        return ["score", "judge_raw", "model_name"]
+        return ["score", "model_name"]
 
     def format_input(self, input: dict) -> list[dict]:
         text = self._body.render(instruction=input["instruction"], response=input["generation"])
-        return [{"role": "user", "content": text.strip()}]
+        return [
+            {"role": "user", "content": text.strip()},
+            {"role": "assistant", "content": self._prefix},
+        ]
 
     def format_output(self, output: str | None, input: dict | None = None) -> dict:
-        found = self._pattern.findall(output or "")
-        score = float(found[-1]) if found else None
-        if score is not None and not self._low <= score <= self._high:
-            score = None
-        return {"score": score, "judge_raw": output}
+        return {"score": None}  # read from the log-probabilities in _format_outputs
+
+    def _format_outputs(self, outputs, input=None):
+        rows = super()._format_outputs(outputs, input)
+        for row in rows:
+            positions = row.get(f"llm_{self.name}_logprobs") or []
+            row["score"] = self._expected(positions[0] if positions else None)
+        return rows
+
+    def _expected(self, top: list[dict] | None) -> float | None:
+        digits = {}
+        for entry in top or []:
+            token = entry["token"].strip()
+            if token.isdigit() and self._low <= int(token) <= self._high:
+                digits.setdefault(int(token), math.exp(entry["logprob"]))
+        total = sum(digits.values())
+        return sum(d * p for d, p in digits.items()) / total if total else None
 
 
 class BestVsWorst(GlobalStep):
@@ -118,6 +138,22 @@ def llm(job: dict, sampling: dict) -> OpenAILLM:
     )
 
 
+def judge_llm(job: dict) -> OpenAILLM:
+    """One token after the prefilled reply, with the server's top 20 log-probabilities."""
+    return OpenAILLM(
+        model=job["model"],
+        base_url=job["base_url"],
+        api_key="unused",
+        generation_kwargs={
+            "temperature": 0.0,
+            "max_new_tokens": 1,
+            "logprobs": True,
+            "top_logprobs": 20,
+            "extra_body": {"continue_final_message": True, "add_generation_prompt": False},
+        },
+    )
+
+
 def main() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
     with Pipeline(name="prefloop-peer", cache_dir=job["cache_dir"]) as pipeline:
@@ -130,8 +166,8 @@ def main() -> None:
             group_generations=False,
             input_batch_size=BATCH,
         )
-        rate = RateWithTemplate(
-            llm=llm(job, job["judge"]), template_path=job["judge_template"], input_batch_size=BATCH
+        rate = RatePrefilled(
+            llm=judge_llm(job), template_path=job["judge_template"], input_batch_size=BATCH
         )
         pairs = BestVsWorst(rated_path=job["out"] + ".rated")
         load >> generate >> rate >> pairs

@@ -168,9 +168,22 @@ def test_openai_engine_against_vllm_serve(tiny_model_dir, servers, hf_engine):
         results = engine.generate(CONVERSATIONS, Sampling(n=2, temperature=1.0, max_tokens=8))
         check_completions(results, n=2, max_tokens=8)
         probs = engine.choice_probs(CHOICE[:2], ["A", "B"], prefix="(")
+        # Two labels among the server's top 20 next tokens (read from that list) and one
+        # outside it (read by echoing the prompt with it): both equal a local forward pass.
+        ids = engine.encode(engine.render(CHOICE[0], "("))
+        body = {"model": "tiny", "prompt": ids, "max_tokens": 1, "logprobs": 20}
+        top = engine._post({**body, "return_tokens_as_token_ids": True})
+        ranked = top["choices"][0]["logprobs"]["top_logprobs"][0]
+        inside = [int(k.split(":")[1]) for k in sorted(ranked, key=ranked.get)[-2:]]
+        outside = next(i for i in range(1000) if f"token_id:{i}" not in ranked)
+        labels = [*inside, outside]
+        got = engine._label_logprobs([ids], labels)
     reference = hf_engine.choice_probs(CHOICE[:2], ["A", "B"], prefix="(")
-    for got, want in zip(probs, reference, strict=True):
-        assert got[0] == pytest.approx(want[0], abs=2e-3)
+    for got_probs, want in zip(probs, reference, strict=True):
+        assert got_probs[0] == pytest.approx(want[0], abs=2e-3)
+    # Log-probabilities near -10 (a random model): 1e-2 is a 1% difference in probability;
+    # the server's last-position logits and a local forward pass differ by ~4e-3.
+    assert got[0] == pytest.approx(hf_engine._label_logprobs([ids], labels)[0], abs=1e-2)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,9 @@ from pipeline.engines.servers import ServerPool
 from pipeline.errors import EngineError
 from pipeline.schema import EngineConfig
 
+TOP_LOGPROBS = 20  # vLLM's default `max_logprobs`: the most a server returns per token
+TOKEN_ID = "token_id:"  # how `return_tokens_as_token_ids` names a token
+
 
 @dataclass
 class OpenAIEngine(EngineBase):
@@ -101,9 +104,28 @@ class OpenAIEngine(EngineBase):
         return self._map(one, list(enumerate(prompts)))
 
     def _label_logprobs(self, prompts: list[list[int]], label_ids: list[int]) -> list[list[float]]:
-        # Exact log-probabilities: echo each prompt with the label appended and read the
-        # label's prompt logprob (top-k next-token lists may miss a label).
-        def one(item: tuple[list[int], int]) -> float:
+        # One request per prompt for the next token's top log-probabilities, keyed by token
+        # id (vLLM's `return_tokens_as_token_ids`): the raw numbers an echoed prompt gives,
+        # without a request per label and without the server scoring every prompt position
+        # (docs/benchmarks.md, bench/peers.py). A label outside the top TOP_LOGPROBS is
+        # read exactly: the prompt echoed with the label appended.
+        def top(ids: list[int]) -> dict[int, float]:
+            body = {
+                "model": self.served_model,
+                "prompt": ids,
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": TOP_LOGPROBS,
+                "return_tokens_as_token_ids": True,
+            }
+            [found] = self._post(body)["choices"][0]["logprobs"]["top_logprobs"]
+            return {
+                int(k.removeprefix(TOKEN_ID)): float(v)
+                for k, v in found.items()
+                if k.startswith(TOKEN_ID)
+            }
+
+        def echoed(item: tuple[list[int], int]) -> float:
             ids, label = item
             body = {
                 "model": self.served_model,
@@ -116,9 +138,12 @@ class OpenAIEngine(EngineBase):
             logprobs = self._post(body)["choices"][0]["logprobs"]["token_logprobs"]
             return float(logprobs[len(ids)])
 
-        flat = self._map(one, [(ids, label) for ids in prompts for label in label_ids])
-        k = len(label_ids)
-        return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
+        tops = self._map(top, prompts)
+        missing = [(i, label) for i, t in enumerate(tops) for label in label_ids if label not in t]
+        exact = self._map(echoed, [(prompts[i], label) for i, label in missing])
+        for (i, label), logprob in zip(missing, exact, strict=True):
+            tops[i][label] = logprob
+        return [[t[label] for label in label_ids] for t in tops]
 
     def close(self) -> None:
         if self.pool is not None:
