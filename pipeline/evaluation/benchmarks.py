@@ -195,9 +195,9 @@ def run_benchmark(spec: BenchmarkSpec, on_task: Callable[[str, dict[str, Any]], 
     model; BenchmarkError where it failed (the tasks it finished were handed on)."""
     from pipeline.training.launch import child_failed, run_child
 
-    stem = Path(spec.problem).with_suffix("")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    spec_path, log_path = stem.with_suffix(".spec.json"), stem.with_suffix(".log")
+    stem = spec.problem.removesuffix(".problem")  # a task's name may hold a dot
+    Path(stem).parent.mkdir(parents=True, exist_ok=True)
+    spec_path, log_path = Path(f"{stem}.spec.json"), Path(f"{stem}.log")
     spec_path.write_text(json.dumps(asdict(spec), indent=2, default=str))
     for path in [*spec.outputs.values(), spec.problem]:
         Path(path).unlink(missing_ok=True)
