@@ -466,17 +466,22 @@ def run(
     Re-running the same command resumes where it stopped. The full log, tracebacks
     included, goes to runs/<run>/logs/; a failure ends with one `error:` line."""
     from flows.runlog import console, start_run_log
-    from flows.supervise import is_worker, watch_supervisor
+    from flows.supervise import is_worker, start_prefect_api, watch_supervisor
     from pipeline.preflight import preflight
 
     if is_worker():
         watch_supervisor()  # the supervisor killed: this process group goes with it
     cfg = _run_config(config, overrides, judge_template)
-    inputs = preflight(cfg, str(config))  # every input checked before Prefect or an engine
-    from flows.cluster import check_runner  # Prefect loads here, after the checks
+    # Prefect's temporary server starts while the inputs are checked; no engine or flow
+    # starts before the checks pass.
+    prefect_api = start_prefect_api() if is_worker() else None
+    inputs = preflight(cfg, str(config))  # every input checked before a flow or an engine
+    from flows.cluster import check_runner
     from flows.loop import loop_flow
 
     check_runner(cfg)  # runner.kind ray without the ray extra installed fails here
+    if prefect_api is not None:
+        prefect_api()
     global _RUN_LOG
     _RUN_LOG = start_run_log(cfg.runs_dir, cfg.name, verbose)
     say = console()  # the terminal: the run's stdout goes to its log file
@@ -485,7 +490,7 @@ def run(
         f"held out, {inputs.duplicate_prompts} duplicates ignored\n"
         f"log      {_RUN_LOG.resolve()}\n"
     )
-    result = loop_flow(cfg.model_dump(mode="json"), rounds=rounds)
+    result = loop_flow(cfg.model_dump(mode="json"), rounds=rounds, checked=True)
     say.write(
         f"run      {result['run_id']}: {result['rounds']} rounds, final model "
         f"{result['final_model']}\n"

@@ -29,6 +29,7 @@ from pipeline.hashing import sha256_text
 from pipeline.models import resolve_model
 from pipeline.plan import SELF_INSTRUCT, Stage
 from pipeline.preflight import preflight
+from pipeline.rounds import load_inputs
 from pipeline.store import Store
 
 RUNNERS = {**stage.RUNNERS, **evaluate.RUNNERS}
@@ -75,9 +76,10 @@ def round_flow(config_json: str, run_id: str, round_: int, model_id: str) -> str
     return r.close()
 
 
-def prepare_run(cfg: RunConfig) -> dict[str, Any]:
-    """The pre-flight, then register the run and its base model; before any engine starts."""
-    inputs = preflight(cfg, cfg.name)
+def prepare_run(cfg: RunConfig, checked: bool = False) -> dict[str, Any]:
+    """The pre-flight (unless the caller has just run it: `checked`), then register the
+    run and its base model; before any engine starts."""
+    inputs = load_inputs(cfg) if checked else preflight(cfg, cfg.name)
     config_json = cfg.model_dump_json()
     model = resolve_model(cfg.model)
     with Store(cfg.db_path, lock_timeout_s=cfg.db_lock_timeout_s) as store:
@@ -116,15 +118,18 @@ def loop_flow(
     overrides: list[str] | None = None,
     rounds: int | None = None,
     extend: bool = False,
+    checked: bool = False,
 ) -> dict[str, Any]:
     """Run `rounds` rounds (default: the config's); round t+1 generates with the model
     round t registered. `config` is a YAML path (read at run time, so a deployment picks
     up edits) or a config mapping. With `extend`, the rounds come after the run's last
-    finished round: each scheduled run of a deployment continues the loop."""
+    finished round: each scheduled run of a deployment continues the loop. `checked`: the
+    caller ran the pre-flight on this config just before (`prefloop run`); a
+    deployment's run checks again."""
     logger = get_run_logger()
     cfg = _resolve_config(config, overrides)
     n = rounds or cfg.rounds
-    run = prepare_run(cfg)
+    run = prepare_run(cfg, checked)
     first = 1
     if extend:
         with Store(cfg.db_path, lock_timeout_s=cfg.db_lock_timeout_s) as store:

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from flows.runlog import ERROR_FILE
@@ -99,6 +100,38 @@ def watch_supervisor() -> None:
             time.sleep(0.5)
 
     threading.Thread(target=watch, name="prefloop-watchdog", daemon=True).start()
+
+
+def start_prefect_api() -> Callable[[], None]:
+    """Start the temporary Prefect API server that a run without PREFECT_API_URL gets, in
+    a thread, so that its start (a uvicorn process: ~5 s on 2 cores) overlaps the
+    pre-flight checks instead of following them. Returns the wait for it, which raises
+    what the start raised; the flow then finds it running. A configured server, or
+    ephemeral mode switched off, starts nothing. Only in the worker: a run that fails its
+    checks leaves the server to the supervisor's end of the process group."""
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
+
+            if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+                return
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()  # the instance get_client() uses, started
+        except BaseException as e:  # noqa: BLE001 (raised where the run waits for it)
+            failed.append(e)
+
+    thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failed:
+            raise failed[0]
+
+    return wait
 
 
 def _interruptible() -> None:

@@ -1,4 +1,4 @@
-"""The pre-flight: everything a run will need, checked before Prefect or an engine starts.
+"""The pre-flight: everything a run will need, checked before a flow or an engine starts.
 
 `prefloop run`, `prefloop serve` (before it registers a deployment: a bad config never
 reaches a worker) and the loop flow itself all call `preflight`, so a mistake is one line
@@ -10,13 +10,14 @@ from collections.abc import Mapping
 from functools import lru_cache
 
 from pipeline.config import RunConfig
-from pipeline.engines import engine_kind, engine_problem, start_engine
+from pipeline.engines import engine_kind, engine_problem
 from pipeline.engines.base import continuation_tokens
 from pipeline.errors import ConfigError, EngineError, TemplateError
 from pipeline.evaluation.benchmarks import tasks_problem
 from pipeline.judging import JudgePlan
 from pipeline.models import ModelInfo, resolve_model
 from pipeline.rounds import RoundInputs, judge_plans, load_inputs
+from pipeline.schema import EngineConfig
 from pipeline.store import Store
 from pipeline.templates import ChoiceParser, ScoreParser, Template
 from pipeline.training.kinds import TRAINING_KINDS
@@ -42,7 +43,7 @@ def preflight(cfg: RunConfig, source: str = "config", *, ping: bool = True) -> R
         if problem:
             raise ConfigError(f"{source}: {name}.{problem}")
         if ping and engine.kind == "openai":  # a wrong URL fails here, at once
-            _ping(model, engine, cfg.seed)
+            _ping(engine)
     check_label_templates(cfg, inputs, plans)
     check_training_steps(cfg, source)
     benchmarks = cfg.evaluation.benchmarks
@@ -166,6 +167,12 @@ def _tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _ping(model: ModelInfo, engine, seed: int) -> None:
-    with start_engine(model.path, engine, seed) as remote:
-        remote.ping()
+def _ping(engine: EngineConfig) -> None:
+    """The servers answer (their pool alone: no tokenizer is loaded for it)."""
+    from pipeline.engines.openai_engine import open_pool
+
+    pool = open_pool(engine)
+    try:
+        pool.ping()
+    finally:
+        pool.close()

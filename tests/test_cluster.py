@@ -167,6 +167,10 @@ def test_openai_engine_against_vllm_serve(tiny_model_dir, servers, hf_engine):
     with start_engine(tiny_model_dir, cfg, seed=0) as engine:
         results = engine.generate(CONVERSATIONS, Sampling(n=2, temperature=1.0, max_tokens=8))
         check_completions(results, n=2, max_tokens=8)
+        # Counted from the token ids the server returns: a choice cut at the limit has
+        # exactly max_tokens, whatever its text re-encodes to.
+        cut = [c for r in results for c in r if c.finish_reason == "length"]
+        assert cut and all(c.n_tokens == 8 for c in cut)
         probs = engine.choice_probs(CHOICE[:2], ["A", "B"], prefix="(")
         # Two labels among the server's top 20 next tokens (read from that list) and one
         # outside it (read by echoing the prompt with it): both equal a local forward pass.
