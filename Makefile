@@ -24,7 +24,7 @@ test: $(STAMP) $(MODEL) $(CHROMIUM)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Side-by-side benchmarks, each printing its ratios: every bench the README quotes. About
-# 65 minutes on 2 cores. bench/improvement.py runs on its own: about 75 minutes more for
+# 90 minutes on 2 cores (bench/peers.py installs distilabel in .venv-peers on first use). bench/improvement.py runs on its own: about 75 minutes more for
 # the function-judged loop's two seeds; the self-judging loop is slower and was never
 # timed whole. orchestration.py reads the demo's database when `make run` has filled it.
 bench: $(STAMP) $(MODEL)
@@ -39,6 +39,7 @@ bench: $(STAMP) $(MODEL)
 	$(PY) bench/cluster.py
 	$(PY) bench/explorer.py
 	$(PY) bench/benchmarks.py
+	$(PY) bench/peers.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline flows tests bench

