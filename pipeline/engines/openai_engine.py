@@ -77,7 +77,7 @@ class OpenAIEngine(EngineBase):
                 "seed": hashed_seed(self.seed, i),
                 # Each choice's token ids (vLLM), only to count its tokens exactly:
                 # re-tokenizing the text can give another count. Asking `logprobs: 0` for
-                # the same made generation ~5% slower on vLLM-CPU (bench/peers.py).
+                # the same made generation ~6% slower on vLLM-CPU (docs/cluster.md).
                 "return_token_ids": True,
             }
             if params.stop:
