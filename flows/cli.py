@@ -753,6 +753,13 @@ def _fail(exc: BaseException, line: str) -> None:
 
     if _RUN_LOG is None:  # before the run started: nothing else to end
         say(line)
+        if target:
+            # The worker: Prefect's temporary server may be starting beside the checks,
+            # and stopping it at exit (SIGTERM mid-start) can print after the error line;
+            # the supervisor kills it with the process group instead.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         raise SystemExit(2)
     record_failure(_RUN_LOG, exc)
     typer.echo(f"log      {_RUN_LOG.resolve()} (the full traceback)", file=console(err=True))
