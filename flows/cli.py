@@ -753,21 +753,18 @@ def _fail(exc: BaseException, line: str) -> None:
 
     if _RUN_LOG is None:  # before the run started: nothing else to end
         say(line)
-        if target:
-            # The worker: Prefect's temporary server may be starting beside the checks,
-            # and stopping it at exit (SIGTERM mid-start) can print after the error line;
-            # the supervisor kills it with the process group instead.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(2)
-        raise SystemExit(2)
-    record_failure(_RUN_LOG, exc)
-    typer.echo(f"log      {_RUN_LOG.resolve()} (the full traceback)", file=console(err=True))
-    say(line)
+        if not target:
+            raise SystemExit(2)
+    else:
+        record_failure(_RUN_LOG, exc)
+        typer.echo(f"log      {_RUN_LOG.resolve()} (the full traceback)", file=console(err=True))
+        say(line)
     sys.stdout.flush()
     sys.stderr.flush()
     # No interpreter teardown: Prefect's exit hooks and DuckDB's leak report would print
-    # after the error line; the supervisor ends what this process started.
+    # after the error line, and tearing down with Prefect's temporary server still being
+    # started in its thread (flows/supervise.py) aborted the process; the supervisor ends
+    # what this process started.
     os._exit(2)
 
 
