@@ -1,4 +1,4 @@
-"""Does the loop improve the model? Both verifiable-instruction loops, side by side.
+"""Does the loop improve the model? The verifiable-instruction loops, side by side.
 
     .venv/bin/python bench/improvement.py [--seeds 0 1] [--loops function selfjudge]
         [--rounds 3] [--set key=value ...] [--out results.jsonl] [--dir D [--collect]]
@@ -6,7 +6,9 @@
 - function:  data/configs/verifiable.yaml, Self-Rewarding candidates scored by the
   checkers (the `function` judge), best vs worst -> DPO;
 - selfjudge: data/configs/verifiable_selfjudge.yaml, the same prompts judged by the
-  model's own LLM judge.
+  model's own LLM judge;
+- grpo: data/configs/verifiable_grpo.yaml, no pairs: GRPO on the same draw of prompts
+  with the checkers as its online reward.
 
 Each (loop, seed) is a real `prefloop run` in its own database. The yardstick is the same
 for both: held-out strict prompt-level instruction-following accuracy of M_0..M_T,
@@ -47,6 +49,7 @@ from pipeline.store import Store  # noqa: E402
 LOOPS = {
     "function": ROOT / "data" / "configs" / "verifiable.yaml",
     "selfjudge": ROOT / "data" / "configs" / "verifiable_selfjudge.yaml",
+    "grpo": ROOT / "data" / "configs" / "verifiable_grpo.yaml",
 }
 METRIC = PROMPT_STRICT
 

@@ -2,6 +2,7 @@
 directly on the same data, side by side in one process, printed as ratios.
 
     .venv/bin/python bench/training.py [--model smollm2-135m-instruct] [--rows 32]
+        [--kinds dpo sft grpo] [--grpo-steps 8]
 
 prefloop's step (`train_step`) snapshots the round's rows from DuckDB into the round's
 folder, trains in a child process (a fresh Python that imports torch and TRL, loads the
@@ -11,8 +12,14 @@ same trainer with the same settings, train, save. The difference is prefloop's o
 per step; it is mostly the child's start (imports and model load), which buys a crash
 that cannot take the flow down and memory that is all returned after the step.
 
-For DPO and SFT, the two paths alternate (a warm-up of the direct path first, so TRL's
+For every kind the two paths alternate (a warm-up of the direct path first, so TRL's
 imports are not counted against it); every figure is the median of the repeats.
+
+GRPO: both paths sample answers to the same verifiable prompts in the trainer and reward
+them with the same rule (`pipeline.verifiable.judge:score_on_topic`); prefloop's through
+its function judge, recording every rollout and storing them with the step, the direct
+path through a plain TRL reward function. Nothing is held out on either side. Both train
+with the same seed, so their per-step rewards should agree; the bench prints both.
 """
 
 import argparse
@@ -29,11 +36,14 @@ from pipeline.config import RunConfig  # noqa: E402
 from pipeline.hashing import row_id  # noqa: E402
 from pipeline.models import resolve_model  # noqa: E402
 from pipeline.paths import DATA_DIR  # noqa: E402
+from pipeline.rounds import draw_rows  # noqa: E402
+from pipeline.rows import RoundContext  # noqa: E402
 from pipeline.seeds import load_prompts  # noqa: E402
 from pipeline.store import Store  # noqa: E402
 from pipeline.training.step import train_step  # noqa: E402
 
 RUN = "bench-train"
+RESULTS = Path(__file__).resolve().parent / "results" / "training.jsonl"
 
 
 def answer(words: list[str], i: int, length: int) -> str:
@@ -42,10 +52,13 @@ def answer(words: list[str], i: int, length: int) -> str:
 
 def write_round(store: Store, model_dir: Path, n: int) -> None:
     """Round 1: n prompts, each with a long and a short answer (a pair) and a revision
-    (an SFT row)."""
+    (an SFT row); and n verifiable prompts, the round's draw (what GRPO trains on)."""
     model = resolve_model(model_dir)
     store.write({"models": [model.record("base")]})
     store.upsert_round(RUN, 1, model.model_id)
+    drawn = load_prompts(DATA_DIR / "prompts" / "verifiable_train.jsonl")[:n]
+    ctx = RoundContext(RUN, 1, model.model_id, 0)
+    store.write(draw_rows(drawn, ctx))
     prompts = load_prompts(DATA_DIR / "prompts" / "helpful.jsonl")
     prompts = (prompts * (n // len(prompts) + 1))[:n]
     words = " ".join(p.text for p in prompts).split()
@@ -108,6 +121,122 @@ def write_round(store: Store, model_dir: Path, n: int) -> None:
     store.write(rows)
 
 
+def rule_reward(prompts, completions, **_) -> list[float | None]:
+    """The verifiable rule as a plain TRL reward function (the direct path's)."""
+    from pipeline.verifiable.judge import score_on_topic
+
+    return [
+        score_on_topic(p[-1]["content"], c[-1]["content"])
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+
+
+def direct_grpo(model_dir: Path, data_dir: Path, t: dict, out: Path) -> tuple[float, list]:
+    """TRL's GRPOTrainer on the same snapshot, settings and rule, in this process; its
+    wall time and per-step mean reward."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    start = time.perf_counter()
+    data = load_dataset("parquet", data_files={"train": str(data_dir / "train.parquet")})
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    g = t["grpo"]
+    config = GRPOConfig(
+        output_dir=str(out / "trainer"),
+        learning_rate=t["learning_rate"],
+        per_device_train_batch_size=t["batch_size"],
+        max_steps=g["max_steps"],
+        num_generations=g["num_generations"],
+        max_completion_length=g["max_completion_length"],
+        beta=g["beta"],
+        temperature=g["temperature"],
+        top_p=g["top_p"],
+        seed=1,
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[rule_reward],
+        args=config,
+        train_dataset=data["train"],
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    trainer.model.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "model")
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    return time.perf_counter() - start, rewards
+
+
+def step_rewards(store: Store, output_model_id: str) -> list[float]:
+    """The mean reward of each training step of a stored grpo step, from its rollouts."""
+    rows = store.query(
+        "SELECT step, avg(reward) AS r FROM rollouts WHERE model_id = ? AND phase = 'rollout' "
+        "GROUP BY step ORDER BY step",
+        [output_model_id],
+    )
+    return [r["r"] for r in rows]
+
+
+def bench_grpo(store: Store, model_dir: Path, tmp: Path, training: dict, args) -> None:
+    online = {
+        "num_generations": 4,
+        "max_steps": args.grpo_steps,
+        "max_completion_length": 96,
+        "beta": 0.04,
+        "temperature": 0.8,
+        "top_p": 0.95,
+    }
+    reward = {"kind": "function", "function": "pipeline.verifiable.judge:score_on_topic"}
+    settings = {**training, "batch_size": 8, "grpo": online, "reward": reward}
+    step = RunConfig(training={**settings, "steps": ["grpo"]}).training.step_list()[0]
+    folder = tmp / "runs" / "grpo"
+    times: dict[str, list[float]] = {"prefloop": [], "direct": []}
+    rewards: dict[str, list] = {}
+    one = step.model_copy(update={"grpo": step.grpo.model_copy(update={"max_steps": 1})})
+    warm = train_step(store, one, RUN, 1, folder / "warm", 0)  # the snapshot
+    data_dir = folder / "warm" / "data-grpo"
+    t = step.model_dump(mode="json")
+    direct_grpo(model_dir, data_dir, {**t, "grpo": {**online, "max_steps": 1}}, tmp / "gw")
+    for r in range(args.repeats):
+        start = time.perf_counter()
+        result = train_step(store, step, RUN, 1, folder / str(r), 0)
+        times["prefloop"].append(time.perf_counter() - start)
+        rewards["prefloop"] = step_rewards(store, result["model_id"])
+        wall, rewards["direct"] = direct_grpo(model_dir, data_dir, t, tmp / f"g{r}")
+        times["direct"].append(wall)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"\ngrpo: {warm['rows']['train']} prompts, {args.grpo_steps} steps of 2 prompts x 4 "
+        "answers, 96 new tokens at most, the verifiable rule as reward"
+    )
+    print(f"   {'prefloop step':<34} {med['prefloop']:7.2f} s")
+    print(f"   {'TRL called directly':<34} {med['direct']:7.2f} s")
+    print(f"   throughput ratio direct / prefloop: {med['direct'] / med['prefloop']:.3f}")
+    print(f"   prefloop overhead per step: {med['prefloop'] - med['direct']:.1f} s")
+    shown = {k: [round(x, 4) for x in v] for k, v in rewards.items()}
+    print("   per-step reward: " + json.dumps(shown))
+    print("   raw: " + json.dumps({k: [round(x, 2) for x in v] for k, v in times.items()}))
+    record = {
+        "bench": "training.grpo",
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "model": args.model,
+        "settings": {**settings, "prompts": warm["rows"]["train"], "repeats": args.repeats},
+        "seconds": times,
+        "ratio_direct_over_prefloop": med["direct"] / med["prefloop"],
+        "step_rewards": shown,
+    }
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def direct(kind: str, model_dir: Path, data_dir: Path, t: dict, out: Path) -> float:
     """The same trainer, settings and snapshot, called in this process."""
     import torch
@@ -157,6 +286,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--kinds", nargs="+", default=["dpo", "sft", "grpo"])
+    ap.add_argument("--grpo-steps", type=int, default=8)
     args = ap.parse_args()
     model_dir = resolve_model(args.model).path
     training = {
@@ -172,7 +303,9 @@ def main() -> None:
         store = Store(cfg.db_path)
         write_round(store, model_dir, args.rows)
         print(f"training steps on {args.model}: {args.rows} rows, batch 4, 1 epoch, CPU")
-        for kind in ("dpo", "sft"):
+        if "grpo" in args.kinds:
+            bench_grpo(store, model_dir, tmp, training, args)
+        for kind in [k for k in args.kinds if k != "grpo"]:
             step = RunConfig(training={**training, "steps": [kind]}).training.step_list()[0]
             times: dict[str, list[float]] = {"prefloop": [], "direct": []}
             trainer_s = []

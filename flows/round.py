@@ -82,6 +82,7 @@ class Round:
             self.done = self.store.done_batches(ctx.run_id, ctx.round)
             self.attempt = sum(stage == FLOW for stage, _ in self.done)  # resumed: 1, 2...
             self.seeds = rounds.round_prompts(self.inputs, self.cfg, ctx.round)
+            self.store.write(rounds.draw_rows(self.seeds, ctx))
         self.generated: list | None = None  # self-instructed prompts, once made
         return True
 

@@ -65,6 +65,20 @@ def _kind_limits(step: TrainingConfig) -> None:
             "kto needs batch_size >= 2 (its KL estimate pairs each answer with another "
             "prompt's in the same batch)"
         )
+    if TRAINING_KINDS[step.kind].online:
+        if step.reward is None:
+            raise ValueError(
+                f"{step.kind} needs a reward judge: reward: {{kind: function, function: "
+                "module:function}, {kind: reward_model, model: latest} or a template judge"
+            )
+        group = getattr(step, step.kind).num_generations
+        if step.batch_size * step.gradient_accumulation_steps % group:
+            raise ValueError(
+                f"{step.kind} counts its batch in answers: batch_size x "
+                f"gradient_accumulation_steps ({step.batch_size} x "
+                f"{step.gradient_accumulation_steps}) must be a multiple of "
+                f"{step.kind}.num_generations ({group})"
+            )
 
 
 class RunStepConfig(TrainingConfig):
@@ -180,8 +194,12 @@ class RunConfig(StrictModel):
             raise ValueError(
                 "runner.train: places the training step on a Ray node; needs runner.kind ray"
             )
-        if not self.enabled_methods():
-            raise ValueError(f"enable at least one of {', '.join(METHODS)}")
+        online = any(TRAINING_KINDS[s.kind].online for s in self.training.step_list())
+        if not self.enabled_methods() and not online:
+            raise ValueError(
+                f"enable at least one of {', '.join(METHODS)} (or train an online RL kind, "
+                f"{', '.join(k for k, v in TRAINING_KINDS.items() if v.online)}, alone)"
+            )
         return self
 
     def method(self, name: str) -> MethodConfig:

@@ -29,7 +29,7 @@ MANIFEST = "prefloop-model.json"
 # A checkpoint is identified by its weights, config and tokenizer: the manifest, the
 # trainer's metrics.json (which holds timings) and its logs/ (training.report_to) are not
 # hashed, so the same training gives the same model id on every run.
-NOT_HASHED = (MANIFEST, "metrics.json", "logs")
+NOT_HASHED = (MANIFEST, "metrics.json", "logs", "rollouts.jsonl", "reward_judge.json")
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
 _TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json")
 # `org/name` or `org/name@revision` (a branch, tag or commit), as the Hub spells repo ids.

@@ -14,7 +14,7 @@ from pipeline.engines import engine_kind, engine_problem
 from pipeline.engines.base import continuation_tokens
 from pipeline.errors import ConfigError, EngineError, TemplateError
 from pipeline.evaluation.benchmarks import tasks_problem
-from pipeline.judging import JudgePlan
+from pipeline.judging import JudgePlan, judge_model
 from pipeline.models import ModelInfo, resolve_model
 from pipeline.rounds import RoundInputs, judge_plans, load_inputs
 from pipeline.schema import EngineConfig
@@ -33,7 +33,8 @@ def preflight(cfg: RunConfig, source: str = "config", *, ping: bool = True) -> R
     model = resolve_model(cfg.model)
     # Each judge as a round before any reward model would use it (`latest`: its fallback).
     plans = judge_plans(cfg, inputs, None)
-    for other in (*(p.model_path for p in plans.values()), cfg.evaluation.judge_model):
+    rewards = [judge_model(s.reward) for s in cfg.training.step_list() if s.reward is not None]
+    for other in (*(p.model_path for p in plans.values()), *rewards, cfg.evaluation.judge_model):
         if other is not None:
             resolve_model(other)
     for name, engine in (("engine", cfg.engine), ("evaluation.engine", cfg.evaluation.engine)):
@@ -68,7 +69,7 @@ def check_training_steps(cfg: RunConfig, source: str = "config") -> None:
         kept = enabled & set(step.methods if step.methods is not None else enabled)
         wanted = TRAINING_KINDS[step.kind].sources(step)
         usable = kept if wanted is None else kept & set(wanted)
-        if not usable:
+        if not usable and not TRAINING_KINDS[step.kind].online:  # online: the round's prompts
             reads = "any method's pairs" if wanted is None else ", ".join(wanted)
             reads = reads or "nothing (its settings turn every source off)"
             raise ConfigError(

@@ -28,6 +28,7 @@ from pipeline.self_instruct import SelfInstructConfig, write_new_prompts
 from pipeline.self_instruct import load as load_self_instruct
 from pipeline.templates import Template, TemplateLibrary
 from pipeline.training.kinds import TRAINING_KINDS
+from pipeline.training.step import load_reward, scorer_before
 from pipeline.verifiable.prompts import Checked, load_checked
 
 
@@ -41,6 +42,8 @@ class RoundInputs:
     duplicate_prompts: int = 0  # the same messages twice across the files: used once
     methods: dict[str, Any] = field(default_factory=dict)  # name -> what its `load` returned
     judges: dict[str, Any] = field(default_factory=dict)  # name -> its judge's loaded files
+    # An online RL step's kind -> its reward judge's loaded files.
+    rewards: dict[str, Any] = field(default_factory=dict)
     self_instruct: Template | None = None
     eval_judge: Template | None = None
     # The yardstick's prompts with their check specs and topics (evaluation.yardstick).
@@ -49,7 +52,9 @@ class RoundInputs:
     def templates(self) -> list[Template]:
         """Every template the round uses (for the snapshot and provenance)."""
         found: dict[str, Template] = {}
-        _collect([self.methods, self.judges, self.self_instruct, self.eval_judge], found)
+        _collect(
+            [self.methods, self.judges, self.rewards, self.self_instruct, self.eval_judge], found
+        )
         return list(found.values())
 
 
@@ -102,9 +107,17 @@ def load_inputs(cfg: RunConfig) -> RoundInputs:
             try:
                 inputs.judges[name] = load_judge(judge, library)
             except ConfigError as e:  # "judge.function: ..." -> "self_reward.judge.function"
-                raise ConfigError(
-                    f"{name}.{e}" if str(e).startswith("judge.") else str(e)
-                ) from None
+                raise ConfigError(_placed(str(e), "judge.", f"{name}.judge.")) from None
+    steps = cfg.training.step_list()
+    for i, step in enumerate(steps):
+        if step.reward is not None and TRAINING_KINDS[step.kind].online:
+            where = f"training.steps.{i}"
+            try:
+                inputs.rewards[step.kind] = load_reward(
+                    step.reward, library, scorer_before(steps, i)
+                )
+            except ConfigError as e:  # "judge.function: ..." -> "training.steps.0.reward..."
+                raise ConfigError(_placed(str(e), "judge.", f"{where}.reward.")) from None
     instruct = self_instruct_settings(cfg)
     if instruct is not None:
         inputs.self_instruct = load_self_instruct(instruct, library)
@@ -116,6 +129,11 @@ def load_inputs(cfg: RunConfig) -> RoundInputs:
         if stick.enabled:
             inputs.yardstick = load_checked(stick.prompts, stick.limit)
     return inputs
+
+
+def _placed(message: str, prefix: str, where: str) -> str:
+    """A judge's error located in the config: `judge.function: ...` -> `<where>function:`."""
+    return where + message.removeprefix(prefix) if message.startswith(prefix) else message
 
 
 def judge_settings(cfg: RunConfig, method: str) -> Any | None:
@@ -175,6 +193,17 @@ def round_prompts(inputs: RoundInputs, cfg: RunConfig, round_: int) -> list[Prom
         return list(pool)
     ranked = sorted(pool, key=lambda p: row_id("round", cfg.seed, cfg.name, round_, p.prompt_id))
     return ranked[: cfg.prompts.per_round]
+
+
+def draw_rows(prompts: list[Prompt], ctx: RoundContext) -> dict[str, list[dict[str, Any]]]:
+    """The round's draw as rows: each prompt (stored once per run) and that this round
+    drew it (`round_prompts`: what an online RL step of the round trains on)."""
+    return {
+        "prompts": [p.record(ctx.run_id, ctx.round) for p in prompts],
+        "round_prompts": [
+            {"run_id": ctx.run_id, "round": ctx.round, "prompt_id": p.prompt_id} for p in prompts
+        ],
+    }
 
 
 def prompt_from_row(row: dict[str, Any]) -> Prompt:

@@ -138,6 +138,34 @@ class KtoDataConfig(StrictModel):
     undesirable_weight: float = Field(1.0, gt=0.0)
 
 
+class OnlineRlConfig(StrictModel):
+    """An online RL step (`grpo`, `rloo`): the policy samples answers to the round's
+    prompts inside TRL's trainer, the step's `reward` judge scores them, and each group of
+    answers to one prompt is compared with itself (GRPO: normalised by the group's
+    mean and spread; RLOO: each answer against the mean of the others)."""
+
+    # Answers sampled per prompt (the group); batch_size x gradient_accumulation_steps
+    # must be a multiple of it (TRL counts the batch in answers, not prompts).
+    num_generations: int = Field(4, ge=2)
+    # Optimizer steps (None: `epochs` passes over the round's prompts).
+    max_steps: int | None = Field(None, ge=1)
+    # New tokens at most per sampled answer.
+    max_completion_length: int = Field(128, ge=1)
+    # KL penalty to the step's starting model (0: none, and no reference is loaded).
+    beta: float = Field(0.04, ge=0.0)
+    # Sampling temperature of the answers the policy writes in training.
+    temperature: float = Field(1.0, gt=0.0)
+    # Nucleus sampling of those answers.
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # PPO-style clipping of the policy ratio.
+    epsilon: float = Field(0.2, gt=0.0)
+    # Optimizer passes over each batch of sampled answers.
+    num_iterations: int = Field(1, ge=1)
+    # Where the trainer samples: transformers, or vLLM inside the trainer (TRL's
+    # colocate mode; CUDA only). auto: vLLM on CUDA when it is installed.
+    generation: Literal["auto", "transformers", "vllm"] = "auto"
+
+
 class StepSettings(StrictModel):
     """What a training step is trained with. `training:` holds them for every step; each
     entry of `training.steps` overrides them for its own step."""
@@ -178,11 +206,29 @@ class StepSettings(StrictModel):
     sft: SftDataConfig = SftDataConfig()
     # A kto step's examples and their weights.
     kto: KtoDataConfig = KtoDataConfig()
+    # grpo / rloo: the judge whose score is the reward, any judge kind ({kind: function,
+    # function: module:function}, {kind: reward_model, model: latest}, a template judge).
+    reward: Any = None
+    # A grpo step's sampling and RL settings.
+    grpo: OnlineRlConfig = OnlineRlConfig()
+    # An rloo step's sampling and RL settings.
+    rloo: OnlineRlConfig = OnlineRlConfig()
     # CUDA: the `accelerate launch` config file (None: data/configs/accelerate/single_gpu.yaml).
     accelerate_config: Path | None = None
     # Where the trainer also logs, by transformers' integration names (tensorboard, wandb,
     # mlflow, trackio, ...); tensorboard's event files go in the step's model folder, logs/.
     report_to: list[str] = []
+
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _reward(cls, value: Any) -> Any:
+        """Any judge kind's settings, by its `kind` (the judges registry is imported here,
+        not above: it builds on this module)."""
+        if value is None or isinstance(value, BaseModel):
+            return value
+        from pipeline.judging import JUDGES
+
+        return kind_settings(JUDGES, lambda kind: kind.config, "template", value)
 
 
 class TrainingConfig(StepSettings):
@@ -427,13 +473,20 @@ def kind_field(registry: Mapping[str, Any], config: Callable[[Any], type[BaseMod
     (`self_reward.judge.samples: ...`); an unknown kind names the known ones."""
 
     def validate(value: Any, handler: Any) -> Any:
-        if isinstance(value, BaseModel):
-            return value
-        if not isinstance(value, Mapping):
-            raise ValueError("expected a mapping with a `kind`")
-        kind = value.get("kind", default)
-        if kind not in registry:
-            raise ValueError(f"unknown kind {kind!r} (known: {', '.join(registry)})")
-        return config(registry[kind]).model_validate({**value, "kind": kind})
+        return kind_settings(registry, config, default, value)
 
     return Annotated[Any, WrapValidator(validate)]
+
+
+def kind_settings(
+    registry: Mapping[str, Any], config: Callable[[Any], type[BaseModel]], default: str, value: Any
+) -> Any:
+    """`value` validated by the settings class of the registry entry its `kind` names."""
+    if isinstance(value, BaseModel):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError("expected a mapping with a `kind`")
+    kind = value.get("kind", default)
+    if kind not in registry:
+        raise ValueError(f"unknown kind {kind!r} (known: {', '.join(registry)})")
+    return config(registry[kind]).model_validate({**value, "kind": kind})

@@ -175,11 +175,13 @@ def write_round(
         store.upsert_round(run, round_, model.model_id)
     seeds = load_prompts(ROOT / "data/prompts/helpful.jsonl")
     prompts = (seeds + load_prompts(ROOT / "data/prompts/red_team.jsonl"))[:n]
-    rows: dict[str, list] = {k: [] for k in ("prompts", "generations", "pairs", "sft_examples")}
+    keys = ("prompts", "round_prompts", "generations", "pairs", "sft_examples")
+    rows: dict[str, list] = {k: [] for k in keys}
     rows["judgments"], rejudged = [], []
     where = (run, round_, model.model_id)
     for i, p in enumerate(prompts):
         rows["prompts"].append(p.record(run, round_))
+        rows["round_prompts"].append({"run_id": run, "round": round_, "prompt_id": p.prompt_id})
         gens = [
             _generation(*where, p, "self_reward", "candidate", k, t)
             for k, t in enumerate((GOOD, BAD))

@@ -16,3 +16,7 @@ def undecided(prompt: str, answer: str) -> None:
 
 def wrong_type(prompt: str, answer: str) -> str:
     return "high"
+
+
+def raises(prompt: str, answer: str) -> float:
+    raise KeyError(f"no rule for {prompt[:20]!r}")

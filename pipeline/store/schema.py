@@ -279,6 +279,28 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE models ADD COLUMN repo VARCHAR",
         "ALTER TABLE models ADD COLUMN revision VARCHAR",
     ],
+    # v9: the prompts each round drew (what its methods answer and an online RL step
+    # trains on), and online RL's rollouts: a generation's `train_step` is the optimizer
+    # step that trained on it (NULL for every other generation); `rollouts` shows each with
+    # its prompt and reward.
+    [
+        """CREATE TABLE round_prompts (
+            run_id VARCHAR NOT NULL,
+            round INTEGER NOT NULL,
+            prompt_id VARCHAR NOT NULL,
+            PRIMARY KEY (run_id, round, prompt_id)
+        )""",
+        "ALTER TABLE generations ADD COLUMN train_step INTEGER",
+        """CREATE VIEW rollouts AS
+        SELECT g.run_id, g.round, g.method AS kind, g.role AS phase, g.train_step AS step,
+               g.prompt_id, pr.text AS prompt, g.sample_idx, g.text AS completion,
+               g.n_tokens, g.finish_reason, j.score AS reward, j.parse_status,
+               j.judge_id, g.model_id, g.generation_id
+        FROM generations g
+        JOIN prompts pr ON pr.run_id = g.run_id AND pr.prompt_id = g.prompt_id
+        LEFT JOIN judgments j ON j.generation_id = g.generation_id
+        WHERE g.train_step IS NOT NULL""",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -72,3 +72,13 @@ class TrainingQueries(Connection):
             "ORDER BY s.generation_id",
             [run_id, since, round_, run_id],
         )
+
+    def drawn_prompts(self, run_id: str, since: int, round_: int) -> list[dict[str, Any]]:
+        """The prompts rounds `since`..`round_` drew, with their messages, in round then
+        prompt-id order (a prompt drawn twice comes twice)."""
+        return self.query(
+            "SELECT d.round, d.prompt_id, pr.messages_json FROM round_prompts d "
+            "JOIN prompts pr ON pr.run_id = d.run_id AND pr.prompt_id = d.prompt_id "
+            "WHERE d.run_id = ? AND d.round BETWEEN ? AND ? ORDER BY d.round, d.prompt_id",
+            [run_id, since, round_],
+        )

@@ -7,6 +7,8 @@
   round, method and source.
 - Unpaired answers (kto): prompt, completion (one assistant message) and label (desirable
   or not), plus the answer's id, its pair and source.
+- Prompts (grpo, rloo): prompt (the conversation up to the user's last turn), plus its id
+  and the round that drew it; the trainer samples the answers itself.
 
 The data window is one round or every round so far (`training.data`); every row appears
 once. TRL's trainers read the files this writes with no glue, and apply the tokenizer's
@@ -297,3 +299,26 @@ def unpaired_examples(
                 add(gid, gid, None, "self_reward", "scored", c["messages_json"], c["text"], label)
     rows = sorted(examples.values(), key=lambda e: e["example_id"])
     return split_examples(rows, KTO_COLUMNS, training.heldout_fraction, seed, "group_id")
+
+
+# -- Online RL: the round's prompts (TRL's conversational prompt-only format) ---------------
+
+PROMPT_COLUMNS: Columns = {
+    "prompt_id": "string",
+    "round": "int64",  # the round that drew it
+    "prompt": MESSAGES,
+}
+
+
+def round_prompts(store: Any, training: Any, run_id: str, round_: int, seed: int) -> DatasetDict:
+    """The prompts the window's rounds drew (the draw every method of the round answers),
+    each once (its latest round), split by prompt id."""
+    examples: dict[str, dict[str, Any]] = {}
+    for r in store.drawn_prompts(run_id, first_round(training, round_), round_):
+        examples[r["prompt_id"]] = {
+            "prompt_id": r["prompt_id"],
+            "round": r["round"],
+            "prompt": json.loads(r["messages_json"]),
+        }
+    rows = sorted(examples.values(), key=lambda e: e["prompt_id"])
+    return split_examples(rows, PROMPT_COLUMNS, training.heldout_fraction, seed, "prompt_id")

@@ -34,6 +34,10 @@ class TrainingKind:
     # The methods whose rows it can train on, given the step's settings (None: any
     # method's pairs); the pre-flight refuses a step none of whose sources is enabled.
     sources: Callable[[Any], tuple[str, ...] | None] = lambda step: None
+    # Online RL: it trains on the round's prompts (no method's rows), sampling answers in
+    # the trainer and scoring them with the step's `reward` judge; each answer and its
+    # reward is stored with the step (`generations`, `judgments`).
+    online: bool = False
 
 
 TRAINING_KINDS: dict[str, TrainingKind] = {
@@ -71,6 +75,22 @@ TRAINING_KINDS: dict[str, TrainingKind] = {
         data=export.preference_pairs,
         produces="scorer",
         metrics={"heldout_pairwise_accuracy": "rm_pairwise_accuracy"},
+    ),
+    "grpo": TrainingKind(
+        trainer="pipeline.training.rl:train_grpo",
+        data=export.round_prompts,
+        columns=export.PROMPT_COLUMNS,
+        produces="policy",
+        metrics={"heldout_reward": "rl_heldout_reward"},
+        online=True,
+    ),
+    "rloo": TrainingKind(
+        trainer="pipeline.training.rl:train_rloo",
+        data=export.round_prompts,
+        columns=export.PROMPT_COLUMNS,
+        produces="policy",
+        metrics={"heldout_reward": "rl_heldout_reward"},
+        online=True,
     ),
 }
 

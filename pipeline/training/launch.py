@@ -23,6 +23,7 @@ from typing import Any
 from pipeline.errors import PrefloopError
 from pipeline.paths import DATA_DIR
 from pipeline.progress import training_progress
+from pipeline.training.worker import error_file
 
 ACCELERATE_DEFAULT = DATA_DIR / "configs" / "accelerate" / "single_gpu.yaml"
 LOG_TAIL = 15
@@ -181,6 +182,8 @@ def run_training(
         "TOKENIZERS_PARALLELISM": "false",
     }
     cmd = command(spec_path, spec.device, accelerate_config)
+    error = error_file(out)
+    error.unlink(missing_ok=True)
     if spec.progress_file:
         Path(spec.progress_file).unlink(missing_ok=True)  # a killed attempt's
     try:
@@ -189,6 +192,8 @@ def run_training(
         raise TrainingError(f"training timed out after {timeout_s:.0f}s; log: {log_path}") from None
     if code != 0:
         shutil.rmtree(partial, ignore_errors=True)
+        if error.is_file():
+            raise TrainingError(f"training ({spec.kind}): {error.read_text()} (log: {log_path})")
         raise TrainingError(child_failed(f"training ({spec.kind})", code, log_path))
     if out.exists():
         shutil.rmtree(out)

@@ -14,13 +14,17 @@ from typing import Any
 
 from pipeline.errors import PrefloopError
 from pipeline.hashing import row_id, sha256_dir
-from pipeline.models import MANIFEST, NOT_HASHED, format_model_id
+from pipeline.judging import JUDGES, load_judge, plan_judge
+from pipeline.judging.reward_model import LATEST
+from pipeline.models import MANIFEST, NOT_HASHED, format_model_id, resolve_model
 from pipeline.rows import RoundContext, stage_metrics_row
 from pipeline.schema import TrainingConfig
 from pipeline.store import Store
+from pipeline.templates import TemplateLibrary
 from pipeline.training.export import first_round, write_dataset
 from pipeline.training.kinds import TRAINING_KINDS, stored_policy, train_stage
 from pipeline.training.launch import TrainSpec, checkpoint_dir, progress_file, run_training
+from pipeline.training.rollouts import rollout_rows
 
 
 def export_step(
@@ -67,6 +71,47 @@ def _start_and_reference(
     return base, reference_id, reference
 
 
+def load_reward(reward: Any, library: TemplateLibrary, scorer_before: bool) -> Any:
+    """An online step's reward judge's files, read and checked. `model: latest` after a
+    scorer step of the same round (`[rm, grpo]`) needs no fallback: a reward model exists
+    by the time the online step runs."""
+    latest = reward.kind == "reward_model" and reward.model == LATEST
+    if latest and reward.fallback is None and scorer_before:
+        return {"fallback": None}
+    return load_judge(reward, library)
+
+
+def scorer_before(steps: list, index: int) -> bool:
+    """Whether a step before `index` trains a scorer (a reward model)."""
+    return any(TRAINING_KINDS[s.kind].produces == "scorer" for s in steps[:index])
+
+
+def reward_plan(store: Store, step: TrainingConfig, run_id: str, round_: int, base: dict):
+    """An online step's reward judge as its child builds it (settings with `latest`
+    resolved to the run's newest reward model, this round's included; the model it runs
+    on and that model's id), and the models rows to register for it."""
+    if step.reward is None:
+        raise PrefloopError(f"training: a {step.kind} step needs a `reward` judge")
+    loaded = load_reward(step.reward, TemplateLibrary(), scorer_before=True)  # checked before
+    latest = store.latest_scorer(run_id, round_ + 1)  # this round's reward model included
+    if latest is None and loaded.get("fallback", 0) is None:
+        raise PrefloopError(
+            f"run {run_id!r} round {round_}: {step.kind}'s reward is the latest reward model "
+            "and none is trained yet (put an rm step before it, or give a fallback judge)"
+        )
+    plan = plan_judge(step.reward, loaded, latest)
+    path, model_id, models = plan.model_path, plan.model_id, []
+    if JUDGES[plan.settings.kind].needs_engine:
+        if path is None:  # the judge reads with the step's own starting model
+            path, model_id = base["path"], base["model_id"]
+        elif model_id is None:
+            judge = resolve_model(path)
+            path, model_id = str(judge.path), judge.model_id
+            models.append(judge.record("judge"))
+    settings = plan.settings.model_dump(mode="json")
+    return {"settings": settings, "model_path": path, "model_id": model_id}, models
+
+
 def _registered(
     store: Store,
     spec: TrainSpec,
@@ -76,9 +121,11 @@ def _registered(
     metrics: dict,
     rows: int,
     wall: float,
+    extra_models: list[dict] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
     """Hash and register a finished step's checkpoint: its models row, its training_runs
-    row and its stage_metrics row, in one transaction (the step is done or it is not)."""
+    row, its stage_metrics row and an online step's rollouts, in one transaction (the step
+    is done or it is not)."""
     run_id, round_, index = where
     out = Path(spec.output_dir)
     sha = sha256_dir(out, exclude=NOT_HASHED)
@@ -110,11 +157,18 @@ def _registered(
         "status": "finished",
         "finished_at": datetime.now(UTC).replace(tzinfo=None),
     }
-    trained = RoundContext(run_id, round_, model_id, 0)
+    trained = RoundContext(run_id, round_, model_id, spec.seed)
     metrics_row = stage_metrics_row(trained, train_stage(spec.kind), 0, rows, wall)
-    store.write(
-        {"models": [model_row], "training_runs": [training_row], "stage_metrics": [metrics_row]}
-    )
+    tables: dict[str, list] = {
+        "models": [*extra_models, model_row],
+        "training_runs": [training_row],
+        "stage_metrics": [metrics_row],
+    }
+    if TRAINING_KINDS[spec.kind].online:
+        sampling = spec.training[spec.kind]
+        rollouts = rollout_rows(out, trained, spec.kind, training_row["training_run_id"], sampling)
+        tables = {**rollouts, **tables}
+    store.write(tables)
     return model_row
 
 
@@ -146,6 +200,10 @@ def train_step(
             f"filters (data={step.data}, methods={step.methods}, min_margin={step.min_margin}, "
             f"exclude_flagged={step.exclude_flagged})"
         )
+    extra: dict[str, Any] = {"rounds": [first_round(step, round_), round_]}
+    judge_models: list[dict] = []
+    if TRAINING_KINDS[name].online:
+        extra["reward"], judge_models = reward_plan(store, step, run_id, round_, base)
     spec = TrainSpec(
         kind=name,
         trainer=TRAINING_KINDS[name].trainer,
@@ -156,13 +214,15 @@ def train_step(
         reference_model=reference["path"] if reference else None,
         seed=seed + round_,
         device="auto",  # where the child runs: cuda if that machine has it
-        extra={"rounds": [first_round(step, round_), round_]},
+        extra=extra,
         progress_file=str(progress_file(folder, name)),
     )
     metrics = launch(spec, step.accelerate_config)
     wall = time.perf_counter() - begin
     where = (run_id, round_, index)
-    model_row = _registered(store, spec, base, reference_id, where, metrics, counts["train"], wall)
+    model_row = _registered(
+        store, spec, base, reference_id, where, metrics, counts["train"], wall, judge_models
+    )
     return {**model_row, "step": name, "metrics": metrics, "rows": counts, "wall_s": wall}
 
 
