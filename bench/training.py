@@ -156,6 +156,7 @@ def direct_grpo(model_dir: Path, data_dir: Path, t: dict, out: Path) -> tuple[fl
         top_p=g["top_p"],
         seed=1,
         use_cpu=True,
+        bf16=False,  # prefloop trains in fp32 on CPU; GRPOConfig's default is bf16 autocast
         logging_steps=1,
         save_strategy="no",
         report_to=[],

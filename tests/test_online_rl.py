@@ -106,7 +106,7 @@ def test_rewards_from_a_reward_model_and_a_template_judge(tmp_path, tiny_model_d
     """[rm, grpo] with `model: latest`: GRPO against the reward model the round just
     trained (the seeds' RLHF recipe); then rloo against a prefilled template read by the
     step's own starting model."""
-    latest = {"kind": "reward_model", "model": "latest", "fallback": WORDS}
+    latest = {"kind": "reward_model", "model": "latest"}  # no fallback: rm comes first
     template = {"kind": "template", "template": "judge_additive_5pt_prefilled"}
     cfg = _cfg(
         tmp_path,
@@ -114,6 +114,7 @@ def test_rewards_from_a_reward_model_and_a_template_judge(tmp_path, tiny_model_d
         {"kind": "grpo", "reward": latest},
         {"kind": "rloo", "reward": template},
     )
+    assert load_inputs(cfg).rewards["grpo"] == {"fallback": None}  # the pre-flight's read
     with Store(cfg.db_path) as store:
         write_round(store, tiny_model_dir, RUN, n=8)
         _train(store, cfg)
@@ -227,6 +228,10 @@ def test_online_settings_are_checked_before_anything_runs(tmp_path):
     assert alone.enabled_methods() == []
     with pytest.raises(ConfigError, match="enable at least one of"):
         parse_config({**base, **off, "training": {"steps": ["dpo"]}})
+    alone_latest = {"kind": "grpo", "reward": {"kind": "reward_model", "model": "latest"}}
+    cfg = parse_config({**base, **off, "training": {"steps": [alone_latest]}})
+    with pytest.raises(ConfigError, match=r"^training.steps.0.reward.fallback: "):
+        load_inputs(cfg)
     # The reward judge's files are read with the inputs: a wrong name is one line, placed.
     bad = {"kind": "grpo", "reward": {"kind": "function", "function": "judge_rules:nothing"}}
     cfg = parse_config({**base, **off, "training": {"steps": [bad]}})

@@ -94,7 +94,8 @@ def reward_plan(store: Store, step: TrainingConfig, run_id: str, round_: int, ba
         raise PrefloopError(f"training: a {step.kind} step needs a `reward` judge")
     loaded = load_reward(step.reward, TemplateLibrary(), scorer_before=True)  # checked before
     latest = store.latest_scorer(run_id, round_ + 1)  # this round's reward model included
-    if latest is None and loaded.get("fallback", 0) is None:
+    waits = step.reward.kind == "reward_model" and step.reward.model == LATEST
+    if waits and latest is None and step.reward.fallback is None:
         raise PrefloopError(
             f"run {run_id!r} round {round_}: {step.kind}'s reward is the latest reward model "
             "and none is trained yet (put an rm step before it, or give a fallback judge)"
