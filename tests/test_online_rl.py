@@ -17,6 +17,7 @@ from helpers import QUICK, tiny_config, write_round
 
 from pipeline.config import RunConfig, parse_config
 from pipeline.errors import ConfigError
+from pipeline.recipes import sql_recipes
 from pipeline.rounds import load_inputs, round_dir
 from pipeline.store import Store
 from pipeline.training.launch import TrainingError
@@ -282,3 +283,8 @@ def test_a_loop_of_online_rl_alone(harness, tmp_path, tiny_model_dir):
             "WHERE metric = 'ifeval_prompt_strict' ORDER BY 1"
         )
         assert [r["round"] for r in yardstick] == [0, 1, 2]
+        # docs/training.md's recipes over rollouts run on this run and find rows.
+        recipes = sql_recipes((ROOT / "docs" / "training.md",))
+        assert len(recipes) == 2
+        for name, statement in recipes:
+            assert store.sql(statement)[1], f"SQL recipe {name!r} found nothing"
