@@ -2,7 +2,7 @@
 directly on the same data, side by side in one process, printed as ratios.
 
     .venv/bin/python bench/training.py [--model smollm2-135m-instruct] [--rows 32]
-        [--kinds dpo sft grpo] [--grpo-steps 8]
+        [--kinds dpo sft grpo] [--grpo-steps 8] [--grpo-config data/configs/verifiable_grpo.yaml]
 
 prefloop's step (`train_step`) snapshots the round's rows from DuckDB into the round's
 folder, trains in a child process (a fresh Python that imports torch and TRL, loads the
@@ -32,12 +32,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import RunConfig  # noqa: E402
+from pipeline.config import RunConfig, load_config  # noqa: E402
 from pipeline.hashing import row_id  # noqa: E402
 from pipeline.models import resolve_model  # noqa: E402
 from pipeline.paths import DATA_DIR  # noqa: E402
 from pipeline.rounds import draw_rows  # noqa: E402
 from pipeline.rows import RoundContext  # noqa: E402
+from pipeline.schema import TrainingConfig  # noqa: E402
 from pipeline.seeds import load_prompts  # noqa: E402
 from pipeline.store import Store  # noqa: E402
 from pipeline.training.step import train_step  # noqa: E402
@@ -186,10 +187,20 @@ def step_rewards(store: Store, output_model_id: str) -> list[float]:
     return [r["r"] for r in rows]
 
 
-def bench_grpo(store: Store, model_dir: Path, tmp: Path, training: dict, args) -> None:
+def grpo_step(training: dict, args) -> TrainingConfig:
+    """The grpo step to time: the small default (2 prompts x 4 answers of 96 tokens a
+    step), or with --grpo-config the shipped config's own step (its batch, answers, tokens,
+    sampling, learning rate, reward and steps). Nothing is held out on either path."""
+    if args.grpo_config:
+        steps = load_config(args.grpo_config).training.step_list()
+        step = next(s for s in steps if s.kind == "grpo")
+        update = {"heldout_fraction": 0.0}
+        if args.grpo_steps:
+            update["grpo"] = step.grpo.model_copy(update={"max_steps": args.grpo_steps})
+        return step.model_copy(update=update)
     online = {
         "num_generations": 4,
-        "max_steps": args.grpo_steps,
+        "max_steps": args.grpo_steps or 8,
         "max_completion_length": 96,
         "beta": 0.04,
         "temperature": 0.8,
@@ -197,7 +208,11 @@ def bench_grpo(store: Store, model_dir: Path, tmp: Path, training: dict, args) -
     }
     reward = {"kind": "function", "function": "pipeline.verifiable.judge:score_on_topic"}
     settings = {**training, "batch_size": 8, "grpo": online, "reward": reward}
-    step = RunConfig(training={**settings, "steps": ["grpo"]}).training.step_list()[0]
+    return RunConfig(training={**settings, "steps": ["grpo"]}).training.step_list()[0]
+
+
+def bench_grpo(store: Store, model_dir: Path, tmp: Path, training: dict, args) -> None:
+    step = grpo_step(training, args)
     folder = tmp / "runs" / "grpo"
     times: dict[str, list[float]] = {"prefloop": [], "direct": []}
     rewards: dict[str, list] = {}
@@ -205,7 +220,7 @@ def bench_grpo(store: Store, model_dir: Path, tmp: Path, training: dict, args) -
     warm = train_step(store, one, RUN, 1, folder / "warm", 0)  # the snapshot
     data_dir = folder / "warm" / "data-grpo"
     t = step.model_dump(mode="json")
-    direct_grpo(model_dir, data_dir, {**t, "grpo": {**online, "max_steps": 1}}, tmp / "gw")
+    direct_grpo(model_dir, data_dir, {**t, "grpo": {**t["grpo"], "max_steps": 1}}, tmp / "gw")
     for r in range(args.repeats):
         start = time.perf_counter()
         result = train_step(store, step, RUN, 1, folder / str(r), 0)
@@ -214,14 +229,16 @@ def bench_grpo(store: Store, model_dir: Path, tmp: Path, training: dict, args) -
         wall, rewards["direct"] = direct_grpo(model_dir, data_dir, t, tmp / f"g{r}")
         times["direct"].append(wall)
     med = {k: statistics.median(v) for k, v in times.items()}
+    g = step.grpo
     print(
-        f"\ngrpo: {warm['rows']['train']} prompts, {args.grpo_steps} steps of 2 prompts x 4 "
-        "answers, 96 new tokens at most, the verifiable rule as reward"
+        f"\ngrpo: {warm['rows']['train']} prompts, {g.max_steps} steps of "
+        f"{step.batch_size // g.num_generations} prompts x {g.num_generations} answers, "
+        f"{g.max_completion_length} new tokens at most, reward {step.reward}"
     )
     print(f"   {'prefloop step':<34} {med['prefloop']:7.2f} s")
     print(f"   {'TRL called directly':<34} {med['direct']:7.2f} s")
     print(f"   throughput ratio direct / prefloop: {med['direct'] / med['prefloop']:.3f}")
-    print(f"   prefloop overhead per step: {med['prefloop'] - med['direct']:.1f} s")
+    print(f"   prefloop overhead (the whole step): {med['prefloop'] - med['direct']:.1f} s")
     shown = {k: [round(x, 4) for x in v] for k, v in rewards.items()}
     print("   per-step reward: " + json.dumps(shown))
     print("   raw: " + json.dumps({k: [round(x, 2) for x in v] for k, v in times.items()}))
@@ -229,7 +246,12 @@ def bench_grpo(store: Store, model_dir: Path, tmp: Path, training: dict, args) -
         "bench": "training.grpo",
         "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "model": args.model,
-        "settings": {**settings, "prompts": warm["rows"]["train"], "repeats": args.repeats},
+        "settings": {
+            **step.model_dump(mode="json", exclude_none=True),
+            "config": str(args.grpo_config) if args.grpo_config else None,
+            "prompts": warm["rows"]["train"],
+            "repeats": args.repeats,
+        },
         "seconds": times,
         "ratio_direct_over_prefloop": med["direct"] / med["prefloop"],
         "step_rewards": shown,
@@ -288,7 +310,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--kinds", nargs="+", default=["dpo", "sft", "grpo"])
-    ap.add_argument("--grpo-steps", type=int, default=8)
+    ap.add_argument("--grpo-steps", type=int, default=None, help="default 8, or the config's")
+    ap.add_argument(
+        "--grpo-config", type=Path, default=None, help="time this config's grpo step as shipped"
+    )
     args = ap.parse_args()
     model_dir = resolve_model(args.model).path
     training = {
