@@ -10,20 +10,23 @@
 - grpo: data/configs/verifiable_grpo.yaml, no pairs: GRPO on the same draw of prompts
   with the checkers as its online reward.
 
-Each (loop, seed) is a real `prefloop run` in its own database. The yardstick is the same
-for both: held-out strict prompt-level instruction-following accuracy of M_0..M_T,
-greedy, with 95% Wilson intervals. Printed per round: accuracy and interval, the change
-against M_0, pairs, training time, the held-out answers' mean length and share cut off
-at max_tokens, the pairs' chosen/rejected length, and how the checkers see the pairs
-(chosen better / tied / worse: the self-judging loop's judge against the code), the
-share of held-out answers that mention their topic and the share that do and follow
-every instruction (the checks look at form only: a model can gain on them by dropping
-the request for the format, and these two show it); then
-whether M_T beats M_0 with intervals that do not overlap, and instruction-level strict
-accuracy per kind of instruction and model. `--set` overrides apply to
-every run (the settings being tuned), and `--out` appends one JSON line per run with its
-settings and results, so every setting tried is kept with what it gave. `--collect`
-runs nothing and reads the finished runs in `--dir`.
+Each (loop, seed) is a real `prefloop run` in its own database. The yardstick is the
+same for every loop: held-out strict prompt-level instruction-following accuracy of
+M_0..M_T, greedy, with 95% Wilson intervals, on the seen split (the training pool's
+wording) and on the unseen one (topics, request forms and phrasings never trained on).
+Printed per round for the seen split: accuracy and interval, the change against M_0,
+pairs, training time, the held-out answers' mean length and share cut off at max_tokens,
+the pairs' chosen/rejected length, and how the checkers see the pairs (chosen better /
+tied / worse: the self-judging loop's judge against the code), the share of held-out
+answers that mention their topic and the share that do and follow every instruction (the
+checks look at form only: a model can gain on them by dropping the request for the
+format, and these two show it); then whether M_T beats M_0 with intervals that do not
+overlap, and instruction-level strict accuracy per kind of instruction and model; then
+each other split per model, strict and strict + on topic with intervals, and its M_T
+against M_0. `--set` overrides apply to every run (the settings being tuned), and
+`--out` appends one JSON line per run with its settings and results, so every setting
+tried is kept with what it gave. `--collect` runs nothing and reads the finished runs in
+`--dir`.
 """
 
 import argparse
@@ -34,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,14 +47,18 @@ from pipeline.evaluation.yardstick import (  # noqa: E402
     ON_TOPIC,
     PROMPT_STRICT,
     STRICT_ON_TOPIC,
+    split_metric,
+    yardstick_splits,
 )
 from pipeline.store import Store  # noqa: E402
 
+CONFIGS = ROOT / "data" / "configs"
 LOOPS = {
-    "function": ROOT / "data" / "configs" / "verifiable.yaml",
-    "selfjudge": ROOT / "data" / "configs" / "verifiable_selfjudge.yaml",
-    "grpo": ROOT / "data" / "configs" / "verifiable_grpo.yaml",
+    "function": CONFIGS / "verifiable.yaml",
+    "selfjudge": CONFIGS / "verifiable_selfjudge.yaml",
+    "grpo": CONFIGS / "verifiable_grpo.yaml",
 }
+VERDICTS = ("better", "tied", "worse")
 METRIC = PROMPT_STRICT
 
 
@@ -74,22 +82,37 @@ def run_loop(config: Path, name: str, seed: int, rounds: int, sets: list[str], t
     return {"wall_s": round(wall, 1), "rounds": collect(db, name)}
 
 
-def checker_verdicts(store: Store, name: str, rounds: list[int]) -> dict[int, dict[str, int]]:
+def checker_verdicts(store: Store, name: str, rounds: list[int]) -> dict[int, dict[str, Any]]:
     """Per round, how the checkers (the function judge's score) see each pair: chosen
-    better, tied or worse. The function-judged loop agrees by construction; for the
-    self-judging loop this is how often the model's own judge was right."""
+    better, tied or worse, in all and per method (`by_method`). The function-judged loop
+    agrees by construction; for every other method this is how often its labels were
+    right: the direct measure of its label quality."""
     from pipeline.verifiable.judge import score
 
-    verdicts: dict[int, dict[str, int]] = {}
+    verdicts: dict[int, dict[str, Any]] = {}
     for t in rounds:
         for r in store.evaluation_pairs(name, t):
             chosen, rejected = score(r["prompt"], r["chosen"]), score(r["prompt"], r["rejected"])
             if chosen is None or rejected is None:
                 continue
             kind = "better" if chosen > rejected else "tied" if chosen == rejected else "worse"
-            counts = verdicts.setdefault(t, {"better": 0, "tied": 0, "worse": 0})
+            counts = verdicts.setdefault(t, {"better": 0, "tied": 0, "worse": 0, "by_method": {}})
             counts[kind] += 1
+            method = counts["by_method"].setdefault(r["method"], dict.fromkeys(VERDICTS, 0))
+            method[kind] += 1
     return verdicts
+
+
+def split_numbers(evals: list[dict], split: str) -> dict[int, dict]:
+    """Per round, a yardstick split's strict accuracy and strict + on topic, with intervals."""
+    out: dict[int, dict] = {}
+    for metric, key in ((PROMPT_STRICT, "accuracy"), (STRICT_ON_TOPIC, "strict_on_topic")):
+        for e in evals:
+            if e["metric"] == split_metric(metric, split):
+                d = json.loads(e["details_json"])
+                cell = out.setdefault(e["round"], {"n": d["n"]})
+                cell.update({key: e["value"], f"{key}_ci95": d["ci95"]})
+    return out
 
 
 def collect(db: Path, name: str) -> dict[int, dict]:
@@ -116,6 +139,7 @@ def collect(db: Path, name: str) -> dict[int, dict]:
                 train[s["round"]] = train.get(s["round"], 0.0) + s["wall_s"]
         lengths = store.answer_lengths(name)
         verdicts = checker_verdicts(store, name, rounds_run)
+    others = {s: split_numbers(all_evals, s) for s in yardstick_splits(all_evals)}
     per_round = {}
     for e in evals:
         d, t = json.loads(e["details_json"]), e["round"]
@@ -137,6 +161,7 @@ def collect(db: Path, name: str) -> dict[int, dict]:
             "on_topic": on_topic,
             "strict_on_topic": both,
             "strict_on_topic_ci95": both_ci,
+            "splits": {s: numbers[t] for s, numbers in others.items() if t in numbers},
         }
     return dict(sorted(per_round.items()))
 
@@ -171,6 +196,11 @@ def show(loop: str, seed: int, result: dict) -> None:
             f"{_verdicts(r.get('checkers')):>15} {_num(r.get('on_topic'), '.3f'):>8} "
             f"{_num(r.get('strict_on_topic'), '.3f'):>12}"
         )
+    for t, r in rounds.items():
+        by_method = (r.get("checkers") or {}).get("by_method") or {}
+        if len(by_method) > 1:
+            shown = ", ".join(f"{m} {_verdicts(c)}" for m, c in sorted(by_method.items()))
+            print(f"   M_{t} pairs by method, checkers +/=/-: {shown}")
     first, last = rounds[0], rounds[max(rounds)]
     gain = 100 * (last["accuracy"] - base)
     print(
@@ -185,7 +215,30 @@ def show(loop: str, seed: int, result: dict) -> None:
             f"M_{max(rounds)} {last['strict_on_topic']:.3f} "
             f"({100 * (last['strict_on_topic'] - first['strict_on_topic']):+.1f} points{apart})"
         )
+    show_splits(rounds)
     show_kinds(rounds)
+
+
+def show_splits(rounds: dict[int, dict]) -> None:
+    """Each yardstick split beyond the seen one: per model its strict accuracy, and
+    strict + on topic, with intervals; then M_T against M_0."""
+    names = sorted({s for r in rounds.values() for s in r.get("splits") or {}})
+    for split in names:
+        cells = {t: r["splits"][split] for t, r in rounds.items() if split in r.get("splits", {})}
+        print(f"   {split} split ({max(c['n'] for c in cells.values())} prompts):")
+        for t, c in cells.items():
+            lo, hi = c["accuracy_ci95"]
+            both = c.get("strict_on_topic")
+            print(
+                f"     M_{t:<4} strict {c['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+                f"   strict+topic {_num(both, '.3f')}"
+            )
+        first, last = cells[min(cells)], cells[max(cells)]
+        print(
+            f"     M_{max(cells)} - M_{min(cells)}: "
+            f"{100 * (last['accuracy'] - first['accuracy']):+.1f} points; intervals "
+            f"{_apart(first['accuracy_ci95'], last['accuracy_ci95'])}"
+        )
 
 
 def _apart(first: list[float], last: list[float]) -> str:

@@ -15,7 +15,7 @@ from pipeline.config import RunConfig
 from pipeline.evaluation.benchmarks import benchmark_task
 from pipeline.evaluation.metrics import WIN_RATE, round_statistics
 from pipeline.evaluation.stages import compare_models, heldout_answers
-from pipeline.evaluation.yardstick import PROMPT_STRICT, instruction_following
+from pipeline.evaluation.yardstick import PROMPT_STRICT, instruction_following, split_metric
 from pipeline.models import resolve_model
 from pipeline.plan import Stage
 from pipeline.rows import RoundContext, Rows
@@ -46,33 +46,37 @@ def answers(r: Round, stage: Stage, batch: int) -> None:
 
 
 def yardstick(r: Round, stage: Stage, batch: int) -> None:
-    """A model's held-out instruction-following accuracy, stored as its round's (0: the
-    run's initial model)."""
+    """A model's held-out instruction-following accuracy on each yardstick split, stored
+    as its round's (0: the run's initial model)."""
     model_id = stage_model(r, stage)
     measured_round = 0 if stage.model == "initial" else r.ctx.round
     spec = r.spec(model_id, evaluation=True)
     r.stop_engines(keep=spec)
-    prompts = r.inputs.yardstick
+    splits = r.inputs.yardstick
     ctx = RoundContext(r.ctx.run_id, measured_round, model_id, r.ctx.seed)
     work = partial(
         instruction_following,
-        prompts=prompts,
+        splits=splits,
         ctx=ctx,
         model_id=model_id,
         cfg=r.cfg.evaluation.yardstick,
     )
-    rows = run_now(r, stage.name, len(prompts), work, {"engine": spec})
-    [row] = [e for e in rows["evaluations"] if e["metric"] == PROMPT_STRICT]
-    d = json.loads(row["details_json"])
-    r.logger.info(
-        "yardstick of %s (M_%d): strict prompt-level accuracy %.3f, 95%% CI [%.3f, %.3f], "
-        "%d prompts",
-        model_id,
-        measured_round,
-        row["value"],
-        *d["ci95"],
-        d["n"],
-    )
+    total = sum(len(p) for p in splits.values())
+    rows = run_now(r, stage.name, total, work, {"engine": spec})
+    stored = {e["metric"]: e for e in rows["evaluations"]}
+    for split in splits:
+        row = stored[split_metric(PROMPT_STRICT, split)]
+        d = json.loads(row["details_json"])
+        r.logger.info(
+            "yardstick (%s) of %s (M_%d): strict prompt-level accuracy %.3f, 95%% CI "
+            "[%.3f, %.3f], %d prompts",
+            split,
+            model_id,
+            measured_round,
+            row["value"],
+            *d["ci95"],
+            d["n"],
+        )
 
 
 def benchmark(r: Round, stage: Stage, batch: int) -> None:

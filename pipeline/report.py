@@ -28,7 +28,13 @@ from pipeline.evaluation.metrics import (
     PAIR_METRICS,
     WIN_RATE,
 )
-from pipeline.evaluation.yardstick import INSTRUCTION_STRICT, PROMPT_STRICT
+from pipeline.evaluation.yardstick import (
+    INSTRUCTION_STRICT,
+    PROMPT_STRICT,
+    STRICT_ON_TOPIC,
+    split_metric,
+    yardstick_splits,
+)
 from pipeline.evaluation.yardstick import LABELS as YARDSTICK_LABELS
 from pipeline.explorer import explorer_data, page_json
 from pipeline.plan import FLOW
@@ -84,6 +90,7 @@ def _key_numbers(data: Mapping[str, Any], split: Mapping[int, dict]) -> list[dic
     }
     found = {column: _by_round(evals, metric) for column, metric in columns.items()}
     strict = _by_round(evals, PROMPT_STRICT)
+    others = {s: _by_round(evals, split_metric(PROMPT_STRICT, s)) for s in yardstick_splits(evals)}
     table = []
     for r in data["rounds"]:
         n = r["round"]
@@ -92,6 +99,7 @@ def _key_numbers(data: Mapping[str, Any], split: Mapping[int, dict]) -> list[dic
         row["pairs"] = ", ".join(f"{m} {c}" for m, c in pairs.items()) or "none"
         row.update({m: e.get(n, {}).get("value") for m, e in found.items()})
         row["ifeval"] = strict.get(n, {}).get("value")
+        row["ifeval_splits"] = [e.get(n, {}).get("value") for e in others.values()]
         if n in split and r["wall_s"]:
             row["orchestration_share"] = split[n]["orchestration"] / r["wall_s"]
         table.append(row)
@@ -99,6 +107,7 @@ def _key_numbers(data: Mapping[str, Any], split: Mapping[int, dict]) -> list[dic
     if base is not None and table:  # the initial model's, as round 0
         first = dict.fromkeys(set(table[0]) - {"orchestration_share"}, None)
         first.update(round=0, status="initial", pairs="-", ifeval=base["value"])
+        first["ifeval_splits"] = [e.get(0, {}).get("value") for e in others.values()]
         first["model"] = json.loads(base["details_json"])["model"]
         table.insert(0, first)
     return table
@@ -114,9 +123,14 @@ def _win_rate_plot(evals: Sequence[Mapping[str, Any]]) -> Markup:
 
 
 def _yardstick_plot(evals: Sequence[Mapping[str, Any]]) -> Markup | None:
+    """Every yardstick metric of the seen split, and the headline two of each other split."""
+    series = [(label, metric) for metric, label in YARDSTICK_LABELS.items()]
+    for split in yardstick_splits(evals):
+        for metric in (PROMPT_STRICT, STRICT_ON_TOPIC):
+            series.append((f"{YARDSTICK_LABELS[metric]} ({split})", split_metric(metric, split)))
     stick: dict[str, list[tuple[int, float]]] = defaultdict(list)
     bars: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
-    for metric, label in YARDSTICK_LABELS.items():
+    for label, metric in series:
         for r, e in _by_round(evals, metric).items():
             lo, hi = json.loads(e["details_json"])["ci95"]
             stick[label].append((r, e["value"]))
@@ -203,6 +217,7 @@ def build(data: Mapping[str, Any], run_id: str, db_path: str) -> dict[str, Any]:
         "db_path": db_path,
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "table": _key_numbers(data, split),
+        "yardstick_splits": yardstick_splits(evals),
         "per_method": per_method(evals),
         "method_metrics": METHOD_METRICS,
         "split": split,

@@ -29,7 +29,7 @@ from pipeline.self_instruct import load as load_self_instruct
 from pipeline.templates import Template, TemplateLibrary
 from pipeline.training.kinds import TRAINING_KINDS
 from pipeline.training.step import load_reward, scorer_before
-from pipeline.verifiable.prompts import Checked, load_checked
+from pipeline.verifiable.prompts import SEEN, Checked, load_checked
 
 
 @dataclass
@@ -46,8 +46,9 @@ class RoundInputs:
     rewards: dict[str, Any] = field(default_factory=dict)
     self_instruct: Template | None = None
     eval_judge: Template | None = None
-    # The yardstick's prompts with their check specs and topics (evaluation.yardstick).
-    yardstick: list[Checked] = field(default_factory=list)
+    # The yardstick's prompts with their check specs and topics (evaluation.yardstick), per
+    # split: "seen" (its `prompts` file) first, then its `splits` in order.
+    yardstick: dict[str, list[Checked]] = field(default_factory=dict)
 
     def templates(self) -> list[Template]:
         """Every template the round uses (for the snapshot and provenance)."""
@@ -125,10 +126,17 @@ def load_inputs(cfg: RunConfig) -> RoundInputs:
         inputs.eval_judge = library.get(cfg.evaluation.judge_template)
         choice_parser(inputs.eval_judge)
         inputs.eval_judge.expect("pairwise judge", PAIRWISE_VARS)
-        stick = cfg.evaluation.yardstick
-        if stick.enabled:
-            inputs.yardstick = load_checked(stick.prompts, stick.limit)
+        inputs.yardstick = load_yardstick(cfg.evaluation.yardstick)
     return inputs
+
+
+def load_yardstick(stick: Any) -> dict[str, list[Checked]]:
+    """The yardstick's splits, each file read and checked now: "seen" (its `prompts`)
+    first, then its `splits` in order; none when it is off."""
+    if not stick.enabled:
+        return {}
+    files = {SEEN: stick.prompts, **stick.splits}
+    return {name: load_checked(f, stick.limit) for name, f in files.items()}
 
 
 def _placed(message: str, prefix: str, where: str) -> str:

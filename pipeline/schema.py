@@ -295,15 +295,31 @@ class RunnerConfig(StrictModel):
 class YardstickConfig(StrictModel):
     """The judge-free yardstick: held-out instruction-following accuracy (verifiable
     instructions checked by code) of the run's initial model and of every round's model,
-    greedy. Its prompts are a JSON Lines file of {"prompt": ..., "checks": [...]}."""
+    greedy. Its prompts are JSON Lines files of {"prompt": ..., "checks": [...]}: the
+    "seen" split (`prompts`) and any further named splits, each measured on its own."""
 
     # Measure every round's model (and the initial one) on the yardstick.
     enabled: bool = False
-    # JSON Lines of {prompt, checks, topic}: the held-out verifiable instructions.
+    # JSON Lines of {prompt, checks, topic}: the "seen" split, held-out verifiable
+    # instructions in the training pool's wording.
     prompts: Path = Path("data/prompts/verifiable_heldout.jsonl")
-    limit: int | None = Field(None, ge=1)  # the file's first N prompts (None = all)
+    # Further splits, name -> file, stored as `<name>/<metric>`: "unseen" holds requests
+    # whose topics, forms and phrasings the training pool never uses.
+    splits: dict[str, Path] = {"unseen": Path("data/prompts/verifiable_unseen.jsonl")}
+    limit: int | None = Field(None, ge=1)  # each file's first N prompts (None = all)
     # How the yardstick's answers are generated (greedy).
     sampling: SamplingConfig = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=256)
+
+    @field_validator("splits")
+    @classmethod
+    def _split_names(cls, v: dict[str, Path]) -> dict[str, Path]:
+        for name in v:
+            if name == "seen" or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise ValueError(
+                    f"{name!r}: a split name is lower-case letters, digits and _, and not "
+                    "'seen' (the `prompts` file's)"
+                )
+        return v
 
 
 class BenchmarksConfig(StrictModel):

@@ -340,6 +340,16 @@ MATRIX = [
         "y.jsonl:1: topic: 'how to' has no word that says what it is about",
     ),
     (
+        "yardstick split named like the seen one",
+        _config("evaluation:\n  yardstick:\n    splits: {seen: a.jsonl}\n"),
+        "c.yaml (with --set): evaluation.yardstick.splits: 'seen': a split name is lower-case",
+    ),
+    (
+        "yardstick split whose file is not there",
+        _config("evaluation:\n  yardstick:\n    enabled: true\n    splits: {new: nope.jsonl}\n"),
+        "nope.jsonl: prompts file not found",
+    ),
+    (
         "benchmark task lm-eval does not know",
         _config("evaluation:\n  benchmarks:\n    tasks: [ifevall]\n"),
         "c.yaml: evaluation.benchmarks.tasks: unknown lm-eval task 'ifevall' (lm-eval 0.4",

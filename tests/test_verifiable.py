@@ -5,12 +5,15 @@ fixed seed; the judge function scores by the checks; the yardstick counts prompt
 instructions and kinds of instruction."""
 
 import json
+from itertools import combinations
 from pathlib import Path
 
 import pytest
 from helpers import tiny_config
 
 from pipeline.evaluation.yardstick import accuracy, wilson
+from pipeline.paths import REPO_ROOT
+from pipeline.recipes import sql_recipes
 from pipeline.verifiable import prompts
 from pipeline.verifiable.checks import CHECKS, check, follows, kind, on_topic, topic_words
 from pipeline.verifiable.judge import score, score_on_topic, strict
@@ -230,6 +233,52 @@ def test_prompt_set_is_reproducible_and_split_by_a_fixed_seed():
     assert 250 <= len(held) <= 400
 
 
+def _wording_items(w: dict) -> set[str]:
+    """Every topic, request form, listed word and instruction phrasing of a wording file."""
+    lists = [w[k] for k in ("topics", "requests", "keywords", "forbidden_words", "endings")]
+    items = {x.lower() for xs in [*lists, w["first_words"]] for x in xs}
+    return items | {v.lower() for v in w["instructions"].values()}
+
+
+def test_unseen_split_shares_no_wording_with_training_and_is_reproducible():
+    unseen = prompts.wording(prompts.UNSEEN_WORDING)
+    for path in (prompts.WORDING, prompts.MORE_WORDING):  # both wordings that train
+        seen = prompts.wording(path)
+        assert set(seen["instructions"]) == set(unseen["instructions"])  # the same kinds
+        assert not _wording_items(seen) & _wording_items(unseen), path
+        trained = {w for t in seen["topics"] for w in topic_words(t)}
+        for topic in unseen["topics"]:  # no topic word of training either
+            assert not set(topic_words(topic)) & trained, (path, topic)
+    rows = prompts.build_unseen()
+    assert rows == prompts.build_unseen() and len(rows) == prompts.UNSEEN_PROMPTS
+    shipped = [json.loads(line) for line in prompts.UNSEEN_FILE.read_text().splitlines()]
+    assert shipped == rows
+    types = [s["type"] for r in rows for s in r["checks"]]
+    assert set(types) == set(CHECKS) and min(types.count(t) for t in CHECKS) >= 10
+    training = {**prompts.read(prompts.TRAIN_FILE), **prompts.read(prompts.MORE_FILE)}
+    for r in rows:
+        assert r["prompt"] not in training and r["topic"] in r["prompt"]
+        assert topic_words(r["topic"]) and "{" not in r["prompt"]
+    loaded = prompts.load_checked(prompts.UNSEEN_FILE)  # a valid yardstick file
+    assert [c.checks for c in loaded] == [r["checks"] for r in rows]
+
+
+def test_more_training_prompts_are_longer_and_reproducible():
+    more = prompts.build_more()
+    assert more == prompts.build_more() and len(more) == prompts.MORE_PROMPTS
+    shipped = [json.loads(line) for line in prompts.MORE_FILE.read_text().splitlines()]
+    assert shipped == more
+    counts = [len(r["checks"]) for r in more]
+    assert counts.count(3) >= 80 and counts.count(1) <= 160  # most carry two or three
+    for r in more:
+        types = [s["type"] for s in r["checks"]]
+        assert len(set(types)) == len(types)
+        assert not any(frozenset(p) in prompts.CONFLICTS for p in combinations(types, 2))
+    seen = set(prompts.read(prompts.TRAIN_FILE)) | set(prompts.read(prompts.HELDOUT_FILE))
+    assert not seen & {r["prompt"] for r in more}
+    assert score(more[0]["prompt"], "x") is not None  # the function judge knows them
+
+
 def test_judge_function_scores_by_the_checks():
     row = next(r for r in prompts.build() if [s["type"] for s in r["checks"]] == ["lowercase"])
     assert score(row["prompt"], "all lower case here.") == 1.0
@@ -308,6 +357,28 @@ def test_loop_with_function_judge_and_yardstick(harness, tmp_path, tiny_model_di
             assert strict_p <= evals[(t, "ifeval_prompt_loose")]["value"]
         [[answers]] = store.sql("SELECT count(*) FROM generations WHERE role = 'yardstick'")[1]
         assert answers == 3 * 6
+        # the unseen split (the default beside the seen one): its own answers and metrics
+        [[unseen]] = store.sql("SELECT count(*) FROM generations WHERE role = 'yardstick/unseen'")[
+            1
+        ]
+        assert unseen == 3 * 6
+        unseen_texts = set(prompts.read(prompts.UNSEEN_FILE))
+        [[stored]] = store.sql(
+            "SELECT list(text) FROM prompts WHERE split = 'yardstick/unseen' AND round = 0"
+        )[1]
+        assert len(stored) == 6 and set(stored) <= unseen_texts
+        for t in (0, 1, 2):
+            e = next(
+                x
+                for x in store.evaluations("verifiable")
+                if (x["round"], x["metric"]) == (t, "unseen/ifeval_prompt_strict")
+            )
+            d = json.loads(e["details_json"])
+            assert d["model"] == models[t] and d["n"] == 6
+        # docs/evaluation.md's recipe: both splits of every model
+        [(_, recipe)] = sql_recipes((REPO_ROOT / "docs" / "evaluation.md",))
+        found = store.query(recipe)
+        assert len(found) == 6 and {r["round"] for r in found} == {0, 1, 2}
         lengths = store.answer_lengths("verifiable")  # what bench/improvement.py prints beside them
         assert sorted(lengths) == [0, 1, 2]
         for t, length in lengths.items():
@@ -325,6 +396,7 @@ def test_loop_with_function_judge_and_yardstick(harness, tmp_path, tiny_model_di
     page = Path(result["report"]).read_text()
     assert 'data-plot="yardstick"' in page and "instruction following" in page
     assert "prompt-level strict and on topic" in page  # drawn with the other four
+    assert "prompt-level strict (unseen)" in page and "instruction following, unseen" in page
     # the per-kind table: one row per kind measured, a cell per model M_0..M_2
     table = page[page.index('<table id="instruction-kinds">') :]
     table = table[: table.index("</table>")]

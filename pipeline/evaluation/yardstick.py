@@ -9,6 +9,11 @@ instructions as independent, which two of one prompt are not quite). Instruction
 strict also keeps `per_kind`: [followed, n] for each kind of instruction
 (`checks.kind`), so a round's gain or loss can be traced to what it learned or lost.
 
+Each split of the yardstick is measured on its own: "seen" (requests in the training
+pool's wording) under the metric names below, any other split under `<split>/<metric>`
+(the shipped "unseen" split: `unseen/ifeval_prompt_strict`, ...), its answers stored with
+the role `yardstick/<split>` beside the seen split's `yardstick`.
+
 Where the prompts give their topics (the shipped ones do), two more: the share of
 answers that mention their topic (`checks.on_topic`), and the share that do and follow
 every instruction strictly. The checks look at form only, so a model that learns to
@@ -26,7 +31,7 @@ from pipeline.evaluation.metrics import evaluation_row
 from pipeline.evaluation.stages import greedy_answers
 from pipeline.rows import RoundContext, Rows
 from pipeline.verifiable.checks import follows, kind, on_topic
-from pipeline.verifiable.prompts import Checked
+from pipeline.verifiable.prompts import SEEN, Checked
 
 # The yardstick's metrics (`evaluations.metric`) and how the report labels them.
 PROMPT_STRICT = "ifeval_prompt_strict"
@@ -50,6 +55,24 @@ _LEVELS = {
     ("instruction", True): INSTRUCTION_LOOSE,
 }
 Z95 = 1.959964
+ROLE = "yardstick"  # the seen split's answers (generations.role)
+
+
+def split_metric(metric: str, split: str) -> str:
+    """A yardstick metric's name in `evaluations` for a split."""
+    return metric if split == SEEN else f"{split}/{metric}"
+
+
+def yardstick_splits(evaluations: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The splits other than "seen" that these evaluations rows measured, sorted."""
+    suffix = f"/{PROMPT_STRICT}"
+    found = {e["metric"] for e in evaluations}
+    return sorted(m.removesuffix(suffix) for m in found if m.endswith(suffix))
+
+
+def split_role(split: str) -> str:
+    """The role of a split's answers in `generations`."""
+    return ROLE if split == SEEN else f"{ROLE}/{split}"
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -106,24 +129,27 @@ def accuracy(
 
 def instruction_following(
     engine: Engine,
-    prompts: Sequence[Checked],
+    splits: Mapping[str, Sequence[Checked]],
     ctx: RoundContext,
     model_id: str,
     cfg: Any,
 ) -> Rows:
-    """`model_id` (the engine's model) answers every yardstick prompt greedily; its
-    answers and the accuracies, stored under `ctx.round` (the round whose model it is: 0
-    for the run's initial model)."""
-    rows = greedy_answers(
-        engine, [p.prompt for p in prompts], ctx, model_id, cfg.sampling, "yardstick"
-    )
-    for p in prompts:
-        rows.add("prompts", p.prompt.record(ctx.run_id, ctx.round, split="yardstick"))
-    answers = [g["text"] for g in rows["generations"]]
-    measured = accuracy(answers, [p.checks for p in prompts], [p.topic for p in prompts])
-    for metric, (value, details) in measured.items():
-        rows.add(
-            "evaluations",
-            evaluation_row(ctx, metric, value, key=(model_id,), model=model_id, **details),
+    """`model_id` (the engine's model) answers every prompt of every yardstick split
+    greedily; its answers and each split's accuracies, stored under `ctx.round` (the round
+    whose model it is: 0 for the run's initial model)."""
+    rows = Rows()
+    for split, prompts in splits.items():
+        answered = greedy_answers(
+            engine, [p.prompt for p in prompts], ctx, model_id, cfg.sampling, split_role(split)
         )
+        rows.merge(answered)
+        for p in prompts:
+            record = p.prompt.record(ctx.run_id, ctx.round, split=split_role(split))
+            rows.add("prompts", record)
+        answers = [g["text"] for g in answered["generations"]]
+        measured = accuracy(answers, [p.checks for p in prompts], [p.topic for p in prompts])
+        for metric, (value, details) in measured.items():
+            name = split_metric(metric, split)
+            row = evaluation_row(ctx, name, value, key=(model_id,), model=model_id, **details)
+            rows.add("evaluations", row)
     return rows

@@ -2,8 +2,8 @@
 {kind: function, function: pipeline.verifiable.judge:score}`.
 
 A prompt's checks are looked up by its text in the shipped prompt files (the training
-pool and the held-out set); a prompt that is not there (a self-instructed one) gets no
-score, so it never makes a pair.
+pool, its 400 more prompts and the seen held-out split); a prompt that is not there (a
+self-instructed one, or one of the unseen split) gets no score, so it never makes a pair.
 
 `score` looks at the instructions only, so it pays an answer that drops the request for
 the format (four "* This is a point." lines for "exactly 4 bullet points").
@@ -14,13 +14,13 @@ the format (four "* This is a point." lines for "exactly 4 bullet points").
 from functools import lru_cache
 
 from pipeline.verifiable.checks import follows, on_topic
-from pipeline.verifiable.prompts import HELDOUT_FILE, TRAIN_FILE, read
+from pipeline.verifiable.prompts import HELDOUT_FILE, MORE_FILE, TRAIN_FILE, read
 
 
 @lru_cache(maxsize=1)
 def rows() -> dict:
     """prompt text -> its row ({"checks", "topic"}) in the shipped prompt files."""
-    return {**read(TRAIN_FILE), **read(HELDOUT_FILE)}
+    return {**read(TRAIN_FILE), **read(MORE_FILE), **read(HELDOUT_FILE)}
 
 
 def score(prompt: str, answer: str) -> float | None:

@@ -1,13 +1,21 @@
 """The verifiable-instruction prompt set, written for prefloop: requests on everyday topics,
-each with one or two instructions code can check, and the check spec of each. The wording
-(topics, request forms, each instruction's phrasing) is in prompts/verifiable.yaml.
+each with one to three instructions code can check, and the check spec of each. The
+wording (topics, request forms, each instruction's phrasing) is in prompts/*.yaml.
 
-    .venv/bin/python -m pipeline.verifiable.prompts     # (re)writes the two files below
+    .venv/bin/python -m pipeline.verifiable.prompts     # (re)writes the three files below
 
-Built from instruction types x topics x request forms with a fixed seed, so the files are
-reproducible (a test regenerates them and compares). A fixed share of the prompts, chosen
-by a hash of each prompt's text, is the held-out set: data/prompts/verifiable_heldout.jsonl
-is the yardstick, data/prompts/verifiable_train.jsonl the pool the loop generates on.
+Built from instruction types x topics x request forms with fixed seeds, so the files are
+reproducible (a test regenerates them and compares):
+- 800 prompts in prompts/verifiable.yaml's wording, split by a hash of each text: those
+  held out are the yardstick's "seen" split (data/prompts/verifiable_heldout.jsonl), the
+  rest start the training pool (data/prompts/verifiable_train.jsonl);
+- 400 more training prompts (data/prompts/verifiable_more.jsonl) in
+  prompts/verifiable_more.yaml's wording: other topics, a second phrasing of every
+  instruction, longer requests, most with two or three instructions; a config adds them
+  to its pool by listing the file in `prompts.files`;
+- the "unseen" split (data/prompts/verifiable_unseen.jsonl) in
+  prompts/verifiable_unseen.yaml's wording, whose topics, request forms, phrasings and
+  word lists appear in neither of the others: it measures whether a gain generalizes.
 Each line is {"prompt": text, "checks": [{"type": ..., **args}, ...], "topic": topic}; the
 topic (optional in a user's file) lets the yardstick tell whether an answer still
 addresses its request (`checks.on_topic`).
@@ -38,32 +46,38 @@ class Checked(NamedTuple):
     topic: str | None
 
 
+SEEN = "seen"  # the yardstick split in the training pool's wording (the other: "unseen")
 SEED = 20231114  # IFEval's arXiv date; any fixed number would do
 PROMPTS = 800
 TWO_INSTRUCTIONS = 0.3  # share of prompts that combine two instructions
 HELDOUT = 0.4
 TRAIN_FILE = DATA_DIR / "prompts" / "verifiable_train.jsonl"
 HELDOUT_FILE = DATA_DIR / "prompts" / "verifiable_heldout.jsonl"
+UNSEEN_FILE = DATA_DIR / "prompts" / "verifiable_unseen.jsonl"
+MORE_FILE = DATA_DIR / "prompts" / "verifiable_more.jsonl"
+UNSEEN_PROMPTS = 300  # about the seen split's size
 
 WORDING = PROMPTS_DIR / "verifiable.yaml"
+UNSEEN_WORDING = PROMPTS_DIR / "verifiable_unseen.yaml"
+MORE_WORDING = PROMPTS_DIR / "verifiable_more.yaml"  # training only
+MORE_PROMPTS = 400
 
 Instruction = tuple[str, dict[str, Any]]
 
 
-@lru_cache(maxsize=1)
-def wording() -> dict[str, Any]:
+@lru_cache(maxsize=4)
+def wording(path: Path = WORDING) -> dict[str, Any]:
     """Topics, request forms, word lists and each instruction's wording."""
-    return yaml.safe_load(WORDING.read_text(encoding="utf-8"))
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 def _plural(n: int) -> str:
     return "s" if n > 1 else ""
 
 
-def _sample(kind: str, rng: random.Random) -> Instruction:
-    """One instruction of a type: its wording (from prompts/verifiable.yaml) and its
-    check spec, with the parameters drawn by `rng`."""
-    w = wording()
+def _sample(kind: str, rng: random.Random, w: dict[str, Any]) -> Instruction:
+    """One instruction of a type: its wording (from `w`, a wording file's contents) and
+    its check spec, with the parameters drawn by `rng`."""
     say = w["instructions"]
     if kind == "word_count":
         if rng.random() < 0.5:
@@ -77,7 +91,8 @@ def _sample(kind: str, rng: random.Random) -> Instruction:
     if kind == "keywords":
         chosen = rng.sample(w["keywords"], rng.choice([1, 2]))
         quoted = " and ".join(f'"{x}"' for x in chosen)
-        return say[kind].format(words=quoted, s=_plural(len(chosen))), {
+        agree = "" if len(chosen) > 1 else "s"  # the word appears / the words appear
+        return say[kind].format(words=quoted, s=_plural(len(chosen)), v=agree), {
             "type": kind,
             "words": chosen,
         }
@@ -135,10 +150,28 @@ CONFLICTS = {
 }
 
 
-def build(n: int = PROMPTS, seed: int = SEED) -> list[dict[str, Any]]:
-    """n prompts, each instruction type used about equally often (types cycle in a
-    shuffled order), topics and request forms drawn by the seed; each text once."""
+def _compatible(kinds: list[str]) -> list[str]:
+    """The instruction types that can join these in one prompt."""
+    return [
+        t
+        for t in TYPES
+        if t not in kinds and all(frozenset((k, t)) not in CONFLICTS for k in kinds)
+    ]
+
+
+def build(
+    n: int = PROMPTS,
+    seed: int = SEED,
+    path: Path = WORDING,
+    two: float = TWO_INSTRUCTIONS,
+    three: float = 0.0,
+) -> list[dict[str, Any]]:
+    """n prompts in the wording of `path`, each instruction type used about equally often
+    (types cycle in a shuffled order), topics and request forms drawn by the seed; each
+    text once. A share `two` of them have a second instruction, and a share `three` of
+    those a third."""
     rng = random.Random(seed)
+    w = wording(path)
     rows, seen = [], set()
     order: list[str] = []
     while len(rows) < n:
@@ -147,14 +180,15 @@ def build(n: int = PROMPTS, seed: int = SEED) -> list[dict[str, Any]]:
             rng.shuffle(order)
         first = order.pop()
         kinds = [first]
-        if rng.random() < TWO_INSTRUCTIONS:
-            others = [t for t in TYPES if t != first and frozenset((first, t)) not in CONFLICTS]
-            kinds.append(rng.choice(others))
-        topic = rng.choice(wording()["topics"])
-        request = rng.choice(wording()["requests"]).format(topic=topic)
+        if rng.random() < two:
+            kinds.append(rng.choice(_compatible(kinds)))
+            if three and rng.random() < three:
+                kinds.append(rng.choice(_compatible(kinds)))
+        topic = rng.choice(w["topics"])
+        request = rng.choice(w["requests"]).format(topic=topic)
         if "json_format" in kinds:
-            request = wording()["instructions"]["json_request"].format(topic=topic)
-        parts = [_sample(k, rng) for k in kinds]
+            request = w["instructions"]["json_request"].format(topic=topic)
+        parts = [_sample(k, rng, w) for k in kinds]
         text = " ".join([request, *(wording for wording, _ in parts)])
         if text in seen:
             continue
@@ -167,10 +201,24 @@ def is_heldout(text: str) -> bool:
     return int(row_id("verifiable-heldout", SEED, text), 16) / 16**32 < HELDOUT
 
 
+def build_more() -> list[dict[str, Any]]:
+    """The rest of the training pool: prompts in prompts/verifiable_more.yaml's wording,
+    longer, most with two or three instructions."""
+    return build(MORE_PROMPTS, SEED + 2, MORE_WORDING, two=0.7, three=0.4)
+
+
+def build_unseen() -> list[dict[str, Any]]:
+    """The unseen split: prompts in prompts/verifiable_unseen.yaml's wording alone."""
+    return build(UNSEEN_PROMPTS, SEED + 1, UNSEEN_WORDING)
+
+
+def _lines(rows: list[dict[str, Any]]) -> str:
+    return "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n"
+
+
 def write(rows: list[dict[str, Any]], train: Path = TRAIN_FILE, heldout: Path = HELDOUT_FILE):
     for path, keep in ((train, False), (heldout, True)):
-        lines = [json.dumps(r, ensure_ascii=False) for r in rows if is_heldout(r["prompt"]) == keep]
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text(_lines([r for r in rows if is_heldout(r["prompt"]) == keep]))
 
 
 def load_checked(path: Path, limit: int | None = None) -> list[Checked]:
@@ -221,6 +269,9 @@ def main(make: Callable[[], list[dict[str, Any]]] = build) -> None:
     write(rows)
     held = sum(is_heldout(r["prompt"]) for r in rows)
     print(f"{len(rows)} prompts: {len(rows) - held} in {TRAIN_FILE}, {held} in {HELDOUT_FILE}")
+    for path, extra in ((MORE_FILE, build_more()), (UNSEEN_FILE, build_unseen())):
+        path.write_text(_lines(extra))
+        print(f"{len(extra)} prompts in {path}")
 
 
 if __name__ == "__main__":
