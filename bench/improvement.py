@@ -7,6 +7,13 @@
   checkers (the `function` judge), best vs worst -> DPO;
 - selfjudge: data/configs/verifiable_selfjudge.yaml, the same prompts judged by the
   model's own LLM judge;
+- checklist: data/configs/verifiable_checklist.yaml, Self-Rewarding judged by the model
+  one requirement of the request at a time (yes/no), no outside judge;
+- rlcd: data/configs/verifiable_rlcd.yaml, contrastive system prompts (follow every
+  instruction / ignore them), labels by construction;
+- cai: data/configs/verifiable_cai.yaml, critique and revision against
+  instruction-following principles, SFT on revisions then DPO revision over original;
+- combined: data/configs/verifiable_combined.yaml, the three methods in one round;
 - grpo: data/configs/verifiable_grpo.yaml, no pairs: GRPO on the same draw of prompts
   with the checkers as its online reward.
 
@@ -56,6 +63,10 @@ CONFIGS = ROOT / "data" / "configs"
 LOOPS = {
     "function": CONFIGS / "verifiable.yaml",
     "selfjudge": CONFIGS / "verifiable_selfjudge.yaml",
+    "checklist": CONFIGS / "verifiable_checklist.yaml",
+    "rlcd": CONFIGS / "verifiable_rlcd.yaml",
+    "cai": CONFIGS / "verifiable_cai.yaml",
+    "combined": CONFIGS / "verifiable_combined.yaml",
     "grpo": CONFIGS / "verifiable_grpo.yaml",
 }
 VERDICTS = ("better", "tied", "worse")

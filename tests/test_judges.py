@@ -13,6 +13,7 @@ from helpers import QUICK, TESTS, prefloop, tiny_config
 from pipeline.engines.scorer import RewardScorer
 from pipeline.errors import PrefloopError, TemplateError
 from pipeline.judging import JUDGES, JudgeItem, build_judge, judge_candidates, load_judge
+from pipeline.judging.checklist import requirements
 from pipeline.judging.compare import compare_scores, kendall_tau_b
 from pipeline.judging.pairs import PairPolicy, Scored, select_pair
 from pipeline.methods.self_reward import SelfRewardConfig, run_self_reward
@@ -171,6 +172,73 @@ def test_reward_model_judge_in_self_rewarding(tiny_engine, tiny_rm_dir, ctx):
     assert all(j["template_id"] is None and j["raw_output"] is None for j in judged)
     assert all(isinstance(j["score"], float) for j in judged)
     assert rows["pairs"]  # random rewards are never tied
+
+
+# -- checklist -----------------------------------------------------------------------------
+
+
+def test_checklist_requirements_are_the_requests_sentences():
+    request = (
+        'Describe a rainy day. Finish with the exact phrase "That is all for today." '
+        "Add a postscript starting with P.S. Use exactly 2 bullet points, such as:\n"
+        "* This is a point."
+    )
+    assert requirements(request) == [
+        "Describe a rainy day.",
+        'Finish with the exact phrase "That is all for today."',
+        "Add a postscript starting with P.S.",
+        "Use exactly 2 bullet points, such as:\n* This is a point.",
+    ]
+    assert requirements("Why is the sky blue?") == ["Why is the sky blue?"]
+    assert requirements("Tell me about X. Sign off with a P.S. line.") == [
+        "Tell me about X.",
+        "Sign off with a P.S. line.",
+    ]
+
+
+def test_checklist_template_must_read_yes_or_no():
+    settings = JUDGES["checklist"].config(template="judge_additive_5pt_prefilled")
+    with pytest.raises(TemplateError, match=r"judge_additive_5pt_prefilled.j2: parser: .*0, max 1"):
+        load_judge(settings, TemplateLibrary())
+
+
+@pytest.mark.slow
+def test_checklist_judge_reads_each_requirement_and_combines(hf_engine, ctx):
+    library = TemplateLibrary()
+    items = [
+        JudgeItem(
+            "Describe rain. Answer in lowercase. Do not use commas.",
+            "rain falls from clouds.",
+            [{"role": "user", "content": "Describe rain."}],
+        ),
+        ITEMS[0],
+    ]
+    scores = {}
+    for combine in ("mean", "min", "product"):
+        settings = JUDGES["checklist"].config(combine=combine)
+        judge = build_judge(settings, load_judge(settings, library), hf_engine, "tiny@0")
+        assert judge.judge_id.endswith(f"|checklist:{combine}")
+        samples = judge.score(items)
+        assert [len(s) for s in samples] == [1, 1]
+        readings = [json.loads(s[0].raw) for s in samples]
+        assert [len(r) for r in readings] == [3, 1]  # one question per sentence
+        assert readings[0][1]["requirement"] == "Answer in lowercase."
+        yes = [[r["yes"] for r in read] for read in readings]
+        assert all(0.0 < y < 1.0 for ys in yes for y in ys)
+        scores[combine] = [s[0].score for s in samples]
+        assert all(s[0].status == "ok" for s in samples)
+    assert scores["mean"][0] == pytest.approx(sum(yes[0]) / 3, abs=1e-5)
+    assert scores["min"][0] == pytest.approx(min(yes[0]), abs=1e-5)
+    assert scores["product"][0] == pytest.approx(math.prod(yes[0]), abs=1e-5)
+    assert scores["mean"][1] == scores["min"][1] == pytest.approx(yes[1][0], abs=1e-5)
+    # In Self-Rewarding: its judgments carry its id; the template is stored with them.
+    settings = JUDGES["checklist"].config()
+    judge = build_judge(settings, load_judge(settings, library), hf_engine, "tiny@0")
+    cfg = SelfRewardConfig(n_candidates=2, sampling={"max_tokens": 8, "temperature": 1.0})
+    prompts = load_prompts(Path("data/prompts/verifiable_train.jsonl"))[:2]
+    rows = run_self_reward(hf_engine, judge, prompts, ctx, cfg)
+    assert {j["judge_id"] for j in rows["judgments"]} == {judge.judge_id}
+    assert {t["name"] for t in rows["templates"]} == {"judge_checklist_prefilled"}
 
 
 # -- functions -----------------------------------------------------------------------------

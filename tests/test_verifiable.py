@@ -404,3 +404,58 @@ def test_loop_with_function_judge_and_yardstick(harness, tmp_path, tiny_model_di
     for k in kinds:
         assert f"<code>{k}</code>" in table
     assert table.count("<th>M_") == 3
+
+
+@pytest.mark.slow
+def test_loops_without_an_outside_judge_run_as_shipped(harness, tmp_path, tiny_model_dir):
+    """verifiable_combined.yaml as shipped (the checklist judge, RLCD's and Constitutional
+    AI's instruction-following files, SFT then DPO), at tiny sizes for one round: each
+    method's rows and pairs, both steps, and both yardstick splits of M_0 and M_1. The
+    rlcd, cai and checklist configs are each one of its method sections."""
+    import yaml
+
+    from flows.loop import loop_flow
+    from pipeline.store import Store
+
+    shipped = yaml.safe_load((REPO_ROOT / "data/configs/verifiable_combined.yaml").read_text())
+    for name in ("rlcd", "cai", "checklist"):  # the single-method loops are its parts
+        alone = yaml.safe_load((REPO_ROOT / f"data/configs/verifiable_{name}.yaml").read_text())
+        method = "self_reward" if name == "checklist" else name
+        assert alone[method] == shipped[method]
+    tiny = {"max_tokens": 8}
+    cfg = {
+        **shipped,
+        "name": "nojudge",
+        "db_path": str(tmp_path / "db.duckdb"),
+        "runs_dir": str(tmp_path / "runs"),
+        "model": str(tiny_model_dir),
+        "rounds": 1,
+        "engine": {"kind": "hf", "batch_size": 4, "max_model_len": 1024},
+        "prompts": {**shipped["prompts"], "per_round": 4},
+        "self_reward": {**shipped["self_reward"], "n_candidates": 3, "sampling": tiny},
+        "rlcd": {**shipped["rlcd"], "sampling": tiny},
+        "cai": {**shipped["cai"], "sampling": tiny},
+        "training": {**shipped["training"], "batch_size": 2, "max_length": 128, "epochs": 1},
+    }
+    stick = cfg["evaluation"]["yardstick"]
+    cfg["evaluation"]["yardstick"] = {**stick, "limit": 3, "sampling": tiny}
+    loop_flow(cfg)
+    with Store(cfg["db_path"], read_only=True) as store:
+        [[checklist]] = store.sql(
+            "SELECT count(*) FROM judgments WHERE judge_id LIKE '%judge_checklist_prefilled%"
+            "|checklist:mean'"
+        )[1]
+        assert checklist == 4 * 3  # every candidate read, one score each
+        [[critiques]] = store.sql("SELECT count(*) FROM critiques")[1]
+        assert critiques == 4
+        pairs = store.pair_counts("nojudge", 1)
+        assert pairs["rlcd"] == 4 and pairs["cai"] >= 1
+        steps = [r["kind"] for r in store.training_results("nojudge", 1)]
+        assert sorted(steps) == ["dpo", "sft"]
+        stored = store.query(
+            "SELECT round, metric FROM evaluations WHERE metric IN "
+            "('ifeval_prompt_strict', 'unseen/ifeval_prompt_strict') ORDER BY ALL"
+        )
+        assert [(r["round"], r["metric"]) for r in stored] == [
+            (t, m) for t in (0, 1) for m in ("ifeval_prompt_strict", "unseen/ifeval_prompt_strict")
+        ]

@@ -7,10 +7,10 @@ starts) and `build` (the judge, given the engine that runs it). Nothing else in 
 names a kind: a method asks `build_judge` for its judge and `judge_candidates` for the
 `judgments` rows.
 
-The kinds: the LLM-as-a-Judge (`template`), a reward model (`reward_model`) and a rule
-(`function`). Also here: parsers (`parsing`), label probabilities and A/B questions asked
-in both orders (`labels`), pair selection from scores (`pairs`) and comparing two judges
-(`compare`).
+The kinds: the LLM-as-a-Judge (`template`), a yes/no reading per requirement of the
+request (`checklist`), a reward model (`reward_model`) and a rule (`function`). Also
+here: parsers (`parsing`), label probabilities and A/B questions asked in both orders
+(`labels`), pair selection from scores (`pairs`) and comparing two judges (`compare`).
 """
 
 import json
@@ -22,8 +22,8 @@ from pydantic import BaseModel
 
 from pipeline.engines.base import Completion, Engine
 from pipeline.hashing import row_id
+from pipeline.judging import checklist, reward_model
 from pipeline.judging import function as function_judge
-from pipeline.judging import reward_model
 from pipeline.judging import template as template_judge
 from pipeline.judging.parsing import JudgeItem, Sample
 from pipeline.rows import RoundContext, Rows, unusable
@@ -83,6 +83,11 @@ JUDGES: dict[str, JudgeKind] = {
         build=reward_model.RewardModelJudge,
         scorer=True,
         model=lambda cfg: None if cfg.model == reward_model.LATEST else cfg.model,
+    ),
+    "checklist": JudgeKind(
+        config=checklist.ChecklistJudgeConfig,
+        load=checklist.load,
+        build=checklist.ChecklistJudge,
     ),
     "function": JudgeKind(
         config=function_judge.FunctionJudgeConfig,
