@@ -340,6 +340,13 @@ MATRIX = [
         "y.jsonl:1: topic: 'how to' has no word that says what it is about",
     ),
     (
+        "checklist judge on a template that does not read yes/no",
+        _config(
+            "self_reward:\n  judge: {kind: checklist, template: judge_additive_5pt_prefilled}\n"
+        ),
+        "judge_additive_5pt_prefilled.j2: parser: a checklist question is prefilled",
+    ),
+    (
         "yardstick split named like the seen one",
         _config("evaluation:\n  yardstick:\n    splits: {seen: a.jsonl}\n"),
         "c.yaml (with --set): evaluation.yardstick.splits: 'seen': a split name is lower-case",

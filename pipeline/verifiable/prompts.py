@@ -2,7 +2,7 @@
 each with one to three instructions code can check, and the check spec of each. The
 wording (topics, request forms, each instruction's phrasing) is in prompts/*.yaml.
 
-    .venv/bin/python -m pipeline.verifiable.prompts     # (re)writes the three files below
+    .venv/bin/python -m pipeline.verifiable.prompts     # (re)writes the four files below
 
 Built from instruction types x topics x request forms with fixed seeds, so the files are
 reproducible (a test regenerates them and compares):
