@@ -193,6 +193,67 @@ def improvement_table(records: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def split_table(records: list[dict[str, Any]]) -> list[str]:
+    """Per kept run that measured other yardstick splits (`unseen`): each split's strict
+    accuracy per model, M_T's interval and change against M_0, strict + on topic at M_T."""
+    out = [
+        "| # | loop | seed | split | M_0 | M_1 | M_2 | M_3 [95%] | M_3 - M_0 | intervals "
+        "| M_3 strict + topic |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(records, 1):
+        rounds = r["rounds"]
+        names = sorted({s for x in rounds.values() for s in x.get("splits") or {}})
+        for split in names:
+            cells = {
+                int(t): x["splits"][split]
+                for t, x in rounds.items()
+                if split in x.get("splits", {})
+            }
+            if 0 not in cells:
+                continue
+            last_t = max(cells)
+            last, first = cells[last_t], cells[0]
+            lo, hi = last["accuracy_ci95"]
+            acc = [cells.get(t, {}).get("accuracy") for t in range(4)]
+            row = [str(i), r["loop"], str(r["seed"]), split, *(_percent(a) for a in acc[:3])]
+            row += [
+                f"{_percent(acc[3])} [{lo:.3f}, {hi:.3f}]" if acc[3] is not None else "-",
+                f"{100 * (last['accuracy'] - first['accuracy']):+.1f} pt (M_{last_t})",
+                "apart" if lo > first["accuracy_ci95"][1] else "overlap",
+                _percent(last.get("strict_on_topic")),
+            ]
+            out.append("| " + " | ".join(row) + " |")
+    return out
+
+
+def _counts(c: dict[str, int]) -> str:
+    return f"{c['better']}/{c['tied']}/{c['worse']}"
+
+
+def agreement_table(records: list[dict[str, Any]]) -> list[str]:
+    """Per kept run and method, how the checkers see the method's pairs in each round:
+    chosen better / tied / worse. For any judge but the checkers themselves this is how
+    often its labels were right."""
+    out = [
+        "| # | loop | seed | method | round 1 | round 2 | round 3 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(records, 1):
+        rounds = r["rounds"]
+        per_method: dict[str, dict[int, dict]] = {}
+        for t, x in rounds.items():
+            checkers = x.get("checkers") or {}
+            for method, counts in (checkers.get("by_method") or {}).items():
+                per_method.setdefault(method, {})[int(t)] = counts
+        for method, by_round in sorted(per_method.items()):
+            cells = [_counts(by_round[t]) if t in by_round else "-" for t in (1, 2, 3)]
+            out.append(
+                "| " + " | ".join([str(i), r["loop"], str(r["seed"]), method, *cells]) + " |"
+            )
+    return out
+
+
 def experiment_tables(results: Path = RESULTS) -> str:
     """The generated part of docs/experiments.md: a table per kept improvement results
     file (bench/improvement.py's)."""
@@ -202,6 +263,18 @@ def experiment_tables(results: Path = RESULTS) -> str:
         out += [f"### `bench/results/{path.name}` ({len(records)} runs)", ""]
         out += improvement_table(records)
         out.append("")
+        splits = split_table(records)
+        if len(splits) > 2:
+            out += [f"Other yardstick splits ({path.name} row numbers):", "", *splits, ""]
+        agreement = agreement_table(records)
+        if len(agreement) > 2:
+            out += [
+                "How the checkers see each method's pairs (chosen better / tied / worse; "
+                "runs kept before the per-method count have none):",
+                "",
+                *agreement,
+                "",
+            ]
     out.append(END)
     return "\n".join(out)
 

@@ -69,7 +69,27 @@ def test_the_experiment_tables_are_generated_from_the_kept_results():
     assert reference.experiments_page(page) == page, "run `prefloop docs`"
     runs = len((ROOT / "bench" / "results" / "improvement.jsonl").read_text().splitlines())
     table = page[page.index(reference.BEGIN) : page.index(reference.END)]
-    assert len(re.findall(r"^\| \d+ \| ", table, re.M)) == runs
+    assert len(set(re.findall(r"^\| (\d+) \| ", table, re.M))) == runs
+
+
+def test_the_experiment_tables_show_other_splits_and_each_methods_label_agreement():
+    split = {"accuracy": 0.30, "accuracy_ci95": [0.25, 0.35], "strict_on_topic": 0.28}
+    better = {"accuracy": 0.45, "accuracy_ci95": [0.40, 0.50], "strict_on_topic": 0.41}
+    checkers = {"by_method": {"rlcd": {"better": 20, "tied": 30, "worse": 14}}}
+    record = {
+        "loop": "rlcd",
+        "seed": 1,
+        "rounds": {
+            "0": {"splits": {"unseen": split}},
+            "1": {"splits": {"unseen": split}, "checkers": checkers},
+            "3": {"splits": {"unseen": better}},
+        },
+    }
+    assert reference.split_table([record])[2] == (
+        "| 1 | rlcd | 1 | unseen | 0.300 | 0.300 | - | 0.450 [0.400, 0.500] | +15.0 pt (M_3) "
+        "| apart | 0.410 |"
+    )
+    assert reference.agreement_table([record])[2] == "| 1 | rlcd | 1 | rlcd | 20/30/14 | - | - |"
 
 
 def test_the_readme_is_short_and_links_every_page():
