@@ -326,7 +326,8 @@ def judge_cmd(
         str,
         typer.Option(
             "--judge",
-            help="A template name or .j2 path, a reward-model directory, or module:function.",
+            help="A template name or .j2 path, a reward-model directory, module:function, or "
+            "checklist[:mean|min|product].",
         ),
     ],
     model: Annotated[

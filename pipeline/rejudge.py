@@ -23,6 +23,7 @@ from pipeline.evaluation.metrics import (
     evaluation_row,
 )
 from pipeline.judging import JUDGES, Judge, build_judge, judge_candidates, judge_model, load_judge
+from pipeline.judging.checklist import COMBINE
 from pipeline.judging.compare import compare_scores
 from pipeline.judging.pairs import PairPolicy, score_summary, select_pairs
 from pipeline.models import MODELS_DIR, ModelInfo, resolve_model
@@ -35,9 +36,16 @@ METHOD = "self_reward"
 
 
 def judge_settings_from(spec: str, model: str | None = None) -> Any:
-    """Judge settings from what a user types: `module:function`, a reward-model directory
-    (or a name under data/models/), or a template name or `.j2` path (judged by `model`,
-    by default the round's own)."""
+    """Judge settings from what a user types: `checklist` or `checklist:<combine>` (the
+    checklist judge, on `model`), `module:function`, a reward-model directory (or a name
+    under data/models/), or a template name or `.j2` path (judged by `model`, by default
+    the round's own)."""
+    kind, _, combine = spec.partition(":")
+    if kind == "checklist":
+        combines = sorted(COMBINE)
+        if combine and combine not in COMBINE:
+            raise PrefloopError(f"--judge {spec}: combine must be one of {combines}")
+        return JUDGES["checklist"].config(combine=combine or "mean", model=model)
     path = Path(spec)
     if path.suffix != SUFFIX and (path.is_dir() or (MODELS_DIR / spec).is_dir()):
         return JUDGES["reward_model"].config(model=spec)

@@ -369,6 +369,17 @@ def test_the_loop_scores_with_the_reward_model_it_trained(harness, tmp_path, tin
         assert policies[2] == {"kind": "reward_model", "model_id": rm["model_id"]}
 
 
+def test_a_rejudge_names_the_checklist_judge_and_its_combine():
+    from pipeline.rejudge import judge_settings_from
+
+    assert judge_settings_from("checklist").combine == "mean"
+    settings = judge_settings_from("checklist:product", model="m")
+    assert (settings.kind, settings.combine, settings.model) == ("checklist", "product", "m")
+    with pytest.raises(PrefloopError, match=r"--judge checklist:max: combine must be one of"):
+        judge_settings_from("checklist:max")
+    assert judge_settings_from("pipeline.verifiable.judge:score").kind == "function"
+
+
 @pytest.mark.slow
 def test_rejudge_a_finished_round(harness, tmp_path, tiny_model_dir, tiny_rm_dir):
     """`prefloop judge` scores a finished round's stored candidates with another judge
@@ -405,13 +416,19 @@ def test_rejudge_a_finished_round(harness, tmp_path, tiny_model_dir, tiny_rm_dir
     rm = prefloop("judge", "--config", str(config), "--round", "1", "--judge", str(tiny_rm_dir))
     assert rm.returncode == 0, rm.stderr[-3000:]
     assert counts()["judgments"] == 3 * before["judgments"]
+    checklist = prefloop(
+        "judge", "--config", str(config), "--round", "1", "--judge", "checklist:min"
+    )
+    assert checklist.returncode == 0, checklist.stderr[-3000:]
+    assert "|checklist:min" in checklist.stdout and "pair_agreement" in checklist.stdout
+    assert counts()["judgments"] == 4 * before["judgments"]
 
     with Store(cfg["db_path"], read_only=True) as store:
         judges = store.query(
             "SELECT judge_id, count(*) AS n, min(score) AS lo, max(score) AS hi "
             "FROM judgments GROUP BY judge_id ORDER BY judge_id"
         )
-        assert len(judges) == 3
+        assert len(judges) == 4
         [percent] = [j for j in judges if j["judge_id"].startswith("judge_percent_prefilled@")]
         assert 0 <= percent["lo"] <= percent["hi"] <= 100
         metrics = {
