@@ -115,7 +115,8 @@ def checker_verdicts(store: Store, name: str, rounds: list[int]) -> dict[int, di
 
 
 def split_numbers(evals: list[dict], split: str) -> dict[int, dict]:
-    """Per round, a yardstick split's strict accuracy and strict + on topic, with intervals."""
+    """Per round, a yardstick split's strict accuracy and strict + on topic, with
+    intervals, and its instruction-level strict accuracy per kind of instruction."""
     out: dict[int, dict] = {}
     for metric, key in ((PROMPT_STRICT, "accuracy"), (STRICT_ON_TOPIC, "strict_on_topic")):
         for e in evals:
@@ -123,6 +124,9 @@ def split_numbers(evals: list[dict], split: str) -> dict[int, dict]:
                 d = json.loads(e["details_json"])
                 cell = out.setdefault(e["round"], {"n": d["n"]})
                 cell.update({key: e["value"], f"{key}_ci95": d["ci95"]})
+    for e in evals:
+        if e["metric"] == split_metric(INSTRUCTION_STRICT, split) and e["round"] in out:
+            out[e["round"]]["per_kind"] = json.loads(e["details_json"]).get("per_kind")
     return out
 
 
@@ -250,6 +254,7 @@ def show_splits(rounds: dict[int, dict]) -> None:
             f"{100 * (last['accuracy'] - first['accuracy']):+.1f} points; intervals "
             f"{_apart(first['accuracy_ci95'], last['accuracy_ci95'])}"
         )
+        show_kinds(cells, f"{split} by instruction")
 
 
 def _apart(first: list[float], last: list[float]) -> str:
@@ -261,16 +266,14 @@ def _apart(first: list[float], last: list[float]) -> str:
     return "overlap"
 
 
-def show_kinds(rounds: dict[int, dict]) -> None:
+def show_kinds(rounds: dict[int, dict], title: str = "by instruction (strict)") -> None:
     """Instruction-level strict accuracy per kind of instruction and model: where a
     round's gain or loss came from."""
     per_kind = {t: r.get("per_kind") or {} for t, r in rounds.items()}
     kinds = sorted({k for counts in per_kind.values() for k in counts})
     if not kinds:
         return
-    print(
-        f"   {'by instruction (strict)':<24} {'n':>4}" + "".join(f"{f'M_{t}':>7}" for t in rounds)
-    )
+    print(f"   {title:<24} {'n':>4}" + "".join(f"{f'M_{t}':>7}" for t in rounds))
     for k in kinds:
         n = max(counts.get(k, (0, 0))[1] for counts in per_kind.values())
         cells = []
