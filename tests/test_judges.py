@@ -461,7 +461,7 @@ def test_rejudge_a_finished_round(harness, tmp_path, tiny_model_dir, tiny_rm_dir
     data = load_dataset(str(tmp_path / "ex"))
     assert {f"best_vs_worst/judge={percent_id}"} == set(data["train"]["variant"])
     with Store(cfg["db_path"], read_only=True) as store:
-        assert counts() == {**after, "judgments": 3 * before["judgments"]}
+        assert counts() == {**after, "judgments": 4 * before["judgments"]}
         assert store.sql("SELECT DISTINCT variant FROM pairs")[1] == [("best_vs_worst",)]
 
     from pipeline.report import write_report
