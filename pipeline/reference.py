@@ -157,6 +157,20 @@ def _percent(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _accuracy_cells(by_round: dict[int, tuple[float, list[float]]]) -> list[str]:
+    """M_0, M_1, M_2, M_3 [interval], M_T - M_0 and whether the intervals part, from each
+    model's (accuracy, 95% interval); M_T is the last model measured."""
+    acc = [by_round[t][0] if t in by_round else None for t in range(4)]
+    last_t = max(by_round)
+    (last, (lo, hi)), (first, first_ci) = by_round[last_t], by_round[0]
+    return [
+        *(_percent(a) for a in acc[:3]),
+        f"{_percent(acc[3])} [{lo:.3f}, {hi:.3f}]" if acc[3] is not None else "-",
+        f"{100 * (last - first):+.1f} pt (M_{last_t})",
+        "apart" if lo > first_ci[1] else "overlap",
+    ]
+
+
 def improvement_table(records: list[dict[str, Any]]) -> list[str]:
     """One row per kept run of bench/improvement.py, in the order they were kept."""
     out = [
@@ -165,14 +179,8 @@ def improvement_table(records: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(records, 1):
-        rounds = r["rounds"]
-        acc = [rounds.get(str(t), {}).get("accuracy") for t in range(4)]
-        last_t = max(int(t) for t in rounds)
-        last = rounds[str(last_t)]
-        lo, hi = last["ci95"]
-        base_hi = rounds["0"]["ci95"][1]
-        delta = f"{100 * (last['accuracy'] - acc[0]):+.1f} pt (M_{last_t})"
-        apart = "apart" if lo > base_hi else "overlap"
+        rounds = {int(t): x for t, x in r["rounds"].items()}
+        last = rounds[max(rounds)]
         settings = ", ".join(f"`{s}`" for s in r.get("settings", [])) or "as shipped then"
         wall = f"{r['wall_s'] / 60:.1f} min" if r.get("wall_s") else "-"
         cells = [
@@ -180,10 +188,7 @@ def improvement_table(records: list[dict[str, Any]]) -> list[str]:
             r["loop"],
             str(r["seed"]),
             settings,
-            *(_percent(a) for a in acc[:3]),
-            f"{_percent(acc[3])} [{lo:.3f}, {hi:.3f}]" if acc[3] is not None else "-",
-            delta,
-            apart,
+            *_accuracy_cells({t: (x["accuracy"], x["ci95"]) for t, x in rounds.items()}),
             _percent(last.get("on_topic")),
             _percent(last.get("strict_on_topic")),
             wall,
@@ -202,27 +207,19 @@ def split_table(records: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(records, 1):
-        rounds = r["rounds"]
+        rounds = {int(t): x for t, x in r["rounds"].items()}
         names = sorted({s for x in rounds.values() for s in x.get("splits") or {}})
         for split in names:
             cells = {
-                int(t): x["splits"][split]
-                for t, x in rounds.items()
-                if split in x.get("splits", {})
+                t: x["splits"][split] for t, x in rounds.items() if split in x.get("splits", {})
             }
             if 0 not in cells:
                 continue
-            last_t = max(cells)
-            last, first = cells[last_t], cells[0]
-            lo, hi = last["accuracy_ci95"]
-            acc = [cells.get(t, {}).get("accuracy") for t in range(4)]
-            row = [str(i), r["loop"], str(r["seed"]), split, *(_percent(a) for a in acc[:3])]
-            row += [
-                f"{_percent(acc[3])} [{lo:.3f}, {hi:.3f}]" if acc[3] is not None else "-",
-                f"{100 * (last['accuracy'] - first['accuracy']):+.1f} pt (M_{last_t})",
-                "apart" if lo > first["accuracy_ci95"][1] else "overlap",
-                _percent(last.get("strict_on_topic")),
-            ]
+            row = [str(i), r["loop"], str(r["seed"]), split]
+            row += _accuracy_cells(
+                {t: (c["accuracy"], c["accuracy_ci95"]) for t, c in cells.items()}
+            )
+            row.append(_percent(cells[max(cells)].get("strict_on_topic")))
             out.append("| " + " | ".join(row) + " |")
     return out
 

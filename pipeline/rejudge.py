@@ -42,10 +42,10 @@ def judge_settings_from(spec: str, model: str | None = None) -> Any:
     the round's own)."""
     kind, _, combine = spec.partition(":")
     if kind == "checklist":
-        combines = sorted(COMBINE)
         if combine and combine not in COMBINE:
-            raise PrefloopError(f"--judge {spec}: combine must be one of {combines}")
-        return JUDGES["checklist"].config(combine=combine or "mean", model=model)
+            raise PrefloopError(f"--judge {spec}: combine must be one of {sorted(COMBINE)}")
+        chosen = {"combine": combine} if combine else {}  # else the judge's own default
+        return JUDGES["checklist"].config(**chosen, model=model)
     path = Path(spec)
     if path.suffix != SUFFIX and (path.is_dir() or (MODELS_DIR / spec).is_dir()):
         return JUDGES["reward_model"].config(model=spec)
