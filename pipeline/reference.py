@@ -158,8 +158,8 @@ def _percent(v: float | None) -> str:
 
 
 def _accuracy_cells(by_round: dict[int, tuple[float, list[float]]]) -> list[str]:
-    """M_0, M_1, M_2, M_3 [interval], M_T - M_0 and whether the intervals part, from each
-    model's (accuracy, 95% interval); M_T is the last model measured."""
+    """M_0, M_1, M_2, M_3 [interval], M_T - M_0 and whether the intervals part (and which
+    way), from each model's (accuracy, 95% interval); M_T is the last model measured."""
     acc = [by_round[t][0] if t in by_round else None for t in range(4)]
     last_t = max(by_round)
     (last, (lo, hi)), (first, first_ci) = by_round[last_t], by_round[0]
@@ -167,8 +167,15 @@ def _accuracy_cells(by_round: dict[int, tuple[float, list[float]]]) -> list[str]
         *(_percent(a) for a in acc[:3]),
         f"{_percent(acc[3])} [{lo:.3f}, {hi:.3f}]" if acc[3] is not None else "-",
         f"{100 * (last - first):+.1f} pt (M_{last_t})",
-        "apart" if lo > first_ci[1] else "overlap",
+        _apart(lo, hi, first_ci),
     ]
+
+
+def _apart(lo: float, hi: float, first_ci: list[float]) -> str:
+    """Whether M_T's interval parts from M_0's, and which way."""
+    if lo > first_ci[1]:
+        return "apart, better"
+    return "apart, worse" if hi < first_ci[0] else "overlap"
 
 
 def improvement_table(records: list[dict[str, Any]]) -> list[str]:

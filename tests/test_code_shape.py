@@ -87,7 +87,12 @@ def test_the_experiment_tables_show_other_splits_and_each_methods_label_agreemen
     }
     assert reference.split_table([record])[2] == (
         "| 1 | rlcd | 1 | unseen | 0.300 | 0.300 | - | 0.450 [0.400, 0.500] | +15.0 pt (M_3) "
-        "| apart | 0.410 |"
+        "| apart, better | 0.410 |"
+    )
+    worse = {"0": {"splits": {"unseen": better}}, "1": {"splits": {"unseen": split}}}
+    assert (
+        "| -15.0 pt (M_1) | apart, worse |"
+        in reference.split_table([{**record, "rounds": worse}])[2]
     )
     assert reference.agreement_table([record])[2] == "| 1 | rlcd | 1 | rlcd | 20/30/14 | - | - |"
 
