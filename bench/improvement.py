@@ -33,7 +33,9 @@ each other split per model, strict and strict + on topic with intervals, and its
 against M_0. `--set` overrides apply to every run (the settings being tuned), and
 `--out` appends one JSON line per run with its settings and results, so every setting
 tried is kept with what it gave. `--collect` runs nothing and reads the finished runs in
-`--dir`.
+`--dir`. The same call again with the same `--dir` and a larger `--rounds` continues
+those runs (`prefloop run` resumes a run by name): the rounds already done are not rerun,
+and the row's `wall_s` is the added rounds only.
 """
 
 import argparse
