@@ -9,8 +9,8 @@
   model's own LLM judge;
 - checklist: data/configs/verifiable_checklist.yaml, Self-Rewarding judged by the model
   one requirement of the request at a time (yes/no), no outside judge;
-- rlcd: data/configs/verifiable_rlcd.yaml, contrastive system prompts (follow every
-  instruction / ignore them), labels by construction;
+- rlcd: data/configs/verifiable_rlcd.yaml, contrastive descriptors opening the
+  assistant's turn (follow every instruction / ignore them), labels by construction;
 - cai: data/configs/verifiable_cai.yaml, critique and revision against
   instruction-following principles, SFT on revisions then DPO revision over original;
 - combined: data/configs/verifiable_combined.yaml, the three methods in one round;
